@@ -1,0 +1,22 @@
+# brightpaint: HTS microscopy from brightfield z-stacks to biology, one plate at a time.
+# Stages live in workflow/rules/<stage>.smk; the science lives in the brightpaint package.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/simulate.smk"
+include: "workflow/rules/ingest.smk"
+
+
+rule all:
+    input:
+        ingest_outputs(PLATES),
+    default_target: True

@@ -1,0 +1,254 @@
+"""TIFFs -> one OME-Zarr HCS store per plate (plate / row / column / field, TCZYX, zarr v3, NGFF 0.5).
+
+Work is split by shards of wells: each shard streams its sites (one site's planes in memory per
+worker thread) into a store of its own; `assemble_plate_store` then links the shards' wells into the
+plate store (hard links, no copy) and writes the plate metadata. Every store is written beside its
+final path and renamed when complete.
+
+Channels with fewer planes than the brightfield stack (single-plane fluorescence) are written at the
+z their manifest gives; their other planes are never written, cost no disk (zarr skips chunks equal
+to the fill value) and are listed in the `brightpaint` attributes (`planes`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tifffile
+import zarr
+from ome_zarr.format import FormatV05
+from ome_zarr.writer import write_multiscales_metadata, write_plate_metadata, write_well_metadata
+
+from .atomic import atomic_path, link_tree
+from .io import well_row_column
+
+AXES = [
+    {"name": "t", "type": "time"},
+    {"name": "c", "type": "channel"},
+    {"name": "z", "type": "space"},
+    {"name": "y", "type": "space"},
+    {"name": "x", "type": "space"},
+]
+CHANNEL_COLOURS = {"brightfield": "FFFFFF", "nuclei": "0000FF", "cell": "00FF00"}
+OTHER_COLOURS = ["FF0000", "FF00FF", "FFFF00", "00FFFF"]
+QC_COLUMNS = ["well", "site", "channel", "z", "file", "min", "max", "mean", "std",
+              "saturated_fraction", "zero_fraction", "flag"]
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """What every field image of a plate looks like: channel order, planes, shape, dtype."""
+
+    plate: str
+    channels: list[str]
+    planes: dict[str, list[int]]
+    n_z: int
+    shape: tuple[int, int]
+    dtype: str
+    source_dtypes: dict[str, str]
+    roles: dict[str, str]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> StoreLayout:
+        data = json.loads(text)
+        data["shape"] = tuple(data["shape"])
+        return cls(**data)
+
+
+def plan_layout(images: pd.DataFrame, plate: str, channel_roles: dict) -> StoreLayout:
+    """Channel order: brightfield, then the configured fluorescence channels, then any other channel
+    the manifest has (kept, never dropped). The store's dtype holds every channel's values."""
+    brightfield = channel_roles["brightfield"]
+    present = sorted(set(images["channel"]))
+    ordered = [brightfield] + [c for c in channel_roles.get("fluorescence", []) if c != brightfield]
+    channels = [c for c in ordered if c in present] + [c for c in present if c not in ordered]
+    planes = {c: sorted(int(z) for z in set(images.loc[images["channel"] == c, "z"]))
+              for c in channels}
+    source_dtypes = {c: images.loc[images["channel"] == c, "dtype"].iloc[0] for c in channels}
+    dtype = np.result_type(*[np.dtype(d) for d in source_dtypes.values()])
+    shape = (int(images["shape_y"].iloc[0]), int(images["shape_x"].iloc[0]))
+    roles = {}
+    for role in ("brightfield", "nuclei", "cell"):
+        if channel_roles.get(role) in channels:
+            roles[channel_roles[role]] = role
+    return StoreLayout(plate=plate, channels=channels, planes=planes,
+                       n_z=max(max(z) for z in planes.values()) + 1, shape=shape, dtype=str(dtype),
+                       source_dtypes=source_dtypes, roles=roles)
+
+
+def shard_wells(wells: list[str], n_shards: int, shard: int) -> list[str]:
+    """The wells of shard `shard` (0-based) of `n_shards`: contiguous runs of the sorted wells, so a
+    shard's sites sit together in the plate and shards differ in size by at most one well."""
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} is outside 0..{n_shards - 1}")
+    ordered = sorted(set(wells))
+    return [ordered[i] for i in np.array_split(np.arange(len(ordered)), n_shards)[shard]]
+
+
+def field_path(site: int) -> str:
+    """Field group name of a site: sites count from 1, OME-Zarr fields from 0; the mapping stays
+    fixed even when a site is flagged and left out."""
+    return str(int(site) - 1)
+
+
+def image_stats(pixels: np.ndarray) -> dict:
+    """Per-image QC numbers. Saturation is counted at the dtype's maximum for integer images."""
+    saturated = (np.mean(pixels == np.iinfo(pixels.dtype).max)
+                 if np.issubdtype(pixels.dtype, np.integer) else 0.0)
+    data = pixels.astype(np.float64, copy=False)
+    return {"min": float(data.min()), "max": float(data.max()), "mean": float(data.mean()),
+            "std": float(data.std()), "saturated_fraction": float(saturated),
+            "zero_fraction": float(np.mean(pixels == 0))}
+
+
+def image_flag(stats: dict, saturation_limit: float) -> str:
+    reasons = []
+    if stats["std"] == 0:
+        reasons.append(f"blank image (constant value {stats['min']:g})")
+    if stats["saturated_fraction"] > saturation_limit:
+        reasons.append(f"saturated: {100 * stats['saturated_fraction']:.2f}% of pixels at the "
+                       "dtype maximum")
+    return "; ".join(reasons)
+
+
+def _omero(layout: StoreLayout, ranges: dict[str, tuple[float, float]]) -> dict:
+    """Viewer channel settings: colour by role, contrast window = the site's value range."""
+    others = iter(OTHER_COLOURS * 4)
+    channels = []
+    top = float(np.iinfo(layout.dtype).max) if np.issubdtype(layout.dtype, np.integer) else 1.0
+    for name in layout.channels:
+        role = layout.roles.get(name)
+        colour = CHANNEL_COLOURS.get(role) if role else next(others)
+        start, end = ranges.get(name, (0.0, top))
+        channels.append({"label": name, "color": colour, "active": True,
+                         "window": {"min": 0.0, "max": top, "start": start, "end": end}})
+    return {"channels": channels}
+
+
+def write_site(field: zarr.Group, layout: StoreLayout, site_images: pd.DataFrame,
+               saturation_limit: float) -> list[dict]:
+    """Read one site's TIFFs and write them as the field's level-0 TCZYX array; return QC rows."""
+    array = field.create_array(
+        "0", shape=(1, len(layout.channels), layout.n_z, *layout.shape), dtype=layout.dtype,
+        chunks=(1, 1, 1, *layout.shape), fill_value=0, dimension_names=[a["name"] for a in AXES])
+    rows = []
+    ranges: dict[str, tuple[float, float]] = {}
+    for image in site_images.itertuples():
+        try:
+            pixels = tifffile.imread(image.file)
+        except Exception as err:
+            raise OSError(f"{image.file}: well {image.well}, site {image.site}, channel "
+                          f"{image.channel}, z {image.z}: cannot decode image data "
+                          f"({type(err).__name__}: {err})") from err
+        if pixels.shape != layout.shape:
+            raise ValueError(f"{image.file}: well {image.well}, site {image.site}: shape "
+                             f"{pixels.shape} differs from the plate's {layout.shape}")
+        array[0, layout.channels.index(image.channel), image.z] = pixels.astype(layout.dtype,
+                                                                                copy=False)
+        stats = image_stats(pixels)
+        low, high = ranges.get(image.channel, (stats["min"], stats["max"]))
+        ranges[image.channel] = (min(low, stats["min"]), max(high, stats["max"]))
+        rows.append({"well": image.well, "site": int(image.site), "channel": image.channel,
+                     "z": int(image.z), "file": image.file, **stats,
+                     "flag": image_flag(stats, saturation_limit)})
+    write_multiscales_metadata(
+        field, datasets=[{"path": "0", "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, 1.0, 1.0, 1.0, 1.0]}]}],
+        fmt=FormatV05(), axes=AXES, name=field.name.strip("/"),
+        metadata={"omero": _omero(layout, ranges)})
+    return rows
+
+
+def write_shard_store(images: pd.DataFrame, wells: list[str], layout: StoreLayout,
+                      out: str | Path, threads: int = 1,
+                      saturation_limit: float = 0.01) -> pd.DataFrame:
+    """Stream the sites of `wells` into a zarr store at `out` (row/column/field groups, no plate
+    metadata yet). Memory: one site per thread. Returns the per-image QC table."""
+    selected = images[images["well"].isin(wells)]
+    with atomic_path(out) as partial:
+        root = zarr.open_group(partial, mode="w", zarr_format=3)
+        jobs = []
+        for well, well_images in selected.groupby("well"):
+            row, column = well_row_column(well)
+            well_group = root.require_group(row).require_group(column)
+            sites = sorted(int(s) for s in set(well_images["site"]))
+            write_well_metadata(well_group, [{"path": field_path(s)} for s in sites],
+                                fmt=FormatV05())
+            for site in sites:
+                field = well_group.create_group(field_path(site))
+                jobs.append((field, well_images[well_images["site"] == site]))
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            results = list(pool.map(
+                lambda job: write_site(job[0], layout, job[1], saturation_limit), jobs))
+    rows = [row for site_rows in results for row in site_rows]
+    return pd.DataFrame(rows, columns=QC_COLUMNS)
+
+
+def assemble_plate_store(shard_stores: list[str | Path], out: str | Path, layout: StoreLayout,
+                         provenance: dict | None = None) -> None:
+    """Link every shard's wells into the plate store at `out` and write the HCS plate metadata."""
+    with atomic_path(out) as partial:
+        root = zarr.open_group(partial, mode="w", zarr_format=3)
+        wells = []
+        field_count = 0
+        for shard in map(Path, shard_stores):
+            for row_dir in sorted(p for p in shard.iterdir() if p.is_dir()):
+                row_group = root.require_group(row_dir.name)
+                for column_dir in sorted(p for p in row_dir.iterdir() if p.is_dir()):
+                    link_tree(column_dir, partial / row_group.path / column_dir.name)
+                    wells.append((row_dir.name, column_dir.name))
+                    field_count = max(field_count, sum(p.is_dir() for p in column_dir.iterdir()))
+        rows = sorted({r for r, _ in wells})
+        columns = sorted({c for _, c in wells})
+        write_plate_metadata(root, rows=rows, columns=columns,
+                             wells=[f"{r}/{c}" for r, c in sorted(wells)], fmt=FormatV05(),
+                             field_count=field_count, name=layout.plate)
+        attrs = dict(root.attrs)
+        attrs["brightpaint"] = {"layout": json.loads(layout.to_json()), **(provenance or {})}
+        root.attrs.update(attrs)
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_field(store: str | Path, well: str, site: int) -> np.ndarray:
+    """The TCZYX array of one site, as numpy (for tests and small tools; stages stream planes)."""
+    row, column = well_row_column(well)
+    return zarr.open_array(Path(store) / row / column / field_path(site) / "0", mode="r")[:]
+
+
+def site_qc_table(qc: pd.DataFrame, flags: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
+    """One row per site: how many images went in, and every flag (validation and pixel QC) with
+    its reason. Sites that were left out appear with status `excluded`."""
+    rows = []
+    flagged = flags.groupby(["well", "site"]) if len(flags) else {}
+    image_flags = qc[qc["flag"] != ""].groupby(["well", "site"]) if len(qc) else {}
+    for (well, site), group in images.groupby(["well", "site"]):
+        reasons = []
+        if len(qc) and (well, site) in image_flags.groups:
+            part = image_flags.get_group((well, site))
+            reasons += [f"{r.channel} z{r.z}: {r.flag}" for r in part.itertuples()]
+        rows.append({"well": well, "site": int(site), "n_images": len(group),
+                     "status": "flagged" if reasons else "ok", "reasons": " | ".join(reasons)})
+    if len(flags):
+        for (well, site), part in flagged:
+            reasons = [f"{r.channel or ''} {'' if pd.isna(r.z) else f'z{r.z}'}: {r.reason} "
+                       f"({r.file})".strip() for r in part.itertuples()]
+            rows.append({"well": well, "site": int(site), "n_images": 0, "status": "excluded",
+                         "reasons": " | ".join(reasons)})
+    table = pd.DataFrame(rows, columns=["well", "site", "n_images", "status", "reasons"])
+    return table.sort_values(["well", "site"]).reset_index(drop=True)

@@ -1,0 +1,92 @@
+"""What the Snakefile needs to know about a screen when it is parsed: plates, their files, roles.
+
+The demo screen does not exist before its rule runs, so its plates come from the generator's spec
+(the same `screen_layout` the generator writes with); a user's screen is read from its sheet and
+validated at once, so a duplicated plate id or a missing manifest stops the run before any job.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .io import SHEET_COLUMNS, read_screen_sheet
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Screen:
+    sheet: str
+    root: str
+    table: pd.DataFrame
+    is_demo: bool
+    selection: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, config: dict) -> Screen:
+        channels = config["channels"]
+        for role in ("nuclei", "cell"):
+            if channels[role] not in channels["fluorescence"]:
+                raise ConfigError(f"channels.{role} = {channels[role]!r} must be one of "
+                                  f"channels.fluorescence {channels['fluorescence']}")
+        if channels["brightfield"] in channels["fluorescence"]:
+            raise ConfigError(f"channels.brightfield {channels['brightfield']!r} is also listed "
+                              "in channels.fluorescence")
+        sheet = config["screen"]
+        simulate = config.get("simulate") or {}
+        demo_sheet = os.path.join(simulate.get("outdir", ""), "plates.tsv")
+        is_demo = bool(simulate) and os.path.normpath(sheet) == os.path.normpath(demo_sheet)
+        if is_demo:
+            table = demo_table(simulate)
+        else:
+            if not Path(sheet).is_file():
+                raise ConfigError(f"screen sheet {sheet!r} (config `screen`) not found")
+            table = read_screen_sheet(sheet)
+        root = str(Path(sheet).parent.resolve())
+        screen = cls(sheet=sheet, root=root, table=table, is_demo=is_demo,
+                     selection=list(config.get("plates") or []))
+        unknown = sorted(set(screen.selection) - set(screen.plate_ids()))
+        if unknown:
+            raise ConfigError(f"config `plates` names plate(s) {unknown} that the screen sheet "
+                              f"{sheet} lacks; it has {screen.plate_ids()}")
+        return screen
+
+    def plate_ids(self) -> list[str]:
+        return list(self.table["plate"])
+
+    def selected_plates(self) -> list[str]:
+        return [p for p in self.plate_ids() if not self.selection or p in self.selection]
+
+    def plate_row(self, plate: str) -> dict:
+        return self.table.set_index("plate").loc[plate].to_dict() | {"plate": plate}
+
+    def plate_inputs(self, plate: str) -> list[str]:
+        row = self.plate_row(plate)
+        return [self.sheet, row["manifest"], row["platemap"]]
+
+    def demo_tables(self) -> list[str]:
+        return [p for column in ("manifest", "platemap") for p in self.table[column]]
+
+
+def demo_table(simulate: dict) -> pd.DataFrame:
+    """The sheet the generator will write for this spec, with paths as the workflow sees them."""
+    from .simulate import screen_layout, spec_from_config
+
+    spec = spec_from_config(demo_spec_config(simulate))
+    layout = screen_layout(spec)
+    outdir = simulate["outdir"]
+    rows = [{"plate": p.plate, "manifest": os.path.join(outdir, layout[p.plate]["manifest"]),
+             "platemap": os.path.join(outdir, layout[p.plate]["platemap"]), "batch": p.batch,
+             "cell_type": p.cell_type, "role": p.role} for p in spec.plates]
+    return pd.DataFrame(rows, columns=SHEET_COLUMNS)
+
+
+def demo_spec_config(simulate: dict) -> dict:
+    """The generator's spec keys of config `simulate` (all but where to write)."""
+    return {key: value for key, value in simulate.items() if key != "outdir"}

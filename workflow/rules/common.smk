@@ -1,0 +1,37 @@
+# Path helpers and the screen's plates, resolved once when the workflow is parsed.
+from brightpaint.workflow import Screen
+
+SCREEN = Screen.from_config(config)
+PLATES = SCREEN.selected_plates()
+RESULTS = config["results"]
+SHARDS = list(range(config["shards"]))
+
+
+wildcard_constraints:
+    plate="|".join(SCREEN.plate_ids()) or "NO_PLATE",
+    shard=r"\d+",
+
+
+def plate_dir(plate):
+    return f"{RESULTS}/plates/{plate}"
+
+
+def plate_inputs(wildcards):
+    """The screen sheet and the plate's manifest and plate map (and its images, via validation)."""
+    return SCREEN.plate_inputs(wildcards.plate)
+
+
+def plate_param(field):
+    return lambda wildcards: SCREEN.plate_row(wildcards.plate)[field]
+
+
+def ingest_outputs(plates):
+    return [
+        path
+        for plate in plates
+        for path in (
+            f"{plate_dir(plate)}/images.zarr",
+            f"{plate_dir(plate)}/ingest/qc_images.parquet",
+            f"{plate_dir(plate)}/ingest/qc_sites.csv",
+        )
+    ]

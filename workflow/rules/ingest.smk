@@ -1,0 +1,65 @@
+# Ingest: validate a plate's inputs, stream shards of wells into zarr, assemble the plate's
+# OME-Zarr HCS store and its QC tables.
+
+
+rule validate_plate:
+    input:
+        plate_inputs,
+    output:
+        images=f"{RESULTS}/plates/{{plate}}/ingest/images.parquet",
+        flags=f"{RESULTS}/plates/{{plate}}/ingest/validation_flags.csv",
+        layout=f"{RESULTS}/plates/{{plate}}/ingest/layout.json",
+    params:
+        manifest=plate_param("manifest"),
+        platemap=plate_param("platemap"),
+        role=plate_param("role"),
+        root=SCREEN.root,
+        channels=config["channels"],
+        on_missing=config["ingest"]["on_missing"],
+    threads: config["threads"]["validate"]
+    log:
+        f"{RESULTS}/logs/{{plate}}/validate_plate.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{plate}}/validate_plate.tsv"
+    script:
+        "../scripts/validate_plate.py"
+
+
+rule ingest_shard:
+    input:
+        images=rules.validate_plate.output.images,
+        layout=rules.validate_plate.output.layout,
+    output:
+        store=temp(directory(f"{RESULTS}/plates/{{plate}}/ingest/shards/{{shard}}.zarr")),
+        qc=temp(f"{RESULTS}/plates/{{plate}}/ingest/shards/{{shard}}_qc.parquet"),
+    params:
+        n_shards=config["shards"],
+        saturation_flag=config["ingest"]["saturation_flag"],
+    threads: config["threads"]["ingest"]
+    log:
+        f"{RESULTS}/logs/{{plate}}/ingest_shard_{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{plate}}/ingest_shard_{{shard}}.tsv"
+    script:
+        "../scripts/ingest_shard.py"
+
+
+rule assemble_plate:
+    input:
+        stores=expand(f"{RESULTS}/plates/{{{{plate}}}}/ingest/shards/{{shard}}.zarr", shard=SHARDS),
+        qc=expand(f"{RESULTS}/plates/{{{{plate}}}}/ingest/shards/{{shard}}_qc.parquet", shard=SHARDS),
+        images=rules.validate_plate.output.images,
+        flags=rules.validate_plate.output.flags,
+        layout=rules.validate_plate.output.layout,
+        manifest=plate_param("manifest"),
+        platemap=plate_param("platemap"),
+    output:
+        store=directory(f"{RESULTS}/plates/{{plate}}/images.zarr"),
+        qc_images=f"{RESULTS}/plates/{{plate}}/ingest/qc_images.parquet",
+        qc_sites=f"{RESULTS}/plates/{{plate}}/ingest/qc_sites.csv",
+    log:
+        f"{RESULTS}/logs/{{plate}}/assemble_plate.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{plate}}/assemble_plate.tsv"
+    script:
+        "../scripts/assemble_plate.py"
