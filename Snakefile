@@ -1,11 +1,15 @@
 # brightpaint: HTS microscopy from brightfield z-stacks to biology, one plate at a time.
 # Stages live in workflow/rules/<stage>.smk; the science lives in the brightpaint package.
+from pathlib import Path
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# Defaults sit beside the Snakefile so that `snakemake -s /path/to/Snakefile` works from any folder;
+# relative paths in the config are relative to the working directory.
+configfile: Path(workflow.basedir) / "config" / "config.yaml"
 
 
 validate(config, "workflow/schemas/config.schema.yaml")

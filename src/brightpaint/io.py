@@ -22,6 +22,7 @@ CONTROL_TYPES = ("negcon", "poscon", "trt")
 IMAGE_DTYPES = (np.dtype("uint8"), np.dtype("uint16"), np.dtype("float32"))
 PLATE_ROWS = "ABCDEFGHIJKLMNOP"  # a 384-well plate: rows A-P, columns 1-24
 PLATE_COLUMNS = 24
+NON_IMAGE_SUFFIXES = (".npy", ".mat")
 
 _WELL = re.compile(r"^([A-Pa-p])0*([1-9][0-9]?)$")
 
@@ -153,7 +154,9 @@ def loaddata_to_manifest(df: pd.DataFrame, source: Path) -> pd.DataFrame:
     absolute or relative to the CSV; the manifest's paths are relative to the CSV's folder.
     """
     problems = _missing_columns(df, ["Metadata_Plate", "Metadata_Well", "Metadata_Site"], source)
-    channels = [c[len("FileName_"):] for c in df.columns if c.startswith("FileName_")]
+    # LoadData CSVs also list illumination functions (FileName_IllumDNA = ...npy); those are not images.
+    channels = [c[len("FileName_"):] for c in df.columns if c.startswith("FileName_")
+                and not df[c].str.lower().str.endswith(NON_IMAGE_SUFFIXES).all()]
     for channel in channels:
         if f"PathName_{channel}" not in df.columns:
             problems.append(Problem(str(source), f"FileName_{channel} has no PathName_{channel}"))
