@@ -197,8 +197,9 @@ def test_missing_required_channel_and_plane(tiny_screen):
     with pytest.raises(InputError) as err:
         validate(tiny_screen)
     text = str(err.value)
-    assert f"well {first['well']}, site {first['site']}, channel DAMAGE: required channel DAMAGE has no image" in text
-    assert f"well {first['well']}, site {first['site']}, channel BF: z-stack incomplete: plane(s) [3] missing" in text
+    where = f"well {first['well']}, site {first['site']}"
+    assert f"{where}, channel DAMAGE: required channel DAMAGE has no image" in text
+    assert f"{where}, channel BF: z-stack incomplete: plane(s) [3] missing" in text
 
 
 def test_on_missing_flag_excludes_the_site_and_records_it(tiny_screen, tmp_path):

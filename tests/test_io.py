@@ -97,7 +97,8 @@ def test_manifest_duplicate_rows_named(tiny_screen):
     manifest = pd.read_csv(path, dtype=str)
     pd.concat([manifest, manifest.iloc[[5]]]).to_csv(path, index=False)
     row = manifest.iloc[5]
-    with pytest.raises(InputError, match=rf"well {row['well']}, site {row['site']}, channel {row['channel']}.*2 rows"):
+    where = f"well {row['well']}, site {row['site']}, channel {row['channel']}"
+    with pytest.raises(InputError, match=rf"{where}.*2 rows"):
         read_manifest(path, plate="T1", root=tiny_screen)
 
 
