@@ -5,6 +5,8 @@ SCREEN = Screen.from_config(config)
 PLATES = SCREEN.selected_plates()
 RESULTS = config["results"]
 SHARDS = list(range(config["shards"]))
+# Documents each rule's software for `--sdm conda`; the venv from envs/main.txt is the tested route.
+MAIN_ENV = "../../envs/main.yaml"
 
 
 wildcard_constraints:

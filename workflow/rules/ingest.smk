@@ -17,6 +17,8 @@ rule validate_plate:
         channels=config["channels"],
         on_missing=config["ingest"]["on_missing"],
     threads: config["threads"]["validate"]
+    conda:
+        MAIN_ENV
     log:
         f"{RESULTS}/logs/{{plate}}/validate_plate.log",
     benchmark:
@@ -36,6 +38,8 @@ rule ingest_shard:
         n_shards=config["shards"],
         saturation_flag=config["ingest"]["saturation_flag"],
     threads: config["threads"]["ingest"]
+    conda:
+        MAIN_ENV
     log:
         f"{RESULTS}/logs/{{plate}}/ingest_shard_{{shard}}.log",
     benchmark:
@@ -57,6 +61,8 @@ rule assemble_plate:
         store=directory(f"{RESULTS}/plates/{{plate}}/images.zarr"),
         qc_images=f"{RESULTS}/plates/{{plate}}/ingest/qc_images.parquet",
         qc_sites=f"{RESULTS}/plates/{{plate}}/ingest/qc_sites.csv",
+    conda:
+        MAIN_ENV
     log:
         f"{RESULTS}/logs/{{plate}}/assemble_plate.log",
     benchmark:

@@ -9,6 +9,8 @@ if SCREEN.is_demo:
         params:
             spec=config["simulate"],
         threads: config["threads"]["simulate"]
+        conda:
+            MAIN_ENV
         log:
             f"{RESULTS}/logs/simulate_demo.log",
         benchmark:

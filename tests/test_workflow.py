@@ -1,0 +1,173 @@
+"""The Snakemake workflow: DAG, lint, a tiny end-to-end run, a user's own screen, bad inputs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import yaml
+from conftest import CHANNELS, REPO, TINY_SPEC, run_snakemake
+
+from brightpaint.ingest import read_field
+
+RULES = ["simulate_demo", "validate_plate", "ingest_shard", "assemble_plate"]
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run, without its total."""
+    table = output[output.rindex("Job stats:"):].splitlines()[3:]
+    counts = {}
+    for line in table:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit() or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def tiny_demo_config(workdir: Path) -> Path:
+    config = {"simulate": {"outdir": "results/demo/screen", "wells": TINY_SPEC.wells,
+                           "sites": TINY_SPEC.sites, "size": TINY_SPEC.size,
+                           "z_planes": TINY_SPEC.z_planes, "seed": TINY_SPEC.seed,
+                           "plates": [{"plate": p.plate, "batch": p.batch, "cell_type": p.cell_type,
+                                       "role": p.role} for p in TINY_SPEC.plates]},
+              "threads": {"simulate": 1, "validate": 1, "ingest": 1}}
+    path = workdir / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_dry_run_of_the_default_config_lists_every_job(tmp_path):
+    result = run_snakemake(tmp_path, "-n")
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout + result.stderr)
+    default = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    n_plates, n_shards = len(default["simulate"]["plates"]), default["shards"]
+    assert counts == {"simulate_demo": 1, "validate_plate": n_plates,
+                      "ingest_shard": n_plates * n_shards, "assemble_plate": n_plates, "all": 1}
+
+
+def test_lint_is_clean(tmp_path):
+    result = run_snakemake(REPO, "--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+def test_plates_filter_selects_one_plate(tmp_path):
+    config = tiny_demo_config(tmp_path)
+    result = run_snakemake(tmp_path, "-n", "--configfile", str(config), "--config", "plates=[T2]")
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout + result.stderr)
+    assert counts["validate_plate"] == 1 and counts["assemble_plate"] == 1
+    assert "results/plates/T2/images.zarr" in result.stdout
+    assert "results/plates/T1/images.zarr" not in result.stdout
+
+
+def test_unknown_plate_in_filter_is_an_error(tmp_path):
+    config = tiny_demo_config(tmp_path)
+    result = run_snakemake(tmp_path, "-n", "--configfile", str(config), "--config", "plates=[T9]")
+    assert result.returncode != 0
+    assert "config `plates` names plate(s) ['T9'] that the screen sheet" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_tiny_demo_end_to_end(tmp_path):
+    config = tiny_demo_config(tmp_path)
+    result = run_snakemake(tmp_path, "--cores", "2", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = tmp_path / "results"
+    screen = results / "demo" / "screen"
+    assert (screen / "plates.tsv").is_file() and (screen / "truth").is_dir()
+    for plate in TINY_SPEC.plates:
+        folder = results / "plates" / plate.plate
+        sites = pd.read_csv(folder / "ingest" / "qc_sites.csv")
+        assert len(sites) == TINY_SPEC.wells * TINY_SPEC.sites and (sites["status"] != "excluded").all()
+        qc = pd.read_parquet(folder / "ingest" / "qc_images.parquet")
+        manifest = pd.read_csv(screen / plate.plate / "manifest.csv")
+        assert len(qc) == len(manifest)
+        row = manifest[manifest["channel"] == "BF"].iloc[-1]
+        np.testing.assert_array_equal(read_field(folder / "images.zarr", row.well, row.site)[0, 0, row.z],
+                                      tifffile.imread(screen / plate.plate / row.path))
+        assert not (folder / "ingest" / "shards").exists() or not any((folder / "ingest" / "shards").iterdir())
+        for rule in ["validate_plate", "assemble_plate", "ingest_shard_0", "ingest_shard_1"]:
+            assert (results / "logs" / plate.plate / f"{rule}.log").is_file()
+            assert (results / "benchmarks" / plate.plate / f"{rule}.tsv").is_file()
+    again = run_snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def user_screen(tmp_path: Path, source: Path) -> Path:
+    """A user's own screen (not the demo): a copy of the tiny screen with a config that sets only
+    `screen:` and `channels:`."""
+    screen = tmp_path / "myscreen"
+    shutil.copytree(source, screen)
+    shutil.rmtree(screen / "truth")
+    config = tmp_path / "my.yaml"
+    config.write_text(yaml.safe_dump({"screen": "myscreen/plates.tsv", "channels": CHANNELS}))
+    return config
+
+
+@pytest.mark.slow
+def test_user_screen_with_only_screen_and_channels(tmp_path, tiny_screen_source):
+    config = user_screen(tmp_path, tiny_screen_source)
+    result = run_snakemake(tmp_path, "--cores", "2", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "simulate_demo" not in result.stdout + result.stderr
+    for plate in TINY_SPEC.plates:
+        assert (tmp_path / "results" / "plates" / plate.plate / "images.zarr" / "zarr.json").is_file()
+
+
+def test_user_screen_bad_image_fails_naming_it_and_writes_nothing(tmp_path, tiny_screen_source):
+    config = user_screen(tmp_path, tiny_screen_source)
+    manifest = pd.read_csv(tmp_path / "myscreen" / "T1" / "manifest.csv")
+    row = manifest[manifest["channel"] == "CYTO"].iloc[2]
+    (tmp_path / "myscreen" / "T1" / row.path).write_bytes(b"garbage")
+    result = run_snakemake(tmp_path, "--cores", "1", "--configfile", str(config),
+                           "--config", "plates=[T1]")
+    assert result.returncode != 0
+    log = (tmp_path / "results" / "logs" / "T1" / "validate_plate.log").read_text()
+    assert f"well {row.well}, site {row.site}, channel CYTO, z 0: not a readable TIFF" in log
+    plate_dir = tmp_path / "results" / "plates" / "T1"
+    written = sorted(str(p.relative_to(plate_dir)) for p in plate_dir.rglob("*")) if plate_dir.exists() else []
+    assert [p for p in written if not p.endswith("ingest")] == []
+
+
+def test_user_screen_duplicated_plate_stops_before_any_job(tmp_path, tiny_screen_source):
+    config = user_screen(tmp_path, tiny_screen_source)
+    sheet = tmp_path / "myscreen" / "plates.tsv"
+    lines = sheet.read_text().splitlines()
+    sheet.write_text("\n".join(lines + [lines[1]]) + "\n")
+    result = run_snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert "plate id 'T1' appears 2 times" in result.stdout + result.stderr
+
+
+def test_config_channel_roles_are_checked(tmp_path, tiny_screen_source):
+    config = user_screen(tmp_path, tiny_screen_source)
+    settings = yaml.safe_load(config.read_text())
+    settings["channels"]["nuclei"] = "HOECHST"
+    config.write_text(yaml.safe_dump(settings))
+    result = run_snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert "channels.nuclei = 'HOECHST' must be one of channels.fluorescence" in result.stdout + result.stderr
+
+
+def test_brightpaint_cli_simulate_and_validate(tmp_path):
+    cli = shutil.which("brightpaint") or str(Path(REPO / ".venv" / "bin" / "brightpaint"))
+    out = tmp_path / "screen"
+    subprocess.run([cli, "simulate", "--out", str(out), "--wells", "2", "--sites", "1", "--size", "64",
+                    "--plates", "2"], check=True, capture_output=True, text=True)
+    assert (out / "plates.tsv").is_file()
+    ok = subprocess.run([cli, "validate", str(out / "plates.tsv")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "2 plate(s) valid" in ok.stdout
+    manifest = pd.read_csv(out / "P1" / "manifest.csv")
+    (out / "P1" / manifest["path"].iloc[0]).unlink()
+    bad = subprocess.run([cli, "validate", str(out / "plates.tsv")], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert f"well {manifest['well'].iloc[0]}, site 1" in bad.stderr and "file not found" in bad.stderr
