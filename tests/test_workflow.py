@@ -93,7 +93,8 @@ def test_tiny_demo_end_to_end(tmp_path):
         row = manifest[manifest["channel"] == "BF"].iloc[-1]
         np.testing.assert_array_equal(read_field(folder / "images.zarr", row.well, row.site)[0, 0, row.z],
                                       tifffile.imread(screen / plate.plate / row.path))
-        assert not (folder / "ingest" / "shards").exists() or not any((folder / "ingest" / "shards").iterdir())
+        shards = folder / "ingest" / "shards"
+        assert not shards.exists() or not any(shards.iterdir()), "temporary shard stores left behind"
         for rule in ["validate_plate", "assemble_plate", "ingest_shard_0", "ingest_shard_1"]:
             assert (results / "logs" / plate.plate / f"{rule}.log").is_file()
             assert (results / "benchmarks" / plate.plate / f"{rule}.tsv").is_file()
@@ -133,8 +134,8 @@ def test_user_screen_bad_image_fails_naming_it_and_writes_nothing(tmp_path, tiny
     log = (tmp_path / "results" / "logs" / "T1" / "validate_plate.log").read_text()
     assert f"well {row.well}, site {row.site}, channel CYTO, z 0: not a readable TIFF" in log
     plate_dir = tmp_path / "results" / "plates" / "T1"
-    written = sorted(str(p.relative_to(plate_dir)) for p in plate_dir.rglob("*")) if plate_dir.exists() else []
-    assert [p for p in written if not p.endswith("ingest")] == []
+    written = sorted(p.relative_to(plate_dir) for p in plate_dir.rglob("*")) if plate_dir.exists() else []
+    assert [p for p in written if p.name != "ingest"] == []
 
 
 def test_user_screen_duplicated_plate_stops_before_any_job(tmp_path, tiny_screen_source):
