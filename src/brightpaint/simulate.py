@@ -42,6 +42,8 @@ import pandas as pd
 import tifffile
 from scipy import ndimage
 
+from .io import MANIFEST_COLUMNS, PLATE_COLUMNS, PLATE_ROWS, PLATEMAP_COLUMNS, ROLES, SHEET_COLUMNS
+
 # ---------------------------------------------------------------------------------------------
 # Screen specification
 # ---------------------------------------------------------------------------------------------
@@ -49,14 +51,8 @@ from scipy import ndimage
 BRIGHTFIELD = "BF"
 FLUORESCENCE = ("DNA", "CYTO", "DAMAGE")
 CHANNELS = (BRIGHTFIELD, *FLUORESCENCE)
-ROLES = ("train", "apply", "both")
 CELL_TYPE_NAMES = ("flat", "dense")  # parameters in CELL_TYPES below
-PLATE_ROWS = "ABCDEFGHIJKLMNOP"  # 384-well plate: rows A-P x columns 1-24
-PLATE_COLUMNS = 24
 MAX_WELLS = len(PLATE_ROWS) * PLATE_COLUMNS
-SHEET_COLUMNS = ["plate", "manifest", "platemap", "batch", "cell_type", "role"]
-MANIFEST_COLUMNS = ["plate", "well", "site", "channel", "z", "path"]
-PLATEMAP_COLUMNS = ["well", "perturbation", "dose", "control_type", "moa", "target"]
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # usable as a folder name
 
 
@@ -631,6 +627,23 @@ def _per_label(values: np.ndarray, labels: Labels, which: np.ndarray) -> np.ndar
     return lut[which]
 
 
+def _points_in_nucleus(rng: np.random.Generator, cells: Cells, labels: Labels, k: int, label: int,
+                       count: int, reach: float) -> tuple[np.ndarray, np.ndarray]:
+    """`count` uniform points in the inner `reach` fraction of nucleus k's ellipse, as pixel
+    coordinates; points that fall outside the image or outside the drawn nucleus are dropped."""
+    size = labels.nuclei.shape[0]
+    rho = reach * np.sqrt(rng.uniform(0, 1, count))
+    phi = rng.uniform(0, 2 * np.pi, count)
+    a, b = cells.nucleus_axes[k]
+    c, s = math.cos(cells.nucleus_angle[k]), math.sin(cells.nucleus_angle[k])
+    u, v = a * rho * np.cos(phi), b * rho * np.sin(phi)
+    y = np.rint(cells.nucleus_yx[k, 0] + s * u + c * v).astype(int)
+    x = np.rint(cells.nucleus_yx[k, 1] + c * u - s * v).astype(int)
+    ok = (y >= 0) & (y < size) & (x >= 0) & (x < size)
+    ok[ok] &= labels.nuclei[y[ok], x[ok]] == label
+    return y[ok], x[ok]
+
+
 def render_nucleoli(rng: np.random.Generator, cells: Cells, labels: Labels) -> np.ndarray:
     """Nucleoli map (0..1): 1-3 blobs of ~1.3 px sigma inside each non-pyknotic nucleus."""
     size = labels.nuclei.shape[0]
@@ -638,17 +651,8 @@ def render_nucleoli(rng: np.random.Generator, cells: Cells, labels: Labels) -> n
     for label, k in enumerate(labels.kept, start=1):
         if cells.pyknotic[k]:
             continue
-        count = rng.integers(1, 4)
-        rho = 0.55 * np.sqrt(rng.uniform(0, 1, count))
-        phi = rng.uniform(0, 2 * np.pi, count)
-        a, b = cells.nucleus_axes[k]
-        c, s = math.cos(cells.nucleus_angle[k]), math.sin(cells.nucleus_angle[k])
-        u, v = a * rho * np.cos(phi), b * rho * np.sin(phi)
-        y = np.rint(cells.nucleus_yx[k, 0] + s * u + c * v).astype(int)
-        x = np.rint(cells.nucleus_yx[k, 1] + c * u - s * v).astype(int)
-        ok = (y >= 0) & (y < size) & (x >= 0) & (x < size)
-        ok[ok] &= labels.nuclei[y[ok], x[ok]] == label
-        points[y[ok], x[ok]] = rng.uniform(0.7, 1.0, ok.sum())
+        y, x = _points_in_nucleus(rng, cells, labels, k, label, rng.integers(1, 4), 0.55)
+        points[y, x] = rng.uniform(0.7, 1.0, len(y))
     sigma = 1.3
     blobs = ndimage.gaussian_filter(points, sigma) * (2 * np.pi * sigma**2)
     return np.clip(blobs, 0, 1) * (labels.nuclei > 0)
@@ -688,17 +692,9 @@ def render_foci(rng: np.random.Generator, cells: Cells, labels: Labels, foci_rat
         count = rng.poisson(foci_rate)
         if count == 0:
             continue
-        rho = 0.8 * np.sqrt(rng.uniform(0, 1, count))
-        phi = rng.uniform(0, 2 * np.pi, count)
-        a, b = cells.nucleus_axes[k]
-        c, s = math.cos(cells.nucleus_angle[k]), math.sin(cells.nucleus_angle[k])
-        u, v = a * rho * np.cos(phi), b * rho * np.sin(phi)
-        y = np.rint(cells.nucleus_yx[k, 0] + s * u + c * v).astype(int)
-        x = np.rint(cells.nucleus_yx[k, 1] + c * u - s * v).astype(int)
-        ok = (y >= 0) & (y < size) & (x >= 0) & (x < size)
-        ok[ok] &= labels.nuclei[y[ok], x[ok]] == label
-        np.add.at(points, (y[ok], x[ok]), rng.uniform(0.5, 1.0, ok.sum()).astype(np.float32))
-        counts[label] = ok.sum()
+        y, x = _points_in_nucleus(rng, cells, labels, k, label, count, 0.8)
+        np.add.at(points, (y, x), rng.uniform(0.5, 1.0, len(y)).astype(np.float32))
+        counts[label] = len(y)
     sigma = 1.0
     foci = ndimage.gaussian_filter(points, sigma) * (2 * np.pi * sigma**2)
     profile = np.clip(1 - labels.nucleus_radius**2, 0, 1) ** 0.35
