@@ -1,4 +1,6 @@
 # Path helpers and the screen's plates, resolved once when the workflow is parsed.
+import re
+
 from brightpaint.workflow import Screen
 
 SCREEN = Screen.from_config(config)
@@ -10,7 +12,7 @@ MAIN_ENV = "../../envs/main.yaml"
 
 
 wildcard_constraints:
-    plate="|".join(SCREEN.plate_ids()) or "NO_PLATE",
+    plate="|".join(map(re.escape, SCREEN.plate_ids())) or "NO_PLATE",
     shard=r"\d+",
 
 
