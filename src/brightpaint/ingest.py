@@ -235,20 +235,21 @@ def site_qc_table(qc: pd.DataFrame, flags: pd.DataFrame, images: pd.DataFrame) -
     """One row per site: how many images went in, and every flag (validation and pixel QC) with
     its reason. Sites that were left out appear with status `excluded`."""
     rows = []
-    flagged = flags.groupby(["well", "site"]) if len(flags) else {}
-    image_flags = qc[qc["flag"] != ""].groupby(["well", "site"]) if len(qc) else {}
+    image_flags = qc[qc["flag"] != ""]
     for (well, site), group in images.groupby(["well", "site"]):
-        reasons = []
-        if len(qc) and (well, site) in image_flags.groups:
-            part = image_flags.get_group((well, site))
-            reasons += [f"{r.channel} z{r.z}: {r.flag}" for r in part.itertuples()]
+        part = image_flags[(image_flags["well"] == well) & (image_flags["site"] == site)]
+        reasons = [f"{r.channel} z{r.z}: {r.flag}" for r in part.itertuples()]
         rows.append({"well": well, "site": int(site), "n_images": len(group),
                      "status": "flagged" if reasons else "ok", "reasons": " | ".join(reasons)})
-    if len(flags):
-        for (well, site), part in flagged:
-            reasons = [f"{r.channel or ''} {'' if pd.isna(r.z) else f'z{r.z}'}: {r.reason} "
-                       f"({r.file})".strip() for r in part.itertuples()]
-            rows.append({"well": well, "site": int(site), "n_images": 0, "status": "excluded",
-                         "reasons": " | ".join(reasons)})
+    for (well, site), part in flags.groupby(["well", "site"]):
+        reasons = [_located(r.channel, r.z, f"{r.reason} ({r.file})") for r in part.itertuples()]
+        rows.append({"well": well, "site": int(site), "n_images": 0, "status": "excluded",
+                     "reasons": " | ".join(reasons)})
     table = pd.DataFrame(rows, columns=["well", "site", "n_images", "status", "reasons"])
     return table.sort_values(["well", "site"]).reset_index(drop=True)
+
+
+def _located(channel, z, text: str) -> str:
+    where = [str(channel)] if not pd.isna(channel) else []
+    where += [f"z{int(z)}"] if not pd.isna(z) else []
+    return f"{' '.join(where)}: {text}" if where else text
