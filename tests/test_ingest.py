@@ -263,3 +263,17 @@ def test_assemble_links_instead_of_copying(tiny_screen, tmp_path):
     assert chunk.stat().st_nlink == 2  # the shard's copy and the store's: one file on disk
     shutil.rmtree(tmp_path / "shard0.zarr")
     assert chunk.stat().st_nlink == 1 and chunk.read_bytes()
+
+
+def test_site_absent_from_manifest_is_reported(tiny_screen, tmp_path):
+    manifest = pd.read_csv(tiny_screen / "T1" / "manifest.csv")
+    well = manifest["well"].iloc[0]
+    manifest[~((manifest["well"] == well) & (manifest["site"] == 2))].to_csv(
+        tiny_screen / "T1" / "manifest.csv", index=False)
+    with pytest.raises(InputError, match=f"well {well}, site 2: site missing"):
+        validate(tiny_screen)
+    images, flags, _, qc = ingest(tiny_screen, tmp_path / "T1.zarr", on_missing="flag")
+    sites = site_qc_table(qc, flags, images)
+    excluded = sites[sites["status"] == "excluded"]
+    assert list(zip(excluded["well"], excluded["site"], strict=True)) == [(well, 2)]
+    assert excluded["reasons"].iloc[0].startswith("site missing (other wells have it)")
