@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,12 +135,9 @@ def _omero(layout: StoreLayout, ranges: dict[str, tuple[float, float]]) -> dict:
     return {"channels": channels}
 
 
-def write_site(field: zarr.Group, layout: StoreLayout, site_images: pd.DataFrame,
-               saturation_limit: float) -> list[dict]:
-    """Read one site's TIFFs and write them as the field's level-0 TCZYX array; return QC rows."""
-    array = field.create_array(
-        "0", shape=(1, len(layout.channels), layout.n_z, *layout.shape), dtype=layout.dtype,
-        chunks=(1, 1, 1, *layout.shape), fill_value=0, dimension_names=[a["name"] for a in AXES])
+def read_site_tiffs(array: zarr.Array, layout: StoreLayout, site_images: pd.DataFrame,
+                    saturation_limit: float) -> tuple[list[dict], dict[str, tuple[float, float]]]:
+    """Read one site's TIFFs into the field's TCZYX array; return QC rows and value ranges."""
     rows = []
     ranges: dict[str, tuple[float, float]] = {}
     for image in site_images.itertuples():
@@ -160,36 +158,61 @@ def write_site(field: zarr.Group, layout: StoreLayout, site_images: pd.DataFrame
         rows.append({"well": image.well, "site": int(image.site), "channel": image.channel,
                      "z": int(image.z), "file": image.file, **stats,
                      "flag": image_flag(stats, saturation_limit)})
-    write_multiscales_metadata(
-        field, datasets=[{"path": "0", "coordinateTransformations": [
-            {"type": "scale", "scale": [1.0, 1.0, 1.0, 1.0, 1.0]}]}],
-        fmt=FormatV05(), axes=AXES, name=field.name.strip("/"),
-        metadata={"omero": _omero(layout, ranges)})
-    return rows
+    return rows, ranges
+
+
+SiteWriter = Callable[[zarr.Array, str, int], tuple[list[dict], dict[str, tuple[float, float]]]]
+
+
+def write_sites(out: str | Path, sites: list[tuple[str, int]], layout: StoreLayout,
+                fill_site: SiteWriter, threads: int = 1) -> list[dict]:
+    """Write a store of row/column/field groups (no plate metadata: `assemble_plate_store` adds it)
+    for `sites`, one TCZYX level-0 array per field filled by `fill_site(array, well, site)`, which
+    returns table rows and per-channel value ranges (for the viewer's contrast). Memory: one site
+    per thread. The store appears at `out` only when complete."""
+    by_well: dict[str, list[int]] = {}
+    for well, site in sites:
+        by_well.setdefault(well, []).append(int(site))
+    with atomic_path(out) as partial:
+        root = zarr.open_group(partial, mode="w", zarr_format=3)
+        jobs = []
+        for well, well_sites in sorted(by_well.items()):
+            row, column = well_row_column(well)
+            well_group = root.require_group(row).require_group(column)
+            well_sites = sorted(set(well_sites))
+            write_well_metadata(well_group, [{"path": field_path(s)} for s in well_sites],
+                                fmt=FormatV05())
+            jobs += [(well_group.create_group(field_path(s)), well, s) for s in well_sites]
+
+        def write_field(job):
+            field, well, site = job
+            array = field.create_array(
+                "0", shape=(1, len(layout.channels), layout.n_z, *layout.shape), dtype=layout.dtype,
+                chunks=(1, 1, 1, *layout.shape), fill_value=0,
+                dimension_names=[a["name"] for a in AXES])
+            rows, ranges = fill_site(array, well, site)
+            write_multiscales_metadata(
+                field, datasets=[{"path": "0", "coordinateTransformations": [
+                    {"type": "scale", "scale": [1.0, 1.0, 1.0, 1.0, 1.0]}]}],
+                fmt=FormatV05(), axes=AXES, name=field.name.strip("/"),
+                metadata={"omero": _omero(layout, ranges)})
+            return rows
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            results = list(pool.map(write_field, jobs))
+    return [row for site_rows in results for row in site_rows]
 
 
 def write_shard_store(images: pd.DataFrame, wells: list[str], layout: StoreLayout,
                       out: str | Path, threads: int = 1,
                       saturation_limit: float = 0.01) -> pd.DataFrame:
-    """Stream the sites of `wells` into a zarr store at `out` (row/column/field groups, no plate
-    metadata yet). Memory: one site per thread. Returns the per-image QC table."""
+    """Stream the TIFFs of the sites of `wells` into a zarr store at `out`. Returns the per-image
+    QC table."""
     selected = images[images["well"].isin(wells)]
-    with atomic_path(out) as partial:
-        root = zarr.open_group(partial, mode="w", zarr_format=3)
-        jobs = []
-        for well, well_images in selected.groupby("well"):
-            row, column = well_row_column(well)
-            well_group = root.require_group(row).require_group(column)
-            sites = sorted(int(s) for s in set(well_images["site"]))
-            write_well_metadata(well_group, [{"path": field_path(s)} for s in sites],
-                                fmt=FormatV05())
-            for site in sites:
-                field = well_group.create_group(field_path(site))
-                jobs.append((field, well_images[well_images["site"] == site]))
-        with ThreadPoolExecutor(max(1, threads)) as pool:
-            results = list(pool.map(
-                lambda job: write_site(job[0], layout, job[1], saturation_limit), jobs))
-    rows = [row for site_rows in results for row in site_rows]
+    groups = {key: group for key, group in selected.groupby(["well", "site"])}
+    rows = write_sites(out, list(groups), layout,
+                       lambda array, well, site: read_site_tiffs(array, layout, groups[(well, site)],
+                                                                 saturation_limit), threads)
     return pd.DataFrame(rows, columns=QC_COLUMNS)
 
 
