@@ -18,9 +18,11 @@ validate(config, "workflow/schemas/config.schema.yaml")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/ingest.smk"
+include: "workflow/rules/focus.smk"
 
 
 rule all:
     input:
         ingest_outputs(PLATES),
+        preprocess_outputs(PLATES),
     default_target: True

@@ -36,7 +36,10 @@ def tiny_demo_config(workdir: Path) -> Path:
                            "z_planes": TINY_SPEC.z_planes, "seed": TINY_SPEC.seed,
                            "plates": [{"plate": p.plate, "batch": p.batch, "cell_type": p.cell_type,
                                        "role": p.role} for p in TINY_SPEC.plates]},
-              "threads": {"simulate": 1, "validate": 1, "ingest": 1}}
+              "threads": {"simulate": 1, "validate": 1, "ingest": 1, "focus": 1, "denoise_train": 1,
+                          "denoise_predict": 1},
+              # CI-sized Noise2Void: enough to exercise training and tiled prediction end to end
+              "denoise": {"steps": 10, "patch": 32, "batch": 4, "max_sites": 2, "tile": 64}}
     path = workdir / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -47,9 +50,9 @@ def test_dry_run_of_the_default_config_lists_every_job(tmp_path):
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout + result.stderr)
     default = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    n_plates, n_shards = len(default["simulate"]["plates"]), default["shards"]
-    assert counts == {"simulate_demo": 1, "validate_plate": n_plates,
-                      "ingest_shard": n_plates * n_shards, "assemble_plate": n_plates, "all": 1}
+    n, n_shards = len(default["simulate"]["plates"]), default["shards"]
+    assert counts == {"simulate_demo": 1, "validate_plate": n, "ingest_shard": n * n_shards,
+                      "assemble_plate": n, "focus_shard": n * n_shards, "focus_plate": n, "all": 1}
 
 
 def test_lint_is_clean(tmp_path):
@@ -98,6 +101,19 @@ def test_tiny_demo_end_to_end(tmp_path):
         for rule in ["validate_plate", "assemble_plate", "ingest_shard_0", "ingest_shard_1"]:
             assert (results / "logs" / plate.plate / f"{rule}.log").is_file()
             assert (results / "benchmarks" / plate.plate / f"{rule}.tsv").is_file()
+    # focus: the chosen plane against the truth
+    for plate in TINY_SPEC.plates:
+        folder = results / "plates" / plate.plate
+        focus = pd.read_parquet(folder / "focus.parquet")
+        truth = pd.read_csv(screen / "truth" / plate.plate / "sites.csv")
+        merged = focus.merge(truth, on=["well", "site"])
+        assert len(merged) == TINY_SPEC.wells * TINY_SPEC.sites
+        # 64 px sites hold a cell or two: judge the planes the QC did not flag (accuracy on real-sized
+        # sites is tests/test_focus.py's job)
+        unflagged = merged[merged["flag"] == ""]
+        assert len(unflagged) >= len(merged) // 2
+        assert (unflagged["plane"] - unflagged["focal_plane"]).abs().max() <= 1
+        assert (folder / "focus.png").stat().st_size > 0
     again = run_snakemake(tmp_path, "-n", "--configfile", str(config))
     assert "Nothing to be done" in again.stdout + again.stderr
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 
 def _partial(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+    # The suffix is kept so that writers which add or check extensions (np.save, PIL) behave.
+    return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
 
 
 def _remove(path: Path) -> None:

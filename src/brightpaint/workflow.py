@@ -26,7 +26,10 @@ class Screen:
     root: str
     table: pd.DataFrame
     is_demo: bool
+    brightfield: str = "BF"
+    fluorescence: list[str] = field(default_factory=list)
     selection: list[str] = field(default_factory=list)
+    denoise_selection: list[str] = field(default_factory=list)
 
     @classmethod
     def from_config(cls, config: dict) -> Screen:
@@ -50,7 +53,13 @@ class Screen:
             table = read_screen_sheet(sheet)
         root = str(Path(sheet).parent.resolve())
         screen = cls(sheet=sheet, root=root, table=table, is_demo=is_demo,
-                     selection=list(config.get("plates") or []))
+                     brightfield=channels["brightfield"], fluorescence=list(channels["fluorescence"]),
+                     selection=list(config.get("plates") or []),
+                     denoise_selection=list((config.get("denoise") or {}).get("channels") or []))
+        unknown_channels = sorted(set(screen.denoise_selection) - set(screen.fluorescence))
+        if unknown_channels:
+            raise ConfigError(f"denoise.channels {unknown_channels} are not in channels.fluorescence "
+                              f"{screen.fluorescence}")
         unknown = sorted(set(screen.selection) - set(screen.plate_ids()))
         if unknown:
             raise ConfigError(f"config `plates` names plate(s) {unknown} that the screen sheet "
@@ -69,6 +78,19 @@ class Screen:
     def plate_inputs(self, plate: str) -> list[str]:
         row = self.plate_row(plate)
         return [self.sheet, row["manifest"], row["platemap"]]
+
+    def plate_channels(self, plate: str) -> list[str]:
+        """Channels a plate carries by its role: brightfield always, fluorescence on train/both."""
+        fluorescence = self.fluorescence if self.plate_row(plate)["role"] in ("train", "both") else []
+        return [self.brightfield, *fluorescence]
+
+    def denoise_channels(self, plate: str) -> list[str]:
+        """Fluorescence channels of this plate that config `denoise.channels` selects (empty: all)."""
+        wanted = self.denoise_selection or self.fluorescence
+        return [c for c in self.plate_channels(plate) if c in wanted and c != self.brightfield]
+
+    def plates_with_channel(self, channel: str) -> list[str]:
+        return [p for p in self.selected_plates() if channel in self.plate_channels(p)]
 
     def demo_tables(self) -> list[str]:
         return [p for column in ("manifest", "platemap") for p in self.table[column]]

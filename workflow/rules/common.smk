@@ -14,6 +14,7 @@ MAIN_ENV = "../../envs/main.yaml"
 wildcard_constraints:
     plate="|".join(map(re.escape, SCREEN.plate_ids())) or "NO_PLATE",
     shard=r"\d+",
+    channel="|".join(map(re.escape, [config["channels"]["brightfield"], *config["channels"]["fluorescence"]])),
 
 
 def plate_dir(plate):
@@ -39,3 +40,11 @@ def ingest_outputs(plates):
             f"{plate_dir(plate)}/ingest/qc_sites.csv",
         )
     ]
+
+
+def preprocess_outputs(plates):
+    """The focus table and heatmap of every plate."""
+    outputs = []
+    for plate in plates:
+        outputs += [f"{plate_dir(plate)}/focus.parquet", f"{plate_dir(plate)}/focus.png"]
+    return outputs
