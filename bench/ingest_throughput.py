@@ -15,6 +15,7 @@ import argparse
 import json
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,8 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench/results/ingest_throughput.json")
+    parser.add_argument("--keep", help="keep the ingested plate here (images.zarr + ingest/), e.g. for "
+                                       "bench/preprocess.py")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_ingest_"))
@@ -100,7 +103,13 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-    subprocess.run(["rm", "-rf", str(work)], check=False)
+    if args.keep:
+        keep = Path(args.keep)
+        (keep / "ingest").mkdir(parents=True, exist_ok=True)
+        shutil.move(str(out), keep / "images.zarr")
+        (keep / "ingest" / "layout.json").write_text(layout.to_json())
+        images.to_parquet(keep / "ingest" / "images.parquet", index=False)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
