@@ -13,6 +13,7 @@ import tifffile
 import yaml
 from conftest import CHANNELS, REPO, TINY_SPEC, run_snakemake
 
+from brightpaint.illumination import load_illumination
 from brightpaint.ingest import read_field
 
 RULES = ["simulate_demo", "validate_plate", "ingest_shard", "assemble_plate"]
@@ -50,9 +51,12 @@ def test_dry_run_of_the_default_config_lists_every_job(tmp_path):
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout + result.stderr)
     default = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    n, n_shards = len(default["simulate"]["plates"]), default["shards"]
+    plates, n_shards = default["simulate"]["plates"], default["shards"]
+    n, n_stained = len(plates), sum(p["role"] in ("train", "both") for p in plates)
+    channels = n + n_stained * len(default["channels"]["fluorescence"])
     assert counts == {"simulate_demo": 1, "validate_plate": n, "ingest_shard": n * n_shards,
-                      "assemble_plate": n, "focus_shard": n * n_shards, "focus_plate": n, "all": 1}
+                      "assemble_plate": n, "illumination": channels, "focus_shard": n * n_shards,
+                      "focus_plate": n, "all": 1}
 
 
 def test_lint_is_clean(tmp_path):
@@ -101,9 +105,13 @@ def test_tiny_demo_end_to_end(tmp_path):
         for rule in ["validate_plate", "assemble_plate", "ingest_shard_0", "ingest_shard_1"]:
             assert (results / "logs" / plate.plate / f"{rule}.log").is_file()
             assert (results / "benchmarks" / plate.plate / f"{rule}.tsv").is_file()
-    # focus: the chosen plane against the truth
+    # illumination per channel; focus: the chosen plane against the truth
     for plate in TINY_SPEC.plates:
         folder = results / "plates" / plate.plate
+        channels = ["BF", *CHANNELS["fluorescence"]] if plate.role != "apply" else ["BF"]
+        assert sorted(p.stem for p in (folder / "illum").glob("*.npy")) == sorted(channels)
+        flat = load_illumination(folder / "illum" / "BF.npy").flat
+        assert flat.shape == (TINY_SPEC.size, TINY_SPEC.size) and abs(float(flat.mean()) - 1) < 0.05
         focus = pd.read_parquet(folder / "focus.parquet")
         truth = pd.read_csv(screen / "truth" / plate.plate / "sites.csv")
         merged = focus.merge(truth, on=["well", "site"])

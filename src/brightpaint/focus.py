@@ -53,10 +53,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.fft
-import zarr
 from scipy import ndimage
 
-from .ingest import StoreLayout, read_field
+from .ingest import StoreLayout, read_field, stored_sites
 from .io import PLATE_ROWS, well_row_column
 
 METHODS = ("var_laplacian", "plls", "norm_variance", "tenengrad")
@@ -364,18 +363,6 @@ def brightfield_channel(layout: StoreLayout) -> tuple[int, list[int]]:
     return layout.channels.index(name), list(layout.planes[name])
 
 
-def well_sites(store: str | Path, well: str) -> list[int]:
-    """Sites (1-based) of a well present in the store, from the well's OME metadata; [] when the
-    well is absent (every site left out at ingest)."""
-    row, column = well_row_column(well)
-    try:
-        group = zarr.open_group(Path(store) / row / column, mode="r")
-    except (FileNotFoundError, KeyError, ValueError):
-        return []
-    images = group.attrs.get("ome", {}).get("well", {}).get("images", [])
-    return sorted(int(image["path"]) + 1 for image in images)
-
-
 def score_columns(methods: Sequence[str], planes: Sequence[int]) -> list[str]:
     """Wide-table score columns, e.g. var_laplacian_z0 .. (z = the store's z index)."""
     return [f"{m}_z{z}" for m in methods for z in planes]
@@ -408,11 +395,10 @@ def plate_focus(store: str | Path, wells: Sequence[str], layout: StoreLayout,
         raise ValueError(f"focus: half_width must be >= 0, got {half_width}")
     channel, planes = brightfield_channel(layout)
     rows = []
-    for well in sorted(set(wells)):
-        for site in well_sites(store, well):
-            stack = read_field(store, well, site)[0, channel][planes]
-            result = assess_stack(stack, method, half_width, min_prominence)
-            rows.append(site_row(well, site, result, planes, method))
+    for well, site in stored_sites(store, wells):
+        stack = read_field(store, well, site)[0, channel][planes]
+        result = assess_stack(stack, method, half_width, min_prominence)
+        rows.append(site_row(well, site, result, planes, method))
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS + score_columns(METHODS, planes))
     return table.astype({"well": str, "site": np.int64, "plane": np.int64, "window": str, "method": str,
                          "prominence": np.float64, "flag": str, "reason": str}

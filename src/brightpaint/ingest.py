@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -246,6 +246,31 @@ def sha256_of(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def stored_sites(store: str | Path, wells: Iterable[str] | None = None) -> list[tuple[str, int]]:
+    """(well, site) of every field in an assembled plate store, read from its OME metadata, in plate
+    order; `wells` limits the answer (a well absent from the store has no sites: every site of it was
+    left out at ingest)."""
+    root = zarr.open_group(str(store), mode="r")
+    if wells is None:
+        wells = [entry["path"].replace("/", "") for entry in root.attrs["ome"]["plate"]["wells"]]
+    sites = []
+    for well in sorted(set(wells)):
+        row, column = well_row_column(well)
+        try:
+            group = root[f"{row}/{column}"]
+        except KeyError:
+            continue
+        sites += [(well, int(image["path"]) + 1) for image in group.attrs["ome"]["well"]["images"]]
+    return sites
+
+
+def read_plane(store: str | Path, well: str, site: int, channel_index: int, z: int) -> np.ndarray:
+    """One (y, x) plane of a site, read without loading the rest of the field."""
+    row, column = well_row_column(well)
+    array = zarr.open_array(Path(store) / row / column / field_path(site) / "0", mode="r")
+    return array[0, channel_index, z]
 
 
 def read_field(store: str | Path, well: str, site: int) -> np.ndarray:

@@ -43,8 +43,9 @@ def ingest_outputs(plates):
 
 
 def preprocess_outputs(plates):
-    """The focus table and heatmap of every plate."""
+    """Illumination functions for every channel, and the focus table and heatmap of every plate."""
     outputs = []
     for plate in plates:
+        outputs += [f"{plate_dir(plate)}/illum/{c}.npy" for c in SCREEN.plate_channels(plate)]
         outputs += [f"{plate_dir(plate)}/focus.parquet", f"{plate_dir(plate)}/focus.png"]
     return outputs

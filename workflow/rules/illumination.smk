@@ -1,0 +1,24 @@
+# Illumination correction: one function per plate and channel, from all (or a bounded sample of)
+# the plate's sites. Later stages apply it as (image - dark) / flat where they read images.
+
+
+rule illumination:
+    input:
+        store=f"{RESULTS}/plates/{{plate}}/images.zarr",
+        layout=f"{RESULTS}/plates/{{plate}}/ingest/layout.json",
+    output:
+        function=f"{RESULTS}/plates/{{plate}}/illum/{{channel}}.npy",
+        figure=f"{RESULTS}/plates/{{plate}}/illum/{{channel}}.png",
+    params:
+        method=config["illumination"]["method"],
+        max_sites=config["illumination"]["max_sites"],
+        dark=config["illumination"]["dark"],
+    threads: config["threads"]["illumination"]
+    conda:
+        MAIN_ENV
+    log:
+        f"{RESULTS}/logs/{{plate}}/illumination_{{channel}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{plate}}/illumination_{{channel}}.tsv"
+    script:
+        "../scripts/illumination.py"
