@@ -20,6 +20,7 @@ include: "workflow/rules/simulate.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/illumination.smk"
 include: "workflow/rules/focus.smk"
+include: "workflow/rules/denoise.smk"
 
 
 rule all:

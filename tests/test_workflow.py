@@ -40,7 +40,8 @@ def tiny_demo_config(workdir: Path) -> Path:
               "threads": {"simulate": 1, "validate": 1, "ingest": 1, "focus": 1, "denoise_train": 1,
                           "denoise_predict": 1},
               # CI-sized Noise2Void: enough to exercise training and tiled prediction end to end
-              "denoise": {"steps": 10, "patch": 32, "batch": 4, "max_sites": 2, "tile": 64}}
+              "denoise": {"enabled": True, "steps": 10, "patch": 32, "batch": 4, "max_sites": 2,
+                          "tile": 64}}
     path = workdir / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -57,6 +58,16 @@ def test_dry_run_of_the_default_config_lists_every_job(tmp_path):
     assert counts == {"simulate_demo": 1, "validate_plate": n, "ingest_shard": n * n_shards,
                       "assemble_plate": n, "illumination": channels, "focus_shard": n * n_shards,
                       "focus_plate": n, "all": 1}
+
+
+def test_denoise_scope_screen_trains_one_model_per_channel(tmp_path):
+    settings = tmp_path / "denoise.yaml"
+    settings.write_text(yaml.safe_dump({"denoise": {"enabled": True, "scope": "screen"}}))
+    result = run_snakemake(tmp_path, "-n", "--configfile", str(settings))
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout + result.stderr)
+    assert counts["denoise_train_screen"] == 3 and "denoise_train_plate" not in counts
+    assert counts["denoise_plate"] == 3  # the train and both plates; apply plates have no stains
 
 
 def test_lint_is_clean(tmp_path):
@@ -122,6 +133,13 @@ def test_tiny_demo_end_to_end(tmp_path):
         assert len(unflagged) >= len(merged) // 2
         assert (unflagged["plane"] - unflagged["focal_plane"]).abs().max() <= 1
         assert (folder / "focus.png").stat().st_size > 0
+        stained = plate.role != "apply"
+        assert (folder / "denoised.zarr").is_dir() == stained
+        if stained:
+            row = truth.iloc[0]
+            denoised = read_field(folder / "denoised.zarr", row.well, row.site)
+            assert denoised.shape == (1, 3, 1, TINY_SPEC.size, TINY_SPEC.size)
+            assert np.isfinite(denoised).all() and denoised.std() > 0
     again = run_snakemake(tmp_path, "-n", "--configfile", str(config))
     assert "Nothing to be done" in again.stdout + again.stderr
 

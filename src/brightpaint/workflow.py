@@ -30,6 +30,7 @@ class Screen:
     fluorescence: list[str] = field(default_factory=list)
     selection: list[str] = field(default_factory=list)
     denoise_selection: list[str] = field(default_factory=list)
+    denoise_enabled: bool = False
 
     @classmethod
     def from_config(cls, config: dict) -> Screen:
@@ -55,7 +56,8 @@ class Screen:
         screen = cls(sheet=sheet, root=root, table=table, is_demo=is_demo,
                      brightfield=channels["brightfield"], fluorescence=list(channels["fluorescence"]),
                      selection=list(config.get("plates") or []),
-                     denoise_selection=list((config.get("denoise") or {}).get("channels") or []))
+                     denoise_selection=list((config.get("denoise") or {}).get("channels") or []),
+                     denoise_enabled=bool((config.get("denoise") or {}).get("enabled", False)))
         unknown_channels = sorted(set(screen.denoise_selection) - set(screen.fluorescence))
         if unknown_channels:
             raise ConfigError(f"denoise.channels {unknown_channels} are not in channels.fluorescence "
@@ -85,7 +87,10 @@ class Screen:
         return [self.brightfield, *fluorescence]
 
     def denoise_channels(self, plate: str) -> list[str]:
-        """Fluorescence channels of this plate that config `denoise.channels` selects (empty: all)."""
+        """Fluorescence channels of this plate that config `denoise.channels` selects (empty: all);
+        none when `denoise.enabled` is false."""
+        if not self.denoise_enabled:
+            return []
         wanted = self.denoise_selection or self.fluorescence
         return [c for c in self.plate_channels(plate) if c in wanted and c != self.brightfield]
 

@@ -43,9 +43,53 @@ def ingest_outputs(plates):
 
 
 def preprocess_outputs(plates):
-    """Illumination functions for every channel, and the focus table and heatmap of every plate."""
+    """Illumination functions for every channel, the focus table and heatmap of every plate, and the
+    denoised store where denoising is on and the plate has channels to denoise."""
     outputs = []
     for plate in plates:
         outputs += [f"{plate_dir(plate)}/illum/{c}.npy" for c in SCREEN.plate_channels(plate)]
         outputs += [f"{plate_dir(plate)}/focus.parquet", f"{plate_dir(plate)}/focus.png"]
+        if SCREEN.denoise_channels(plate):
+            outputs.append(f"{plate_dir(plate)}/denoised.zarr")
     return outputs
+
+
+def n2v_model(plate, channel):
+    if config["denoise"]["scope"] == "screen":
+        return f"{RESULTS}/models/n2v/{channel}.pt"
+    return f"{RESULTS}/plates/{plate}/denoise/{channel}.n2v.pt"
+
+
+def n2v_training_inputs(wildcards):
+    plates = (
+        SCREEN.plates_with_channel(wildcards.channel)
+        if "plate" not in wildcards.keys()
+        else [wildcards.plate]
+    )
+    return {
+        "stores": [f"{RESULTS}/plates/{p}/images.zarr" for p in plates],
+        "layouts": [f"{RESULTS}/plates/{p}/ingest/layout.json" for p in plates],
+        "illum": [f"{RESULTS}/plates/{p}/illum/{wildcards.channel}.npy" for p in plates],
+    }
+
+
+N2V_TRAIN = dict(
+    params=dict(
+        steps=config["denoise"]["steps"],
+        patch=config["denoise"]["patch"],
+        batch=config["denoise"]["batch"],
+        max_sites=config["denoise"]["max_sites"],
+        device=config["denoise"]["device"],
+        seed=config["denoise"]["seed"],
+    ),
+)
+
+
+def denoise_shard_inputs(wildcards):
+    channels = SCREEN.denoise_channels(wildcards.plate)
+    return {
+        "store": f"{RESULTS}/plates/{wildcards.plate}/images.zarr",
+        "layout": f"{RESULTS}/plates/{wildcards.plate}/ingest/layout.json",
+        "illum": [f"{RESULTS}/plates/{wildcards.plate}/illum/{c}.npy" for c in channels],
+        "models": [n2v_model(wildcards.plate, c) for c in channels],
+    }

@@ -1,0 +1,378 @@
+"""Noise2Void (brightpaint.denoise): accuracy against the demo generator's clean truth, determinism,
+tiled inference, save / load, device choice, bad inputs, and training images from a plate store.
+
+Accuracy is measured in a low-light regime: the demo's own acquisition model (`add_noise` with the
+plate's flat field, dark offset and batch factor) at 1/50 of its photons. At the demo's default
+exposure the fluorescence is nearly noise-free (DNA ~47 dB, CYTO ~33 dB PSNR) and its pixel-scale
+chromatin texture is stronger than the noise, so no blind-spot method can improve it: even the best
+linear predictor from the neighbours, fitted on the clean truth, reaches only 34 dB (DNA) / 31 dB
+(CYTO). Denoising is for noisy channels; these tests use one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import CHANNELS
+from scipy import ndimage
+
+from brightpaint.denoise import (
+    build_model,
+    choose_training_sites,
+    denoise_image,
+    load_n2v,
+    read_training_images,
+    resolve_device,
+    sample_training_images,
+    save_n2v,
+    tile_starts,
+    train_n2v,
+)
+from brightpaint.ingest import assemble_plate_store, plan_layout, read_field, write_shard_store
+from brightpaint.simulate import PlateSpec, ScreenSpec, add_noise, plate_optics, plate_wells, simulate_site
+from brightpaint.validate import validate_plate
+
+EXPOSURE = 1 / 50  # fraction of the demo's photons (gain): DNA 16, CYTO 10 photons per clean unit
+SPEC = ScreenSpec(plates=(PlateSpec("P1", "B1", "flat", "train"), PlateSpec("P2", "B2", "dense", "train")),
+                  wells=8, sites=1, size=128, seed=0)
+STEPS = 300  # CI-sized training: batch 16 of 64 x 64 patches
+SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 4.0)  # grid of the oracle Gaussian
+
+
+@dataclasses.dataclass
+class Example:
+    noisy: np.ndarray  # uint16 ADU
+    clean: np.ndarray  # float32 truth, before illumination and noise
+    dark: float
+    scale: np.ndarray  # gain * flat * batch: ADU per clean unit
+
+    def to_clean(self, adu: np.ndarray) -> np.ndarray:
+        """ADU -> the clean image's scale."""
+        return (adu.astype(np.float32) - self.dark) / self.scale
+
+
+def low_light_examples(channel: str) -> list[Example]:
+    """16 noisy demo sites (8 wells of a flat and a dense plate) of one channel at EXPOSURE."""
+    examples = []
+    for plate in ("P1", "P2"):
+        optics = plate_optics(SPEC, plate)[channel]
+        dim = dataclasses.replace(optics, gain=optics.gain * EXPOSURE)
+        for well in plate_wells(SPEC.wells):
+            clean = simulate_site(SPEC, plate, well, 1).clean[channel]
+            rng = np.random.default_rng(zlib.crc32(f"{plate}/{well}/{channel}".encode()))
+            examples.append(Example(add_noise(rng, clean, dim), clean, dim.dark,
+                                    dim.gain * dim.flat * dim.batch_factor))
+    return examples
+
+
+def psnr(estimate: np.ndarray, clean: np.ndarray) -> float:
+    """PSNR in dB with data range = the clean image's maximum (clean background is 0)."""
+    return float(10 * np.log10(clean.max() ** 2 / np.mean((estimate - clean) ** 2)))
+
+
+def pcc(estimate: np.ndarray, clean: np.ndarray) -> float:
+    return float(np.corrcoef(estimate.ravel(), clean.ravel())[0, 1])
+
+
+def mean_scores(estimates: list[np.ndarray], examples: list[Example]) -> tuple[float, float]:
+    """Mean PSNR and mean PCC of clean-scale estimates over the examples."""
+    return (float(np.mean([psnr(e, x.clean) for e, x in zip(estimates, examples, strict=True)])),
+            float(np.mean([pcc(e, x.clean) for e, x in zip(estimates, examples, strict=True)])))
+
+
+def best_gaussian(examples: list[Example]) -> tuple[float, float, float]:
+    """The oracle Gaussian: the sigma of SIGMAS with the best mean PSNR against the truth."""
+    scores = []
+    for sigma in SIGMAS:
+        smoothed = [x.to_clean(ndimage.gaussian_filter(x.noisy.astype(np.float32), sigma))
+                    for x in examples]
+        scores.append((*mean_scores(smoothed, examples), sigma))
+    return max(scores)
+
+
+@pytest.fixture(scope="module")
+def trained() -> dict:
+    """Channel -> (examples, model, history), trained once on the noisy images only."""
+    out = {}
+    for channel in ("DNA", "CYTO"):
+        examples = low_light_examples(channel)
+        model, history = train_n2v([x.noisy for x in examples], steps=STEPS, seed=0, threads=2,
+                                   channel=channel)
+        out[channel] = (examples, model, history)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channel", ["DNA", "CYTO"])
+def test_n2v_beats_noisy_input_and_the_oracle_gaussian(trained, channel):
+    examples, model, history = trained[channel]
+    start = time.perf_counter()
+    denoised = [x.to_clean(denoise_image(model, x.noisy, threads=2)) for x in examples]
+    infer_s = (time.perf_counter() - start) / len(examples)
+    noisy_psnr, noisy_pcc = mean_scores([x.to_clean(x.noisy) for x in examples], examples)
+    n2v_psnr, n2v_pcc = mean_scores(denoised, examples)
+    gauss_psnr, gauss_pcc, sigma = best_gaussian(examples)
+    print(f"\n{channel}: noisy {noisy_psnr:.2f} dB (PCC {noisy_pcc:.3f}), best Gaussian sigma {sigma} "
+          f"{gauss_psnr:.2f} dB (PCC {gauss_pcc:.3f}), N2V {n2v_psnr:.2f} dB (PCC {n2v_pcc:.3f}); "
+          f"training {STEPS} steps {history['seconds']:.1f} s, inference {infer_s:.3f} s per 128 px image")
+    assert n2v_psnr >= noisy_psnr + 6
+    assert n2v_psnr > gauss_psnr
+    assert n2v_pcc > noisy_pcc
+    assert n2v_pcc > gauss_pcc - 0.005  # no structure removed beyond what the best blur removes
+    assert history["loss"][-1] < history["loss"][0]
+    assert len(history["loss"]) == STEPS
+
+
+def test_denoised_output_keeps_the_input_scale(trained):
+    examples, model, _ = trained["DNA"]
+    noisy = examples[0].noisy
+    out = denoise_image(model, noisy, threads=2)
+    assert out.dtype == np.float32 and out.shape == noisy.shape
+    assert abs(float(out.mean()) - float(noisy.mean())) < 0.05 * float(noisy.std())
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiled inference
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tiled_inference_equals_whole_image_inference(trained):
+    examples, model, _ = trained["DNA"]
+    # a 256 x 320 image from five 128 px sites (plus a strip), larger than the 96 px tiles
+    rows = [np.hstack([examples[i].noisy, examples[i + 1].noisy, examples[i + 2].noisy[:, :64]])
+            for i in (0, 3)]
+    image = np.vstack(rows).astype(np.float32)
+    whole = denoise_image(model, image, tile=512, overlap=0, threads=2)
+    tiled = denoise_image(model, image, tile=96, overlap=32, threads=2)
+    difference = np.abs(tiled - whole)
+    spread = float(image.std())
+    # measured: mean 3e-4, 99.9th percentile 7e-3, max 1.8e-2 of the image's std (the U-Net sees
+    # zero padding within 17 px of a tile edge, where the raised-cosine blend gives it little weight)
+    assert float(difference.mean()) < 1e-3 * spread
+    assert float(np.percentile(difference, 99.9)) < 1.5e-2 * spread
+    assert float(difference.max()) < 4e-2 * spread
+    assert float(np.abs(whole - image).mean()) > 50 * float(difference.mean())  # it did denoise
+
+
+def test_tile_starts_cover_the_image_with_the_overlap():
+    assert tile_starts(100, 256, 32) == [0]
+    starts = tile_starts(1000, 256, 32)
+    assert starts[0] == 0 and starts[-1] == 1000 - 256
+    assert all(b - a <= 256 - 32 for a, b in zip(starts, starts[1:], strict=False))
+
+
+def test_denoise_rejects_bad_images(trained):
+    _, model, _ = trained["DNA"]
+    with pytest.raises(ValueError, match="2-D"):
+        denoise_image(model, np.zeros((2, 64, 64), np.float32))
+    image = np.ones((64, 64), np.float32)
+    image[3, 4] = np.nan
+    with pytest.raises(ValueError, match="1 NaN"):
+        denoise_image(model, image)
+    with pytest.raises(ValueError, match="overlap 64"):
+        denoise_image(model, np.ones((64, 64), np.float32), tile=64, overlap=64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism, save / load
+# ---------------------------------------------------------------------------------------------
+
+
+def small_training_set() -> list[np.ndarray]:
+    rng = np.random.default_rng(5)
+    signal = ndimage.gaussian_filter(rng.uniform(0, 400, (96, 96)), 2)
+    return [rng.poisson(signal + 100).astype(np.uint16) for _ in range(3)]
+
+
+def test_same_seed_gives_identical_weights_on_cpu():
+    images = small_training_set()
+    kwargs = dict(steps=6, patch=32, batch=4, threads=1, channel="T")
+    first, history_first = train_n2v(images, seed=3, **kwargs)
+    second, history_second = train_n2v(images, seed=3, **kwargs)
+    other, _ = train_n2v(images, seed=4, **kwargs)
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+    assert history_first["loss"] == history_second["loss"]
+    assert any(not torch.equal(v, other.state_dict()[k]) for k, v in first.state_dict().items())
+
+
+def test_training_leaves_torch_threads_and_random_state_alone():
+    threads = torch.get_num_threads()
+    state = torch.random.get_rng_state()
+    train_n2v(small_training_set(), steps=2, patch=32, batch=2, threads=1, channel="T")
+    assert torch.get_num_threads() == threads
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_save_load_round_trip(trained, tmp_path):
+    examples, model, history = trained["DNA"]
+    path = tmp_path / "models" / "n2v_DNA.pt"
+    sites = [["C03", 1], ["C07", 1]]
+    saved = save_n2v(model, path, {"plates": ["P1", "P2"], "sites": sites})
+    assert saved["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    for key in ("channel", "steps", "final_loss", "normalisation", "code_version", "torch_version",
+                "plates", "sites", "seed", "mask_fraction"):
+        assert key in saved, key
+    assert saved["channel"] == "DNA" and saved["steps"] == STEPS
+    assert saved["final_loss"] == pytest.approx(history["final_loss"])
+    assert saved["torch_version"] == torch.__version__
+
+    raw = torch.load(path, weights_only=True)  # plain tensors and strings only
+    assert set(raw) == {"format", "state_dict", "metadata"}
+
+    loaded, metadata = load_n2v(path)
+    assert metadata == saved
+    assert metadata["sites"] == sites
+    image = examples[1].noisy
+    assert np.array_equal(denoise_image(model, image), denoise_image(loaded, image))
+    assert not list(path.parent.glob(".*partial*"))
+
+
+def test_load_rejects_a_foreign_file(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match="not a brightpaint Noise2Void model"):
+        load_n2v(path)
+
+
+def test_save_rejects_metadata_that_is_not_json(trained, tmp_path):
+    _, model, _ = trained["DNA"]
+    with pytest.raises(ValueError, match="JSON"):
+        save_n2v(model, tmp_path / "m.pt", {"bad": object()})
+    assert not (tmp_path / "m.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Device
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_an_error_not_a_cpu_fallback():
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        train_n2v(small_training_set(), steps=1, patch=32, batch=2, device="cuda", channel="T")
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        denoise_image(build_model(2, 16, 0), np.ones((64, 64), np.float32), device="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_auto_device_is_cpu_without_a_gpu_and_is_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="brightpaint"):
+        assert resolve_device("auto") == torch.device("cpu")
+    assert "Noise2Void device: cpu" in caplog.text
+
+
+def test_unknown_device_is_an_error():
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_device("tpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad training input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0, 417])
+def test_constant_images_have_no_signal_to_learn_from(value):
+    images = [np.full((64, 64), value, np.uint16) for _ in range(3)]
+    with pytest.raises(ValueError, match="no signal to learn from: channel DNA"):
+        train_n2v(images, steps=1, channel="DNA")
+
+
+def test_nan_pixels_are_named():
+    images = small_training_set()
+    images[1] = images[1].astype(np.float32)
+    images[1][5, 5:8] = np.nan
+    with pytest.raises(ValueError, match="image 1 has 3 NaN"):
+        train_n2v(images, steps=1, patch=32, channel="DNA")
+
+
+def test_images_smaller_than_the_patch_are_an_error():
+    with pytest.raises(ValueError, match="smaller than the training patch 64"):
+        train_n2v([np.ones((48, 200), np.float32)], steps=1, patch=64, channel="DNA")
+
+
+def test_a_constant_image_among_good_ones_is_left_out(caplog):
+    images = [*small_training_set(), np.zeros((96, 96), np.uint16)]
+    with caplog.at_level(logging.WARNING, logger="brightpaint"):
+        _, history = train_n2v(images, steps=2, patch=32, batch=2, threads=1, channel="DNA")
+    assert history["n_images"] == 3 and history["n_images_skipped"] == 1
+    assert "image 3 is constant" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(patch=30), dict(batch=0), dict(mask_fraction=0.0),
+                                 dict(threads=0)])
+def test_bad_training_parameters_are_errors(bad):
+    with pytest.raises(ValueError):
+        train_n2v(small_training_set(), channel="T", **{"patch": 32, "steps": 1, **bad})
+
+
+# ---------------------------------------------------------------------------------------------
+# Training images from a plate store
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def plate_store(tiny_screen, tmp_path):
+    """The tiny screen's plate T1 ingested into an OME-Zarr store; returns (store, layout, wells)."""
+    images, _ = validate_plate(str(tiny_screen / "T1" / "manifest.csv"),
+                               str(tiny_screen / "T1" / "platemap.csv"), "T1", "train", CHANNELS,
+                               str(tiny_screen))
+    layout = plan_layout(images, "T1", CHANNELS)
+    shard = tmp_path / "shard.zarr"
+    write_shard_store(images, sorted(set(images["well"])), layout, shard)
+    store = tmp_path / "images.zarr"
+    assemble_plate_store([shard], store, layout)
+    return store, layout, sorted(set(images["well"]))
+
+
+def test_sample_training_images_streams_a_bounded_seeded_sample(plate_store):
+    store, layout, wells = plate_store
+    sites = choose_training_sites(store, wells, max_sites=5, seed=1)
+    assert len(sites) == 5 == len(set(sites)) and sites == sorted(sites)
+    images = sample_training_images(store, layout, "DNA", wells, max_sites=5, seed=1)
+    assert len(images) == 5
+    c, z = layout.channels.index("DNA"), layout.planes["DNA"][0]
+    for (well, site), image in zip(sites, images, strict=True):
+        assert image.dtype == np.float32 and image.shape == tuple(layout.shape)
+        assert np.array_equal(image, read_field(store, well, site)[0, c, z])
+    again = sample_training_images(store, layout, "DNA", wells, max_sites=5, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(images, again, strict=True))
+    everything = choose_training_sites(store, wells, max_sites=1000)
+    assert len(everything) == 2 * len(wells)  # TINY_SPEC: 2 sites per well
+
+
+def test_sample_training_images_applies_the_correction(plate_store):
+    store, layout, wells = plate_store
+    plain = sample_training_images(store, layout, "CYTO", wells[:2], max_sites=3)
+    corrected = sample_training_images(store, layout, "CYTO", wells[:2], max_sites=3,
+                                       correct=lambda plane: plane / 2 + 1)
+    assert all(np.allclose(b, a / 2 + 1) for a, b in zip(plain, corrected, strict=True))
+    with pytest.raises(ValueError, match="correct: returned shape"):
+        read_training_images(store, layout, "CYTO", [(wells[0], 1)], correct=lambda p: p[:10])
+
+
+def test_sample_training_images_names_what_is_missing(plate_store):
+    store, layout, wells = plate_store
+    with pytest.raises(ValueError, match="channel 'GFP' is not in plate T1"):
+        sample_training_images(store, layout, "GFP", wells)
+    with pytest.raises(ValueError, match="well\\(s\\) P24 are not in the store"):
+        sample_training_images(store, layout, "DNA", ["P24"])
+    with pytest.raises(ValueError, match="planes; say which z"):
+        sample_training_images(store, layout, "BF", wells)
+    bf = sample_training_images(store, layout, "BF", wells, max_sites=2, z=2)
+    assert len(bf) == 2

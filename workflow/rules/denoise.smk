@@ -1,0 +1,84 @@
+# Noise2Void: a blind-spot model trained on the noisy, illumination-corrected images themselves (per
+# plate and channel, or per channel across the screen), then applied per shard of wells; the
+# denoised channels form the plate's denoised.zarr (same HCS layout as images.zarr).
+
+
+rule denoise_train_plate:
+    input:
+        unpack(n2v_training_inputs),
+    output:
+        model=f"{RESULTS}/plates/{{plate}}/denoise/{{channel}}.n2v.pt",
+    params:
+        **N2V_TRAIN["params"],
+    resources:
+        gpu=1 if config["denoise"]["device"] == "cuda" else 0,
+    threads: config["threads"]["denoise_train"]
+    conda:
+        MAIN_ENV
+    log:
+        f"{RESULTS}/logs/{{plate}}/denoise_train_{{channel}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{plate}}/denoise_train_{{channel}}.tsv"
+    script:
+        "../scripts/denoise_train.py"
+
+
+rule denoise_train_screen:
+    input:
+        unpack(n2v_training_inputs),
+    output:
+        model=f"{RESULTS}/models/n2v/{{channel}}.pt",
+    params:
+        **N2V_TRAIN["params"],
+    resources:
+        gpu=1 if config["denoise"]["device"] == "cuda" else 0,
+    threads: config["threads"]["denoise_train"]
+    conda:
+        MAIN_ENV
+    log:
+        f"{RESULTS}/logs/denoise_train_{{channel}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/denoise_train_{{channel}}.tsv"
+    script:
+        "../scripts/denoise_train.py"
+
+
+rule denoise_shard:
+    input:
+        unpack(denoise_shard_inputs),
+    output:
+        store=temp(directory(f"{RESULTS}/plates/{{plate}}/denoise/shards/{{shard}}.zarr")),
+    params:
+        channels=lambda wildcards: SCREEN.denoise_channels(wildcards.plate),
+        n_shards=config["shards"],
+        tile=config["denoise"]["tile"],
+        device=config["denoise"]["device"],
+    resources:
+        gpu=1 if config["denoise"]["device"] == "cuda" else 0,
+    threads: config["threads"]["denoise_predict"]
+    conda:
+        MAIN_ENV
+    log:
+        f"{RESULTS}/logs/{{plate}}/denoise_shard_{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{plate}}/denoise_shard_{{shard}}.tsv"
+    script:
+        "../scripts/denoise_shard.py"
+
+
+rule denoise_plate:
+    input:
+        stores=expand(f"{RESULTS}/plates/{{{{plate}}}}/denoise/shards/{{shard}}.zarr", shard=SHARDS),
+        layout=f"{RESULTS}/plates/{{plate}}/ingest/layout.json",
+    output:
+        store=directory(f"{RESULTS}/plates/{{plate}}/denoised.zarr"),
+    params:
+        channels=lambda wildcards: SCREEN.denoise_channels(wildcards.plate),
+    conda:
+        MAIN_ENV
+    log:
+        f"{RESULTS}/logs/{{plate}}/denoise_plate.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{plate}}/denoise_plate.tsv"
+    script:
+        "../scripts/denoise_plate.py"

@@ -1,0 +1,30 @@
+"""Denoise one shard of a plate's fluorescence channels (rule denoise_shard)."""
+
+from pathlib import Path
+
+import pandas as pd
+
+from brightpaint.denoise import denoise_image, load_n2v, resolve_device
+from brightpaint.derived import write_derived_store
+from brightpaint.illumination import correct_illumination, load_illumination
+from brightpaint.ingest import StoreLayout, shard_wells
+from brightpaint.logs import log_to_rule
+
+log = log_to_rule(snakemake)  # noqa: F821
+inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
+layout = StoreLayout.from_json(Path(inp.layout).read_text())
+device = resolve_device(params.device)
+channels = list(params.channels)
+illumination = {c: load_illumination(path) for c, path in zip(channels, inp.illum, strict=True)}
+models = {c: load_n2v(path)[0] for c, path in zip(channels, inp.models, strict=True)}
+sites = pd.read_parquet(Path(inp.layout).with_name("images.parquet"), columns=["well", "site"])
+wells = shard_wells(list(sites["well"]), params.n_shards, int(snakemake.wildcards.shard))  # noqa: F821
+selected = sites[sites["well"].isin(wells)].drop_duplicates()
+table = write_derived_store(
+    inp.store, layout, list(zip(selected["well"], selected["site"], strict=True)), channels,
+    lambda channel, plane: denoise_image(models[channel], correct_illumination(plane, illumination[channel]),
+                                         tile=params.tile, device=params.device,
+                                         threads=snakemake.threads),  # noqa: F821
+    out.store, threads=1)
+log.info("shard %s: %d sites x %s denoised on %s", snakemake.wildcards.shard,  # noqa: F821
+         len(selected), channels, device)
