@@ -31,7 +31,6 @@ convolution kernels are not guaranteed to be deterministic.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -44,7 +43,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .ingest import StoreLayout, read_plane, stored_sites
+from .ingest import StoreLayout, read_plane, sha256_of, stored_sites
 
 LOGGER = logging.getLogger("brightpaint")
 
@@ -430,14 +429,6 @@ def denoise_image(model: UNet, image: np.ndarray, *, tile: int = 256, overlap: i
 # ---------------------------------------------------------------------------------------------
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_n2v(model: UNet, path: str | Path, metadata: dict | None = None) -> dict:
     """Write the model's weights and metadata to `path` (written beside it, then renamed) and return
     the metadata with the file's sha256 added. Recorded: the training parameters and normalisation
@@ -455,7 +446,7 @@ def save_n2v(model: UNet, path: str | Path, metadata: dict | None = None) -> dic
     path = Path(path)
     with atomic_path(path) as partial:
         torch.save({"format": FORMAT, "state_dict": state, "metadata": text}, partial)
-    return {**json.loads(text), "sha256": file_sha256(path)}
+    return {**json.loads(text), "sha256": sha256_of(path)}
 
 
 def load_n2v(path: str | Path) -> tuple[UNet, dict]:
@@ -469,7 +460,7 @@ def load_n2v(path: str | Path) -> tuple[UNet, dict]:
     model = UNet(architecture["depth"], architecture["base"])
     model.load_state_dict(saved["state_dict"])
     model.n2v_info = {k: v for k, v in metadata.items() if k not in ("code_version", "torch_version")}
-    return model.eval(), {**metadata, "sha256": file_sha256(path)}
+    return model.eval(), {**metadata, "sha256": sha256_of(path)}
 
 
 # ---------------------------------------------------------------------------------------------
