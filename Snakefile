@@ -21,10 +21,12 @@ include: "workflow/rules/ingest.smk"
 include: "workflow/rules/illumination.smk"
 include: "workflow/rules/focus.smk"
 include: "workflow/rules/denoise.smk"
+include: "workflow/rules/stain.smk"
 
 
 rule all:
     input:
         ingest_outputs(PLATES),
         preprocess_outputs(PLATES),
+        stain_outputs(PLATES),
     default_target: True

@@ -50,3 +50,18 @@ def run_snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.C
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([str(snakemake), "-s", str(REPO / "Snakefile"), *args],
                           cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """The working directory of a run of the default workflow on the demo screen (what `make demo`
+    does), made once per test session. BRIGHTPAINT_DEMO_RUN=DIR reuses a finished run in DIR (for
+    working on the tests; CI always makes a fresh one)."""
+    reuse = os.environ.get("BRIGHTPAINT_DEMO_RUN")
+    if reuse:
+        return Path(reuse)
+    workdir = tmp_path_factory.mktemp("demo_run")
+    result = run_snakemake(workdir, "--cores", "2", timeout=3000)
+    if result.returncode != 0:
+        pytest.fail("the demo run failed:\n" + result.stdout[-4000:] + result.stderr[-4000:])
+    return workdir

@@ -29,12 +29,11 @@ from brightpaint.denoise import (
     denoise_image,
     load_n2v,
     read_training_images,
-    resolve_device,
     sample_training_images,
     save_n2v,
-    tile_starts,
     train_n2v,
 )
+from brightpaint.inference import resolve_device, tile_starts
 from brightpaint.ingest import assemble_plate_store, plan_layout, read_field, write_shard_store
 from brightpaint.simulate import PlateSpec, ScreenSpec, add_noise, plate_optics, plate_wells, simulate_site
 from brightpaint.validate import validate_plate
@@ -272,7 +271,7 @@ def test_cuda_without_a_gpu_is_an_error_not_a_cpu_fallback():
 def test_auto_device_is_cpu_without_a_gpu_and_is_logged(caplog):
     with caplog.at_level(logging.INFO, logger="brightpaint"):
         assert resolve_device("auto") == torch.device("cpu")
-    assert "Noise2Void device: cpu" in caplog.text
+    assert "torch device: cpu (CPU; requested 'auto')" in caplog.text
 
 
 def test_unknown_device_is_an_error():

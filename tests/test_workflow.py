@@ -38,10 +38,13 @@ def tiny_demo_config(workdir: Path) -> Path:
                            "plates": [{"plate": p.plate, "batch": p.batch, "cell_type": p.cell_type,
                                        "role": p.role} for p in TINY_SPEC.plates]},
               "threads": {"simulate": 1, "validate": 1, "ingest": 1, "focus": 1, "denoise_train": 1,
-                          "denoise_predict": 1},
+                          "denoise_predict": 1, "stain_train": 1, "stain_predict": 1},
               # CI-sized Noise2Void: enough to exercise training and tiled prediction end to end
               "denoise": {"enabled": True, "steps": 10, "patch": 32, "batch": 4, "max_sites": 2,
-                          "tile": 64}}
+                          "tile": 64},
+              # CI-sized virtual staining: one short epoch, small tiles (accuracy: tests/test_stain.py)
+              "stain": {"model": {"width": 8, "depth": 2, "patch": 32, "batch": 4, "steps_per_epoch": 3,
+                                  "max_epochs": 1}, "tile": 32, "overlap": 8, "eval_sites": 4}}
     path = workdir / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -57,7 +60,8 @@ def test_dry_run_of_the_default_config_lists_every_job(tmp_path):
     channels = n + n_stained * len(default["channels"]["fluorescence"])
     assert counts == {"simulate_demo": 1, "validate_plate": n, "ingest_shard": n * n_shards,
                       "assemble_plate": n, "illumination": channels, "focus_shard": n * n_shards,
-                      "focus_plate": n, "all": 1}
+                      "focus_plate": n, "stain_train": 1, "stain_shard": n * n_shards, "stain_plate": n,
+                      "stain_evaluate": n_stained, "all": 1}
 
 
 def test_denoise_scope_screen_trains_one_model_per_channel(tmp_path):
@@ -140,6 +144,11 @@ def test_tiny_demo_end_to_end(tmp_path):
             denoised = read_field(folder / "denoised.zarr", row.well, row.site)
             assert denoised.shape == (1, 3, 1, TINY_SPEC.size, TINY_SPEC.size)
             assert np.isfinite(denoised).all() and denoised.std() > 0
+            metrics = pd.read_parquet(folder / "stain" / "metrics.parquet")
+            assert set(metrics["channel"]) == set(CHANNELS["fluorescence"])
+            assert len(metrics) >= 3 and len(metrics) % 3 == 0
+        virtual = read_field(folder / "virtual.zarr", truth.iloc[0].well, truth.iloc[0].site)
+        assert virtual.shape == (1, 3, 1, TINY_SPEC.size, TINY_SPEC.size) and np.isfinite(virtual).all()
     again = run_snakemake(tmp_path, "-n", "--configfile", str(config))
     assert "Nothing to be done" in again.stdout + again.stderr
 

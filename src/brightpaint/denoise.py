@@ -34,8 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
+from .inference import predict_tiled, resolve_device, torch_threads
 from .ingest import StoreLayout, read_plane, sha256_of, stored_sites
 
 LOGGER = logging.getLogger("brightpaint")
@@ -50,47 +50,8 @@ LOGGER = logging.getLogger("brightpaint")
 # Bump when the architecture, normalisation or file format changes: saved models record it.
 CODE_VERSION = "n2v-1"
 FORMAT = "brightpaint-n2v"
-DEVICES = ("auto", "cpu", "cuda")
 NEIGHBOURHOOD = 5  # masked pixels take the value of a random other pixel in this window
 MIN_STD = 1e-6  # an image whose standard deviation is below this carries no signal
-
-
-# ---------------------------------------------------------------------------------------------
-# Device and threads
-# ---------------------------------------------------------------------------------------------
-
-
-def resolve_device(requested: str = "auto", *, log: bool = True) -> torch.device:
-    """The torch device for `requested` ("auto", "cpu" or "cuda"). "auto" takes the GPU when torch
-    sees one; "cuda" without a GPU is an error, never a silent CPU fallback (a run sized for a GPU
-    would take hours on CPU). The choice is logged (logger "brightpaint") unless `log` is False
-    (per-image calls)."""
-    if requested not in DEVICES:
-        raise ValueError(f"device: {requested!r} is not one of {DEVICES}")
-    cuda = torch.cuda.is_available()
-    if requested == "cuda" and not cuda:
-        raise RuntimeError(
-            f"device 'cuda' was requested but torch {torch.__version__} sees no CUDA GPU "
-            f"(torch.version.cuda = {torch.version.cuda}); install a CUDA build of torch on a GPU "
-            "machine, or ask for device 'cpu' or 'auto'")
-    device = torch.device("cuda" if requested == "cuda" or (requested == "auto" and cuda) else "cpu")
-    if log:
-        LOGGER.info("Noise2Void device: %s (requested %r)", device, requested)
-    return device
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run a block with `threads` intra-op threads and restore the previous count: more threads than
-    the job's cores made torch runs 3-100x slower on a shared machine."""
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads: must be an integer >= 1, got {threads!r}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +273,7 @@ def train_n2v(images: list[np.ndarray], *, steps: int = 300, patch: int = 64, ba
     check_training_parameters(steps, patch, batch, mask_fraction, depth, base, threads)
     checked = check_images(images, channel, patch)
     normalised = [normalise(image) for image in checked]
-    target = resolve_device(device)
+    target = resolve_device(device, what="Noise2Void")
     start = time.perf_counter()
     with torch_threads(threads):
         model = build_model(depth, base, seed).to(target)
@@ -339,51 +300,6 @@ def train_n2v(images: list[np.ndarray], *, steps: int = 300, patch: int = 64, ba
 # ---------------------------------------------------------------------------------------------
 
 
-def tile_starts(length: int, tile: int, overlap: int, multiple: int = 1) -> list[int]:
-    """Start offsets of tiles of `tile` px along an axis of `length` px, neighbours overlapping by at
-    least `overlap`; the last tile ends at the image edge. With `length` and `tile` multiples of
-    `multiple`, every start is one too: the U-Net's pooling grid then lines up with the whole image's,
-    so a tile's interior equals whole-image inference."""
-    if length <= tile:
-        return [0]
-    step = max(multiple, (tile - overlap) // multiple * multiple)
-    starts = list(range(0, length - tile, step))
-    return [*starts, length - tile]
-
-
-def blend_ramp(size: int, overlap: int, at_start: bool, at_end: bool) -> np.ndarray:
-    """Blending weight along one tile axis: a raised cosine over `overlap` px from each side that
-    borders another tile (the network sees zero padding there, so it is least reliable near the
-    edge and gets almost no weight), flat 1 inside and at the image edge. The weights are smooth,
-    so tile borders leave no seams."""
-    weight = np.ones(size, dtype=np.float64)
-    overlap = min(overlap, size)
-    if overlap:
-        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap) + 0.5) / overlap)
-        if not at_start:
-            weight[:overlap] = np.minimum(weight[:overlap], ramp)
-        if not at_end:
-            weight[-overlap:] = np.minimum(weight[-overlap:], ramp[::-1])
-    return weight
-
-
-def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
-    """`image` reflect-padded at the bottom and right to a multiple of `multiple` in both axes (the
-    U-Net halves the size `depth` times)."""
-    pad_y, pad_x = (-image.shape[0]) % multiple, (-image.shape[1]) % multiple
-    if not (pad_y or pad_x):
-        return image
-    mode = "reflect" if min(image.shape) > max(pad_y, pad_x) else "symmetric"
-    return np.pad(image, ((0, pad_y), (0, pad_x)), mode=mode)
-
-
-def predict_tile(model: UNet, tile: np.ndarray, device: torch.device) -> np.ndarray:
-    """Network output for one normalised tile (sides multiples of the U-Net's `multiple`)."""
-    with torch.inference_mode():
-        out = model(torch.from_numpy(np.ascontiguousarray(tile))[None, None].to(device))
-    return out[0, 0].cpu().numpy()
-
-
 def denoise_image(model: UNet, image: np.ndarray, *, tile: int = 256, overlap: int = 32,
                   device: str = "cpu", threads: int = 2) -> np.ndarray:
     """Denoised float32 copy of a 2-D image, in the image's own intensity scale.
@@ -398,30 +314,14 @@ def denoise_image(model: UNet, image: np.ndarray, *, tile: int = 256, overlap: i
     bad = int(np.count_nonzero(~np.isfinite(image)))
     if bad:
         raise ValueError(f"denoise_image: image has {bad} NaN or infinite pixel(s)")
-    multiple = model.multiple
-    tile, overlap = tile // multiple * multiple, overlap // multiple * multiple
-    if tile < multiple or not 0 <= overlap < tile:
-        raise ValueError(f"tile {tile} / overlap {overlap}: need tile >= {multiple} and 0 <= overlap < "
-                         "tile (after rounding down to multiples of the U-Net's size multiple)")
     normalised, mean, std = normalise(image.astype(np.float32, copy=False))
-    data = pad_to_multiple(normalised, multiple)
     target = resolve_device(device, log=False)
-    height, width = data.shape
-    total = np.zeros(data.shape, dtype=np.float64)
-    weights = np.zeros(data.shape, dtype=np.float64)
     with torch_threads(threads):
         model = model.to(target).eval()
-        for y in tile_starts(height, tile, overlap, multiple):
-            for x in tile_starts(width, tile, overlap, multiple):
-                window = data[y:y + tile, x:x + tile]
-                h, w = window.shape
-                weight = np.outer(blend_ramp(h, overlap, y == 0, y + h == height),
-                                  blend_ramp(w, overlap, x == 0, x + w == width))
-                total[y:y + h, x:x + w] += weight * predict_tile(model, window, target)
-                weights[y:y + h, x:x + w] += weight
+        out = predict_tiled(model, normalised[None], tile=tile, overlap=overlap, batch=1, device=target,
+                            amp=False)[0]
         model.cpu()
-    out = total / weights
-    return (out[:image.shape[0], :image.shape[1]] * std + mean).astype(np.float32)
+    return out * np.float32(std) + np.float32(mean)
 
 
 # ---------------------------------------------------------------------------------------------

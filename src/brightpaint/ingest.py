@@ -128,7 +128,7 @@ def _omero(layout: StoreLayout, ranges: dict[str, tuple[float, float]]) -> dict:
     top = float(np.iinfo(layout.dtype).max) if np.issubdtype(layout.dtype, np.integer) else 1.0
     for name in layout.channels:
         role = layout.roles.get(name)
-        colour = CHANNEL_COLOURS.get(role) if role else next(others)
+        colour = CHANNEL_COLOURS.get(role) or next(others)
         start, end = ranges.get(name, (0.0, top))
         channels.append({"label": name, "color": colour, "active": True,
                          "window": {"min": 0.0, "max": top, "start": start, "end": end}})

@@ -31,6 +31,7 @@ class Screen:
     selection: list[str] = field(default_factory=list)
     denoise_selection: list[str] = field(default_factory=list)
     denoise_enabled: bool = False
+    stain: dict = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: dict) -> Screen:
@@ -57,10 +58,15 @@ class Screen:
                      brightfield=channels["brightfield"], fluorescence=list(channels["fluorescence"]),
                      selection=list(config.get("plates") or []),
                      denoise_selection=list((config.get("denoise") or {}).get("channels") or []),
-                     denoise_enabled=bool((config.get("denoise") or {}).get("enabled", False)))
+                     denoise_enabled=bool((config.get("denoise") or {}).get("enabled", False)),
+                     stain=dict(config.get("stain") or {}))
         unknown_channels = sorted(set(screen.denoise_selection) - set(screen.fluorescence))
         if unknown_channels:
             raise ConfigError(f"denoise.channels {unknown_channels} are not in channels.fluorescence "
+                              f"{screen.fluorescence}")
+        unknown_targets = sorted(set(screen.stain.get("targets") or []) - set(screen.fluorescence))
+        if unknown_targets:
+            raise ConfigError(f"stain.targets {unknown_targets} are not in channels.fluorescence "
                               f"{screen.fluorescence}")
         unknown = sorted(set(screen.selection) - set(screen.plate_ids()))
         if unknown:
@@ -96,6 +102,35 @@ class Screen:
 
     def plates_with_channel(self, channel: str) -> list[str]:
         return [p for p in self.selected_plates() if channel in self.plate_channels(p)]
+
+    def has_real_stains(self, plate: str) -> bool:
+        return self.plate_row(plate)["role"] in ("train", "both")
+
+    def stain_targets(self) -> list[str]:
+        """Fluorescence channels that virtual staining predicts (config stain.targets; empty: all)."""
+        return list(self.stain.get("targets") or self.fluorescence)
+
+    def stain_models(self) -> dict[str, list[str]]:
+        """Model name -> its target channels: one model `all` for every target, or with
+        stain.per_channel one model per target, named by the channel."""
+        targets = self.stain_targets()
+        if self.stain.get("per_channel"):
+            return {channel: [channel] for channel in targets}
+        return {"all": targets}
+
+    def stain_training_plates(self) -> list[str]:
+        """Plates that train virtual staining: role train or both, of the cell types in
+        stain.train_cell_types (empty: all). Independent of config `plates`, so that rerunning one
+        plate uses the same model as the whole screen."""
+        cell_types = set(self.stain.get("train_cell_types") or [])
+        plates = [p for p in self.plate_ids() if self.has_real_stains(p)
+                  and (not cell_types or self.plate_row(p)["cell_type"] in cell_types)]
+        if not plates and not self.stain.get("weights"):
+            raise ConfigError("virtual staining: no plate of the screen has role train or both"
+                              + (f" and a cell type in stain.train_cell_types {sorted(cell_types)}"
+                                 if cell_types else "")
+                              + "; add one, or give a model file in stain.weights")
+        return plates
 
     def demo_tables(self) -> list[str]:
         return [p for column in ("manifest", "platemap") for p in self.table[column]]

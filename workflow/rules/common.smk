@@ -93,3 +93,52 @@ def denoise_shard_inputs(wildcards):
         "illum": [f"{RESULTS}/plates/{wildcards.plate}/illum/{c}.npy" for c in channels],
         "models": [n2v_model(wildcards.plate, c) for c in channels],
     }
+
+
+# Virtual staining: models (one multi-channel model `all`, or one per target channel), their files,
+# and what training and prediction read.
+STAIN = config["stain"]
+STAIN_MODELS = SCREEN.stain_models()
+STAIN_TRAINING_PLATES = SCREEN.stain_training_plates()
+
+
+def stain_model_files():
+    """The model files prediction uses: the user's stain.weights, or the screen's trained models."""
+    if STAIN["weights"]:
+        return [STAIN["weights"]]
+    return [f"{RESULTS}/models/stain/{model}/model.safetensors" for model in STAIN_MODELS]
+
+
+def plate_stain_sources(plate, fluorescence=True):
+    """What virtual staining reads of a plate: its store, layout, focus table, illumination functions
+    (brightfield, plus the targets it has with `fluorescence`) and the denoised store when denoising
+    made one."""
+    channels = [config["channels"]["brightfield"]]
+    if fluorescence:
+        channels += [c for c in SCREEN.stain_targets() if c in SCREEN.plate_channels(plate)]
+    inputs = [
+        f"{plate_dir(plate)}/images.zarr",
+        f"{plate_dir(plate)}/ingest/layout.json",
+        f"{plate_dir(plate)}/focus.parquet",
+        *[f"{plate_dir(plate)}/illum/{c}.npy" for c in channels],
+    ]
+    if fluorescence and SCREEN.denoise_channels(plate):
+        inputs.append(f"{plate_dir(plate)}/denoised.zarr")
+    return inputs
+
+
+def stain_training_inputs(wildcards):
+    return {
+        "sources": [path for plate in STAIN_TRAINING_PLATES for path in plate_stain_sources(plate)],
+        "platemaps": [SCREEN.plate_row(plate)["platemap"] for plate in STAIN_TRAINING_PLATES],
+    }
+
+
+def stain_outputs(plates):
+    """Every plate's virtual channels; for plates with real stains, the level-1 evaluation."""
+    outputs = []
+    for plate in plates:
+        outputs.append(f"{plate_dir(plate)}/virtual.zarr")
+        if SCREEN.has_real_stains(plate):
+            outputs += [f"{plate_dir(plate)}/stain/metrics.parquet", f"{plate_dir(plate)}/stain/examples.png"]
+    return outputs

@@ -13,7 +13,7 @@ from brightpaint.logs import log_to_rule
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
 layout = StoreLayout.from_json(Path(inp.layout).read_text())
-device = resolve_device(params.device)
+device = resolve_device(params.device, what="Noise2Void")
 channels = list(params.channels)
 illumination = {c: load_illumination(path) for c, path in zip(channels, inp.illum, strict=True)}
 models = {c: load_n2v(path)[0] for c, path in zip(channels, inp.models, strict=True)}

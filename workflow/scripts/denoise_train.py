@@ -14,7 +14,7 @@ from brightpaint.logs import log_to_rule
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
 channel = snakemake.wildcards.channel  # noqa: F821
-device = resolve_device(params.device)
+device = resolve_device(params.device, what="Noise2Void")
 images, plates = [], []
 per_plate = max(1, params.max_sites // max(1, len(inp.stores)))
 for store, layout_path, illum_path in zip(inp.stores, inp.layouts, inp.illum, strict=True):

@@ -1,0 +1,141 @@
+"""What every torch stage shares: the device (chosen explicitly, never a silent CPU fallback), thread
+caps, and tiled inference with blended overlaps (Noise2Void denoising and virtual staining)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import numpy as np
+import torch
+from torch import nn
+
+LOGGER = logging.getLogger("brightpaint")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(requested: str = "auto", *, log: bool = True, what: str = "torch") -> torch.device:
+    """The torch device for `requested` ("auto", "cpu" or "cuda"). "auto" takes the GPU when torch
+    sees one; "cuda" without a GPU is an error, never a silent CPU fallback (a run sized for a GPU
+    would take hours on CPU). The choice is logged (logger "brightpaint") unless `log` is False
+    (per-image calls); `what` names the stage in that line."""
+    if requested not in DEVICES:
+        raise ValueError(f"device: {requested!r} is not one of {DEVICES}")
+    cuda = torch.cuda.is_available()
+    if requested == "cuda" and not cuda:
+        raise RuntimeError(
+            f"device 'cuda' was requested but torch {torch.__version__} sees no CUDA GPU "
+            f"(torch.version.cuda = {torch.version.cuda}); install a CUDA build of torch on a GPU "
+            "machine, or ask for device 'cpu' or 'auto'")
+    device = torch.device("cuda" if requested == "cuda" or (requested == "auto" and cuda) else "cpu")
+    if log:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        LOGGER.info("%s device: %s (%s; requested %r)", what, device, name, requested)
+    return device
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run a block with `threads` intra-op threads and restore the previous count: more threads than
+    the job's cores made torch runs 3-100x slower on a shared machine."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads: must be an integer >= 1, got {threads!r}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def tile_starts(length: int, tile: int, overlap: int, multiple: int = 1) -> list[int]:
+    """Start offsets of tiles of `tile` px along an axis of `length` px, neighbours overlapping by at
+    least `overlap`; the last tile ends at the image edge. With `length` and `tile` multiples of
+    `multiple`, every start is one too: the U-Net's pooling grid then lines up with the whole image's,
+    so a tile's interior equals whole-image inference."""
+    if length <= tile:
+        return [0]
+    step = max(multiple, (tile - overlap) // multiple * multiple)
+    starts = list(range(0, length - tile, step))
+    return [*starts, length - tile]
+
+
+def blend_ramp(size: int, overlap: int, at_start: bool, at_end: bool) -> np.ndarray:
+    """Blending weight along one tile axis: a raised cosine over `overlap` px from each side that
+    borders another tile (the network sees zero padding there, so it is least reliable near the
+    edge and gets almost no weight), flat 1 inside and at the image edge. The weights are smooth,
+    so tile borders leave no seams."""
+    weight = np.ones(size, dtype=np.float64)
+    overlap = min(overlap, size)
+    if overlap:
+        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap) + 0.5) / overlap)
+        if not at_start:
+            weight[:overlap] = np.minimum(weight[:overlap], ramp)
+        if not at_end:
+            weight[-overlap:] = np.minimum(weight[-overlap:], ramp[::-1])
+    return weight
+
+
+def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
+    """`image` (..., Y, X) reflect-padded at the bottom and right to a multiple of `multiple` in both
+    axes (a U-Net halves the size `depth` times)."""
+    pad_y, pad_x = (-image.shape[-2]) % multiple, (-image.shape[-1]) % multiple
+    if not (pad_y or pad_x):
+        return image
+    mode = "reflect" if min(image.shape[-2:]) > max(pad_y, pad_x) else "symmetric"
+    return np.pad(image, [(0, 0)] * (image.ndim - 2) + [(0, pad_y), (0, pad_x)], mode=mode)
+
+
+def check_tiling(tile: int, overlap: int, multiple: int) -> tuple[int, int]:
+    """`tile` and `overlap` rounded down to the network's size multiple, or a ValueError."""
+    tile, overlap = tile // multiple * multiple, overlap // multiple * multiple
+    if tile < multiple or not 0 <= overlap < tile:
+        raise ValueError(f"tile {tile} / overlap {overlap}: need tile >= {multiple} and 0 <= overlap < "
+                         "tile (after rounding down to multiples of the network's size multiple)")
+    return tile, overlap
+
+
+def _autocast(device: torch.device, amp: bool):
+    """bf16 autocast on a GPU (halves memory traffic; the networks are small and bf16 keeps the
+    float32 range); plain float32 on CPU, where bf16 convolutions are slower."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def predict_tiled(model: nn.Module, image: np.ndarray, *, tile: int = 256, overlap: int = 32,
+                  batch: int = 8, device: torch.device | str = "cpu", amp: bool = True) -> np.ndarray:
+    """A network applied to a (C, Y, X) float32 image in overlapping tiles, blended with raised-cosine
+    ramps: (C_out, Y, X) float32. Tiles of one size go through the network `batch` at a time. The
+    model must be in eval mode and on `device`; its `multiple` attribute (default 1) gives the size
+    divisor. An overlap of at least twice the network's receptive radius makes the result equal
+    whole-image inference within float tolerance."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 3 or min(image.shape) < 1:
+        raise ValueError(f"predict_tiled: need a (C, Y, X) image, got shape {image.shape}")
+    multiple = int(getattr(model, "multiple", 1))
+    tile, overlap = check_tiling(tile, overlap, multiple)
+    device = torch.device(device)
+    data = pad_to_multiple(image, multiple)
+    height, width = data.shape[-2:]
+    windows = [(y, x) for y in tile_starts(height, tile, overlap, multiple)
+               for x in tile_starts(width, tile, overlap, multiple)]
+    total = weights = None
+    memory = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    with torch.inference_mode(), _autocast(device, amp):
+        for start in range(0, len(windows), batch):
+            group = windows[start:start + batch]
+            stack = np.stack([data[:, y:y + tile, x:x + tile] for y, x in group])
+            tensor = torch.from_numpy(stack).to(device).contiguous(memory_format=memory)
+            out = model(tensor).float().cpu().numpy()
+            if total is None:
+                total = np.zeros((out.shape[1], height, width), dtype=np.float64)
+                weights = np.zeros((height, width), dtype=np.float64)
+            for (y, x), result in zip(group, out, strict=True):
+                h, w = result.shape[-2:]
+                weight = np.outer(blend_ramp(h, overlap, y == 0, y + h == height),
+                                  blend_ramp(w, overlap, x == 0, x + w == width))
+                total[:, y:y + h, x:x + w] += weight * result
+                weights[y:y + h, x:x + w] += weight
+    return (total / weights)[:, :image.shape[1], :image.shape[2]].astype(np.float32)

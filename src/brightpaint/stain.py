@@ -1,0 +1,826 @@
+"""Virtual staining: predict fluorescence channels from brightfield, trained on plates with both.
+
+Inputs. The in-focus brightfield plane of a site (from the focus table) and, with `half_width` > 0,
+the planes around it as extra channels (out-of-focus planes carry the phase contrast that shows where
+nuclei are). Every plane is illumination-corrected, then the stack is z-scored with the mean and
+standard deviation of its centre plane (per field of view: brightfield brightness varies with lamp and
+well, and carries no biology), so plane k keeps its contrast relative to focus.
+
+Targets. Each fluorescence channel, illumination-corrected (and Noise2Void-denoised where the plate
+has a denoised store), scaled per plate as (x - median) / (q99.5 - median) of the plate's training
+sites (`target_norm: plate`, default) or per field of view as (x - median) / IQR (`target_norm: fov`).
+The per-plate scale is the default because rescaling every field on its own erases intensity
+differences between wells, which are the screen's biology (a treatment that doubles DNA content must
+still double the virtual DNA), and because the IQR of a sparse fluorescence field is the camera noise,
+not the stain. Predictions are written back in the training plates' reference scale (the medians of
+their per-plate medians and spreads), recorded in the model card, so every plate's virtual channels
+share one scale.
+
+Training (`train_stain_model`). Random crops of `patch` px, augmented (flips, 90-degree rotations,
+small scale changes on input and target; intensity / contrast jitter, blur and noise on the input
+only); a masked loss so that a plate lacking a target channel still trains the others; wells split
+into training and validation (never sites of one well on both sides); early stopping on the
+validation loss, best weights kept; seeded. Architectures and losses are in `stain_models`:
+U-Net + L1 (default), UNeXt2, MS-SSIM + L1, and a conditional WGAN-GP with a PatchGAN critic.
+
+Prediction (`predict_virtual`) runs in overlapping tiles blended with raised-cosine ramps
+(`inference.predict_tiled`), in batches, with bf16 autocast and channels-last memory on a GPU.
+
+Models are a safetensors file (weights plus the card as metadata; no pickled code) and a card.json
+beside it: architecture, channels, normalisation, training plates and wells, metrics, versions and the
+weights' sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from scipy import ndimage
+
+from . import stain_models
+from .atomic import atomic_path
+from .focus import focus_window
+from .illumination import IlluminationFunction, correct_illumination
+from .inference import predict_tiled, resolve_device, torch_threads
+from .ingest import StoreLayout, read_plane, sha256_of, stored_sites, write_sites
+from .metrics import METRICS, image_metrics
+
+LOGGER = logging.getLogger("brightpaint")
+
+CODE_VERSION = "stain-1"
+FORMAT = "brightpaint-stain"
+VIRTUAL_PREFIX = "VS_"
+TARGET_NORMS = ("plate", "fov")
+SPREAD_QUANTILE = 0.995
+MIN_SPREAD = 1e-6
+
+
+class StainError(ValueError):
+    """Bad input to virtual staining: names the plate / channel / file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class StainSettings:
+    """Everything that shapes a model; recorded in its card."""
+
+    arch: str = "unet"  # stain_models.ARCHITECTURES
+    width: int = 32
+    depth: int = 3
+    loss: str = "l1"  # stain_models.LOSSES
+    gan: bool = False  # conditional WGAN-GP on top of the reconstruction loss
+    half_width: int = 1  # brightfield planes on each side of focus as extra input channels
+    target_norm: str = "plate"  # plate | fov
+    patch: int = 128
+    batch: int = 8
+    lr: float = 2e-3
+    steps_per_epoch: int = 50
+    max_epochs: int = 10
+    patience: int = 3
+    val_fraction: float = 0.2
+    max_sites: int = 256  # training sites held in memory (sampled across plates, seeded)
+    augment: bool = True
+    seed: int = 0
+    gan_l1_weight: float = 100.0
+    gan_gp_weight: float = 10.0
+    gan_adversarial: float = 0.5  # times the adaptive weight (adversarial <= reconstruction gradient)
+
+    @classmethod
+    def from_config(cls, config: dict) -> StainSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise StainError(f"stain settings: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**config).checked()
+
+    def checked(self) -> StainSettings:
+        if self.arch not in stain_models.ARCHITECTURES:
+            raise StainError(f"stain.arch: {self.arch!r} is not one of {stain_models.ARCHITECTURES}")
+        if self.loss not in stain_models.LOSSES:
+            raise StainError(f"stain.loss: {self.loss!r} is not one of {stain_models.LOSSES}")
+        if self.target_norm not in TARGET_NORMS:
+            raise StainError(f"stain.target_norm: {self.target_norm!r} is not one of {TARGET_NORMS}")
+        for name in ("width", "depth", "patch", "batch", "steps_per_epoch", "max_epochs", "patience",
+                     "max_sites"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise StainError(f"stain.{name}: must be an integer >= 1, got {value!r}")
+        if self.half_width < 0:
+            raise StainError(f"stain.half_width: must be >= 0, got {self.half_width}")
+        if not 0 < self.val_fraction < 1:
+            raise StainError(f"stain.val_fraction: must be in (0, 1), got {self.val_fraction}")
+        if self.lr <= 0:
+            raise StainError(f"stain.lr: must be > 0, got {self.lr}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a plate's images come from
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlateSource:
+    """A plate as virtual staining reads it: its store, layout, focus table, illumination functions
+    (brightfield and every fluorescence channel it has) and, optionally, a denoised store whose
+    channels replace the corrected raw ones as targets."""
+
+    plate: str
+    store: Path
+    layout: StoreLayout
+    focus: pd.DataFrame
+    brightfield: str
+    illumination: dict[str, IlluminationFunction]
+    denoised: Path | None = None
+    denoised_layout: StoreLayout | None = None
+    platemap: pd.DataFrame | None = None
+
+    def has_channel(self, channel: str) -> bool:
+        return channel in self.layout.channels
+
+    def focus_plane(self, well: str, site: int) -> int:
+        """The chosen brightfield z of a site, or a StainError if focus found none."""
+        rows = self.focus[(self.focus["well"] == well) & (self.focus["site"] == site)]
+        if rows.empty:
+            raise StainError(f"plate {self.plate} well {well} site {site}: not in the focus table")
+        plane = int(rows["plane"].iloc[0])
+        if plane < 0:
+            raise StainError(f"plate {self.plate} well {well} site {site}: no in-focus brightfield "
+                             f"plane ({rows['reason'].iloc[0]})")
+        return plane
+
+    def usable_sites(self, wells: Sequence[str] | None = None) -> list[tuple[str, int]]:
+        """Sites of the store (in `wells`) with an in-focus plane and no out-of-focus flag."""
+        ok = self.focus[(self.focus["plane"] >= 0)
+                        & ~self.focus["flag"].astype(str).str.contains("out_of_focus")]
+        good = set(zip(ok["well"], ok["site"].astype(int), strict=True))
+        return [s for s in stored_sites(self.store, wells) if s in good]
+
+
+def open_plate_source(plate_dir: str | Path, brightfield: str, *, platemap: pd.DataFrame | None = None,
+                      use_denoised: bool = True) -> PlateSource:
+    """A workflow plate folder (images.zarr, ingest/layout.json, focus.parquet, illum/<channel>.npy
+    and, when present and wanted, denoised.zarr) as a PlateSource."""
+    from .illumination import load_illumination
+
+    plate_dir = Path(plate_dir)
+    layout = StoreLayout.from_json((plate_dir / "ingest" / "layout.json").read_text())
+    illumination = {c: load_illumination(plate_dir / "illum" / f"{c}.npy") for c in layout.channels
+                    if (plate_dir / "illum" / f"{c}.npy").is_file()}
+    if brightfield not in illumination:
+        raise StainError(f"plate {layout.plate}: no illumination function for brightfield {brightfield!r} "
+                         f"in {plate_dir / 'illum'}")
+    denoised = plate_dir / "denoised.zarr"
+    use = use_denoised and denoised.is_dir()
+    return PlateSource(plate=layout.plate, store=plate_dir / "images.zarr", layout=layout,
+                       focus=pd.read_parquet(plate_dir / "focus.parquet"), brightfield=brightfield,
+                       illumination=illumination, denoised=denoised if use else None,
+                       denoised_layout=read_store_layout(denoised) if use else None, platemap=platemap)
+
+
+def brightfield_input(source: PlateSource, well: str, site: int, half_width: int) -> np.ndarray:
+    """(2 * half_width + 1, Y, X) float32: the in-focus plane and its neighbours (edge planes
+    repeated), illumination-corrected and z-scored by the centre plane."""
+    layout, channel = source.layout, source.brightfield
+    if channel not in layout.channels:
+        raise StainError(f"plate {source.plate}: no brightfield channel {channel!r} "
+                         f"(channels: {layout.channels})")
+    planes = layout.planes[channel]
+    focus = source.focus_plane(well, site)
+    window = [planes[i] for i in focus_window(planes.index(focus), len(planes), half_width)]
+    index = layout.channels.index(channel)
+    function = source.illumination[channel]
+    stack = np.stack([correct_illumination(read_plane(source.store, well, site, index, z), function)
+                      for z in window])
+    centre = stack[half_width]
+    mean, std = float(centre.mean()), float(centre.std())
+    if not np.isfinite(stack).all():
+        raise StainError(f"plate {source.plate} well {well} site {site}: brightfield has NaN or "
+                         "infinite pixels")
+    return ((stack - mean) / max(std, MIN_SPREAD)).astype(np.float32)
+
+
+def fluorescence_plane(source: PlateSource, well: str, site: int, channel: str) -> np.ndarray:
+    """A fluorescence channel of a site, illumination-corrected (from the denoised store when the
+    plate has one for this channel: its values are already corrected)."""
+    if source.denoised is not None and channel in source.denoised_layout.channels:
+        return np.asarray(read_plane(source.denoised, well, site,
+                                     source.denoised_layout.channels.index(channel), 0), np.float32)
+    if channel not in source.layout.channels:
+        raise StainError(f"plate {source.plate}: no channel {channel!r} (channels: "
+                         f"{source.layout.channels})")
+    index = source.layout.channels.index(channel)
+    z = source.layout.planes[channel][0]
+    return correct_illumination(read_plane(source.store, well, site, index, z),
+                                source.illumination[channel])
+
+
+def robust_scale(values: np.ndarray, how: str) -> tuple[float, float]:
+    """(median, spread) of intensities: spread = q99.5 - median for `plate`, IQR for `fov`."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if how == "fov":
+        q25, median, q75 = np.quantile(values, [0.25, 0.5, 0.75])
+        spread = q75 - q25
+    else:
+        median, high = np.quantile(values, [0.5, SPREAD_QUANTILE])
+        spread = high - median
+    return float(median), float(max(spread, MIN_SPREAD))
+
+
+def plate_scales(source: PlateSource, sites: Sequence[tuple[str, int]], channels: Sequence[str],
+                 how: str = "plate") -> dict[str, tuple[float, float]]:
+    """Per channel the plate's (median, spread): for `plate`, of the pooled pixels of `sites` (a
+    bounded subsample of each, so memory does not grow with the number of sites); for `fov`, the
+    median over `sites` of each field's own (median, IQR), i.e. a typical field's scale."""
+    rng = np.random.default_rng(0)
+    scales = {}
+    for channel in channels:
+        if not source.has_channel(channel):
+            continue
+        planes = (fluorescence_plane(source, w, s, channel).ravel() for w, s in sites)
+        if how == "fov":
+            pairs = np.array([robust_scale(p, "fov") for p in planes])
+            scales[channel] = (float(np.median(pairs[:, 0])), float(np.median(pairs[:, 1])))
+        else:
+            pooled = np.concatenate([rng.choice(p, min(p.size, 16384), replace=False) for p in planes])
+            scales[channel] = robust_scale(pooled, "plate")
+    return scales
+
+
+# ---------------------------------------------------------------------------------------------
+# Training data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StainSite:
+    plate: str
+    well: str
+    site: int
+    inputs: np.ndarray  # (K, Y, X) float32, normalised brightfield planes
+    targets: np.ndarray  # (C, Y, X) float32, normalised fluorescence (zeros where absent)
+    mask: np.ndarray  # (C,) float32: 1 where the plate has the channel
+
+
+def load_site(source: PlateSource, well: str, site: int, targets: Sequence[str], half_width: int,
+              target_norm: str, scales: dict[str, tuple[float, float]]) -> StainSite:
+    inputs = brightfield_input(source, well, site, half_width)
+    planes, mask = [], []
+    for channel in targets:
+        if not source.has_channel(channel):
+            planes.append(np.zeros(inputs.shape[1:], np.float32))
+            mask.append(0.0)
+            continue
+        plane = fluorescence_plane(source, well, site, channel)
+        median, spread = robust_scale(plane, "fov") if target_norm == "fov" else scales[channel]
+        planes.append(((plane - median) / spread).astype(np.float32))
+        mask.append(1.0)
+    return StainSite(source.plate, well, int(site), inputs, np.stack(planes), np.asarray(mask, np.float32))
+
+
+def select_wells(source: PlateSource, query: str | None) -> list[str]:
+    """Wells of the plate whose plate-map row satisfies `query` (a pandas query on the plate map's
+    columns, e.g. "control_type != 'poscon'"); every stored well when the query is empty."""
+    wells = sorted({w for w, _ in stored_sites(source.store)})
+    if not query:
+        return wells
+    if source.platemap is None:
+        raise StainError(f"plate {source.plate}: a well filter ({query!r}) needs the plate map")
+    try:
+        chosen = set(source.platemap.query(query)["well"])
+    except Exception as err:  # pandas raises many kinds for a bad expression
+        raise StainError(f"stain.train_wells: cannot apply {query!r} to plate {source.plate}'s plate "
+                         f"map (columns {list(source.platemap.columns)}): {err}") from err
+    return [w for w in wells if w in chosen]
+
+
+def split_wells(wells: Sequence[str], val_fraction: float, seed: int, plate: str
+                ) -> tuple[list[str], list[str]]:
+    """(training wells, validation wells): a seeded draw of round(val_fraction * n) wells (at least
+    one when the plate has two or more) go to validation; a site never sits on both sides."""
+    wells = sorted(wells)
+    n_val = max(1, round(val_fraction * len(wells))) if len(wells) >= 2 else 0
+    seed_key = [seed, *plate.encode()]
+    order = np.random.default_rng(seed_key).permutation(len(wells))
+    val = sorted(wells[i] for i in order[:n_val])
+    return [w for w in wells if w not in val], val
+
+
+@dataclass
+class TrainingSet:
+    train: list[StainSite]
+    validation: list[StainSite]
+    wells: dict[str, dict[str, list[str]]]  # plate -> {"train": [...], "validation": [...]}
+    scales: dict[str, dict[str, tuple[float, float]]]  # plate -> channel -> (median, spread)
+
+    def reference_scales(self, targets: Sequence[str]) -> dict[str, tuple[float, float]]:
+        """Per target channel, the median over training plates of their (median, spread)."""
+        out = {}
+        for channel in targets:
+            pairs = [s[channel] for s in self.scales.values() if channel in s]
+            if pairs:
+                out[channel] = (float(np.median([p[0] for p in pairs])),
+                                float(np.median([p[1] for p in pairs])))
+        return out
+
+
+def _sample(rng: np.random.Generator, items: list, limit: int) -> list:
+    if len(items) <= limit:
+        return items
+    return [items[i] for i in sorted(rng.choice(len(items), limit, replace=False))]
+
+
+def build_training_set(sources: Sequence[PlateSource], targets: Sequence[str],
+                       settings: StainSettings, well_query: str | None = None) -> TrainingSet:
+    """Split every training plate's wells, sample at most `max_sites` training sites (and a quarter
+    of that for validation) across plates, and load them normalised."""
+    if not sources:
+        raise StainError("virtual staining: no training plates (no plate of the screen has role "
+                         "train or both, or the filters left none)")
+    if not targets:
+        raise StainError("virtual staining: no target channels")
+    for channel in targets:
+        if not any(s.has_channel(channel) for s in sources):
+            raise StainError(f"virtual staining: target channel {channel!r} is on no training plate "
+                             f"({', '.join(s.plate for s in sources)})")
+    rng = np.random.default_rng(settings.seed)
+    candidates: dict[str, list] = {"train": [], "validation": []}
+    wells, scales = {}, {}
+    for source in sources:
+        chosen = select_wells(source, well_query)
+        if not chosen:
+            raise StainError(f"plate {source.plate}: no wells left for training (filter {well_query!r})")
+        train_wells, val_wells = split_wells(chosen, settings.val_fraction, settings.seed, source.plate)
+        wells[source.plate] = {"train": train_wells, "validation": val_wells}
+        for side, side_wells in (("train", train_wells), ("validation", val_wells)):
+            candidates[side] += [(source, w, s) for w, s in source.usable_sites(side_wells)]
+    picked = {"train": _sample(rng, candidates["train"], settings.max_sites),
+              "validation": _sample(rng, candidates["validation"], max(4, settings.max_sites // 4))}
+    if not picked["train"] or not picked["validation"]:
+        raise StainError("virtual staining: need usable sites in both training and validation wells; "
+                         f"got {len(picked['train'])} and {len(picked['validation'])}")
+    for source in sources:
+        own = [(w, s) for src, w, s in picked["train"] if src is source]
+        scales[source.plate] = plate_scales(source, own or source.usable_sites()[:8], targets,
+                                            settings.target_norm)
+    loaded = {side: [load_site(src, w, s, targets, settings.half_width, settings.target_norm,
+                               scales[src.plate]) for src, w, s in items]
+              for side, items in picked.items()}
+    return TrainingSet(loaded["train"], loaded["validation"], wells, scales)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation and batches
+# ---------------------------------------------------------------------------------------------
+
+
+def random_crop(rng: np.random.Generator, site: StainSite, patch: int, augment: bool
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """A `patch` x `patch` crop of a site's inputs and targets; with `augment`, a random scale change
+    of 0.8-1.25 (both, bilinear) first, then flips and 90-degree rotations (both), then intensity /
+    contrast jitter, blur and noise (input only: the target is what the microscope would record)."""
+    height, width = site.inputs.shape[-2:]
+    scale = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25)))) if augment and rng.random() < 0.5 else 1.0
+    size = min(height, width, max(8, round(patch / scale)))
+    y, x = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
+    inputs = site.inputs[:, y:y + size, x:x + size]
+    targets = site.targets[:, y:y + size, x:x + size]
+    if size != patch:
+        zoom = (1, patch / size, patch / size)
+        inputs = ndimage.zoom(inputs, zoom, order=1, grid_mode=True, mode="nearest")
+        targets = ndimage.zoom(targets, zoom, order=1, grid_mode=True, mode="nearest")
+    if not augment:
+        return np.ascontiguousarray(inputs), np.ascontiguousarray(targets)
+    k = int(rng.integers(4))
+    inputs, targets = np.rot90(inputs, k, axes=(1, 2)), np.rot90(targets, k, axes=(1, 2))
+    if rng.random() < 0.5:
+        inputs, targets = inputs[:, :, ::-1], targets[:, :, ::-1]
+    inputs = inputs * np.float32(rng.uniform(0.8, 1.25)) + np.float32(rng.normal(0, 0.1))
+    if rng.random() < 0.3:
+        inputs = ndimage.gaussian_filter(inputs, (0, *[rng.uniform(0.3, 1.0)] * 2))
+    if rng.random() < 0.3:
+        inputs = inputs + rng.normal(0, rng.uniform(0.01, 0.1), inputs.shape)
+    return (np.ascontiguousarray(inputs, dtype=np.float32),
+            np.ascontiguousarray(targets, dtype=np.float32))
+
+
+def training_batch(rng: np.random.Generator, sites: Sequence[StainSite], batch: int, patch: int,
+                   augment: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    chosen = [sites[i] for i in rng.integers(0, len(sites), batch)]
+    crops = [random_crop(rng, site, patch, augment) for site in chosen]
+    return (torch.from_numpy(np.stack([c[0] for c in crops])),
+            torch.from_numpy(np.stack([c[1] for c in crops])),
+            torch.from_numpy(np.stack([site.mask for site in chosen])))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def validation_scores(generator: torch.nn.Module, sites: Sequence[StainSite], targets: Sequence[str],
+                      device: torch.device, tile: int = 512) -> dict[str, float]:
+    """Masked L1 (normalised units) and per-channel PCC over whole validation sites."""
+    generator.eval()
+    losses, pccs = [], {c: [] for c in targets}
+    for site in sites:
+        prediction = predict_tiled(generator, site.inputs, tile=tile, overlap=96, device=device)
+        for c, channel in enumerate(targets):
+            if site.mask[c]:
+                losses.append(float(np.mean(np.abs(prediction[c] - site.targets[c]))))
+                pccs[channel].append(float(np.corrcoef(prediction[c].ravel(), site.targets[c].ravel())[0, 1]))
+    generator.train()
+    return {"val_l1": float(np.mean(losses)),
+            **{f"val_pcc_{c}": float(np.nanmean(v)) for c, v in pccs.items() if v}}
+
+
+def train_stain_model(data: TrainingSet, targets: Sequence[str], settings: StainSettings, *,
+                      device: str = "cpu", threads: int = 2) -> tuple[torch.nn.Module, pd.DataFrame]:
+    """Train a generator on `data`; returns it (eval mode, CPU, best validation epoch's weights) and
+    the history (one row per epoch: train loss, validation L1 and per-channel PCC, seconds)."""
+    if settings.patch > min(data.train[0].inputs.shape[-2:]):
+        raise StainError(f"stain.patch {settings.patch} is larger than the sites "
+                         f"({data.train[0].inputs.shape[-2:]})")
+    target = resolve_device(device, what="virtual staining")
+    n_inputs, n_outputs = data.train[0].inputs.shape[0], len(targets)
+    rng = np.random.default_rng(settings.seed)
+    reconstruction = stain_models.reconstruction_loss(settings.loss)
+    history, best, best_loss, stale = [], None, math.inf, 0
+    with torch_threads(threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        generator = stain_models.build_generator(settings.arch, n_inputs, n_outputs, width=settings.width,
+                                                 depth=settings.depth, seed=settings.seed).to(target)
+        if settings.patch % generator.multiple:
+            raise StainError(f"stain.patch {settings.patch} must be a multiple of {generator.multiple} "
+                             f"for {settings.arch} of depth {settings.depth}")
+        betas = (0.5, 0.9) if settings.gan else (0.9, 0.999)
+        optimiser = torch.optim.Adam(generator.parameters(), lr=settings.lr, betas=betas)
+        critic = critic_optimiser = None
+        if settings.gan:
+            critic = stain_models.build_critic(n_inputs + n_outputs, width=settings.width,
+                                               seed=settings.seed).to(target)
+            critic_optimiser = torch.optim.Adam(critic.parameters(), lr=settings.lr, betas=betas)
+        generator.train()
+        for epoch in range(settings.max_epochs):
+            start, losses = time.perf_counter(), []
+            for _ in range(settings.steps_per_epoch):
+                x, y, mask = (t.to(target) for t in training_batch(rng, data.train, settings.batch,
+                                                                    settings.patch, settings.augment))
+                if settings.gan:
+                    loss = _gan_step(generator, critic, optimiser, critic_optimiser, x, y, mask,
+                                     reconstruction, settings)
+                else:
+                    optimiser.zero_grad(set_to_none=True)
+                    loss = reconstruction(generator(x), y, mask)
+                    loss.backward()
+                    optimiser.step()
+                    loss = float(loss)
+                losses.append(loss)
+            scores = validation_scores(generator, data.validation, targets, target)
+            history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **scores,
+                            "seconds": time.perf_counter() - start})
+            LOGGER.info("virtual staining epoch %d: train %.4f, validation L1 %.4f", epoch + 1,
+                        history[-1]["train_loss"], scores["val_l1"])
+            if scores["val_l1"] < best_loss:
+                best_loss, stale = scores["val_l1"], 0
+                best = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
+            else:
+                stale += 1
+                if stale >= settings.patience:
+                    LOGGER.info("early stop after epoch %d (no validation gain for %d epochs)", epoch + 1,
+                                stale)
+                    break
+        generator.load_state_dict(best)
+    table = pd.DataFrame(history)
+    table["best"] = table["val_l1"] == table["val_l1"].min()
+    return generator.cpu().eval(), table
+
+
+def _gan_step(generator, critic, optimiser, critic_optimiser, x, y, mask, reconstruction,
+              settings: StainSettings) -> float:
+    """One conditional WGAN-GP step: the critic (on [brightfield, fluorescence] pairs, missing target
+    channels zeroed in both) with gradient penalty, then the generator with weighted L1 plus an
+    adversarial term whose weight adapts so its gradient never exceeds the reconstruction's."""
+    channel_mask = mask[:, :, None, None]
+    fake = generator(x)
+    real_pair = torch.cat([x, y * channel_mask], 1)
+    fake_pair = torch.cat([x, fake.detach() * channel_mask], 1)
+    critic_optimiser.zero_grad(set_to_none=True)
+    critic_loss = (critic(fake_pair).mean() - critic(real_pair).mean()
+                   + settings.gan_gp_weight * stain_models.gradient_penalty(critic, real_pair, fake_pair))
+    critic_loss.backward()
+    critic_optimiser.step()
+    optimiser.zero_grad(set_to_none=True)
+    rec = settings.gan_l1_weight * reconstruction(fake, y, mask)
+    adversarial = -critic(torch.cat([x, fake * channel_mask], 1)).mean()
+    weight = stain_models.adaptive_adversarial_weight(rec, adversarial, generator.last_layer)
+    loss = rec + settings.gan_adversarial * weight * adversarial
+    loss.backward()
+    optimiser.step()
+    return float(rec) / settings.gan_l1_weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Model files
+# ---------------------------------------------------------------------------------------------
+
+
+def save_stain_model(generator: torch.nn.Module, card: dict, path: str | Path) -> dict:
+    """Write the weights (safetensors, with the card as metadata) to `path` and the card, with the
+    weights' sha256, to card.json beside it; both appear only when complete. Returns the card."""
+    path = Path(path)
+    card = {**card, "format": FORMAT, "code_version": CODE_VERSION, "torch_version": torch.__version__,
+            "architecture": dict(generator.config)}
+    text = json.dumps(card, sort_keys=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+    with atomic_path(path) as partial:
+        save_file(state, str(partial), metadata={"format": FORMAT, "card": text})
+    card = {**json.loads(text), "sha256": sha256_of(path), "file": path.name}
+    with atomic_path(card_path(path)) as partial:
+        partial.write_text(json.dumps(card, indent=2, sort_keys=True))
+    return card
+
+
+def card_path(weights: str | Path) -> Path:
+    return Path(weights).with_name("card.json")
+
+
+def load_stain_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The generator (eval mode, CPU) and card of a model file written by `save_stain_model`, or a
+    StainError naming the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise StainError(f"virtual-staining model {path}: file not found")
+    try:
+        state = load_file(str(path))
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise StainError(f"virtual-staining model {path}: unreadable or corrupted ({err})") from err
+    if metadata.get("format") != FORMAT or "card" not in metadata:
+        raise StainError(f"virtual-staining model {path}: not a brightpaint virtual-staining model "
+                         "(no card in its metadata)")
+    card = json.loads(metadata["card"])
+    generator = stain_models.build_generator(**card["architecture"])
+    try:
+        generator.load_state_dict(state)
+    except RuntimeError as err:
+        raise StainError(f"virtual-staining model {path}: weights do not match its architecture "
+                         f"{card['architecture']} ({str(err).splitlines()[0]})") from err
+    return generator.eval(), {**card, "sha256": sha256_of(path), "file": path.name}
+
+
+def load_card(weights: str | Path) -> dict:
+    """The card.json beside a model file, checked against the file (a card left from another
+    training run is an error, not a silent mismatch)."""
+    weights, path = Path(weights), card_path(weights)
+    if not path.is_file():
+        raise StainError(f"virtual-staining model {weights}: no card.json beside it")
+    card = json.loads(path.read_text())
+    if card.get("sha256") != sha256_of(weights):
+        raise StainError(f"virtual-staining model {weights}: card.json does not describe this file "
+                         "(sha256 differs)")
+    return card
+
+
+def model_card(settings: StainSettings, data: TrainingSet, targets: Sequence[str], brightfield: str,
+               history: pd.DataFrame, plates: Sequence[dict], well_query: str | None) -> dict:
+    best = history[history["best"]].iloc[0]
+    return {
+        "targets": list(targets), "virtual_channels": [VIRTUAL_PREFIX + c for c in targets],
+        "inputs": {"channel": brightfield, "half_width": settings.half_width,
+                   "planes": [f"focus{k:+d}" if k else "focus"
+                              for k in range(-settings.half_width, settings.half_width + 1)],
+                   "normalisation": "illumination-corrected; z-score by the centre plane's mean/std"},
+        "target_normalisation": {
+            "method": settings.target_norm,
+            "description": ("(x - plate median) / (plate q99.5 - median)" if settings.target_norm == "plate"
+                            else "(x - field median) / field IQR"),
+            "reference": {c: {"median": m, "spread": s}
+                          for c, (m, s) in data.reference_scales(targets).items()},
+            "plates": {p: {c: {"median": m, "spread": s} for c, (m, s) in sc.items()}
+                       for p, sc in data.scales.items()}},
+        "settings": asdict(settings), "training_plates": list(plates), "well_filter": well_query or "",
+        "wells": data.wells, "n_sites": {"train": len(data.train), "validation": len(data.validation)},
+        "metrics": {k: float(v) for k, v in best.items() if k.startswith("val_")}
+        | {"best_epoch": int(best["epoch"]), "epochs_run": int(len(history))},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+# ---------------------------------------------------------------------------------------------
+
+
+def check_inputs(card: dict, inputs: np.ndarray, where: str) -> None:
+    expected = card["architecture"]["in_channels"]
+    if inputs.ndim != 3 or inputs.shape[0] != expected:
+        raise StainError(f"{where}: the model expects {expected} brightfield plane(s) "
+                         f"(half_width {card['inputs']['half_width']}), got input of shape {inputs.shape}")
+
+
+def predict_normalised(generator: torch.nn.Module, card: dict, inputs: np.ndarray, *, tile: int = 512,
+                       overlap: int = 96, batch: int = 8, device: torch.device | str = "cpu",
+                       amp: bool = True) -> np.ndarray:
+    """(C, Y, X) prediction in normalised target units for normalised brightfield `inputs`."""
+    check_inputs(card, inputs, "predict")
+    return predict_tiled(generator, inputs, tile=tile, overlap=overlap, batch=batch, device=device, amp=amp)
+
+
+def denormalise(prediction: np.ndarray, card: dict) -> dict[str, np.ndarray]:
+    """Virtual channels (VS_<target>) in the training plates' reference intensity scale."""
+    reference = card["target_normalisation"]["reference"]
+    return {VIRTUAL_PREFIX + c: (prediction[i] * np.float32(reference[c]["spread"])
+                                 + np.float32(reference[c]["median"])).astype(np.float32)
+            for i, c in enumerate(card["targets"])}
+
+
+def predict_virtual(generator: torch.nn.Module, card: dict, source: PlateSource, well: str, site: int,
+                    **tiling) -> dict[str, np.ndarray]:
+    """The virtual channels of one site of a plate, in the reference intensity scale."""
+    inputs = brightfield_input(source, well, site, card["inputs"]["half_width"])
+    return denormalise(predict_normalised(generator, card, inputs, **tiling), card)
+
+
+def virtual_layout(layout: StoreLayout, channels: Sequence[str]) -> StoreLayout:
+    """Layout of a plate's virtual.zarr: float32 single planes of the virtual channels, each with
+    the role (nuclei, cell, ...) of the channel it stands for."""
+    return StoreLayout(plate=layout.plate, channels=list(channels), planes={c: [0] for c in channels},
+                       n_z=1, shape=layout.shape, dtype="float32",
+                       source_dtypes={c: "float32" for c in channels},
+                       roles={c: layout.roles.get(c.removeprefix(VIRTUAL_PREFIX), "virtual")
+                              for c in channels})
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation (level 1: pixels)
+# ---------------------------------------------------------------------------------------------
+
+
+def site_split(card: dict, plate: str, well: str) -> str:
+    """Where a well stood in a model's training: train, validation or unseen."""
+    wells = card.get("wells", {}).get(plate, {})
+    for side in ("train", "validation"):
+        if well in wells.get(side, []):
+            return side
+    return "unseen"
+
+
+def evaluate_site(real: dict[str, np.ndarray], virtual: dict[str, np.ndarray],
+                  scales: dict[str, tuple[float, float]], reference: dict) -> list[dict]:
+    """Metrics per channel of one site, both images in normalised units: the real channel by its
+    plate's (median, spread), the virtual one by the model's reference scale (the scale it was
+    written in). PSNR / SSIM / NRMSE / N-MAE are relative to the real image's robust range."""
+    rows = []
+    for channel, image in real.items():
+        median, spread = scales[channel]
+        ref = reference[channel]
+        predicted = (virtual[VIRTUAL_PREFIX + channel] - ref["median"]) / ref["spread"]
+        rows.append({"channel": channel, **image_metrics((image - median) / spread, predicted)})
+    return rows
+
+
+def read_store_layout(store: str | Path) -> StoreLayout:
+    """The layout recorded in an assembled store's `brightpaint` attributes."""
+    attrs = zarr.open_group(str(store), mode="r").attrs["brightpaint"]
+    return StoreLayout.from_json(json.dumps(attrs["layout"]))
+
+
+def cards_by_target(cards: Sequence[dict]) -> dict[str, dict]:
+    """Target channel -> the card of the model that predicts it; a StainError if two models do."""
+    out: dict[str, dict] = {}
+    for card in cards:
+        for channel in card["targets"]:
+            if channel in out:
+                raise StainError(f"two virtual-staining models predict {channel}: {out[channel]['file']} "
+                                 f"and {card['file']}")
+            out[channel] = card
+    return out
+
+
+def evaluate_plate(source: PlateSource, virtual_store: str | Path, cards: Sequence[dict],
+                   max_sites: int = 64) -> pd.DataFrame:
+    """Level-1 metrics per site and channel for a plate with real stains: plate, well, site, split
+    (train / validation / unseen by the model), channel, pcc, ssim, psnr, nrmse, nmae."""
+    layout = read_store_layout(virtual_store)
+    by_target = cards_by_target(cards)
+    channels = [c for c in by_target if source.has_channel(c) and VIRTUAL_PREFIX + c in layout.channels]
+    if not channels:
+        raise StainError(f"plate {source.plate}: no target channel has both a real and a virtual image")
+    sites = source.usable_sites()
+    scales = plate_scales(source, _sample(np.random.default_rng(0), sites, max_sites), channels, "plate")
+    rows = []
+    for well, site in sites:
+        for channel in channels:
+            card = by_target[channel]
+            real = fluorescence_plane(source, well, site, channel)
+            virtual = np.asarray(read_plane(virtual_store, well, site,
+                                            layout.channels.index(VIRTUAL_PREFIX + channel), 0))
+            fov = card["target_normalisation"]["method"] == "fov"
+            scale = robust_scale(real, "fov") if fov else scales[channel]
+            row = evaluate_site({channel: real}, {VIRTUAL_PREFIX + channel: virtual}, {channel: scale},
+                                card["target_normalisation"]["reference"])[0]
+            rows.append({"plate": source.plate, "well": well, "site": int(site),
+                         "split": site_split(card, source.plate, well), **row})
+    return pd.DataFrame(rows, columns=["plate", "well", "site", "split", "channel", *METRICS])
+
+
+# ---------------------------------------------------------------------------------------------
+# A shard of a plate, end to end
+# ---------------------------------------------------------------------------------------------
+
+
+def predict_sites(source: PlateSource, sites: Sequence[tuple[str, int]],
+                  models: Sequence[tuple[torch.nn.Module, dict]], out: str | Path, *,
+                  device: torch.device | str = "cpu", tile: int = 512, overlap: int = 96, batch: int = 8,
+                  io_threads: int = 2) -> pd.DataFrame:
+    """Write the virtual channels of `sites` into a shard store at `out` (float32, one plane each, in
+    the reference scale). Sites are read and written by `io_threads` workers, so reading the next
+    site overlaps the network on the current one (torch releases the GIL). A site without an
+    in-focus plane keeps zeros and gets status `no_focus` with the reason. Returns one row per site:
+    well, site, status, reason, seconds."""
+    device = torch.device(device)
+    channels = [VIRTUAL_PREFIX + c for _, card in models for c in card["targets"]]
+    layout = virtual_layout(source.layout, channels)
+    for generator, _ in models:
+        generator.to(device).eval()
+        if device.type == "cuda":
+            generator.to(memory_format=torch.channels_last)
+
+    def fill(array, well, site):
+        start = time.perf_counter()
+        try:
+            inputs = {}
+            for _, card in models:
+                half = card["inputs"]["half_width"]
+                if half not in inputs:
+                    inputs[half] = brightfield_input(source, well, site, half)
+        except StainError as err:
+            return [{"well": well, "site": int(site), "status": "no_focus", "reason": str(err),
+                     "seconds": time.perf_counter() - start}], {c: (0.0, 0.0) for c in channels}
+        ranges = {}
+        for generator, card in models:
+            predicted = denormalise(predict_normalised(generator, card, inputs[card["inputs"]["half_width"]],
+                                                       tile=tile, overlap=overlap, batch=batch,
+                                                       device=device), card)
+            for name, image in predicted.items():
+                array[0, channels.index(name), 0] = image
+                ranges[name] = (float(np.percentile(image, 0.1)), float(np.percentile(image, 99.9)))
+        return [{"well": well, "site": int(site), "status": "ok", "reason": "",
+                 "seconds": time.perf_counter() - start}], ranges
+
+    rows = write_sites(out, list(sites), layout, fill, io_threads)
+    return pd.DataFrame(rows, columns=["well", "site", "status", "reason", "seconds"])
+
+
+def examples_figure(source: PlateSource, virtual_store: str | Path, metrics: pd.DataFrame,
+                    path: str | Path, n_sites: int = 3) -> None:
+    """PNG: for a few sites (validation or unseen wells first, median PCC), brightfield in focus |
+    real | virtual for every evaluated channel, each pair on one contrast (real's 0.5-99.5 %)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layout = read_store_layout(virtual_store)
+    channels = list(dict.fromkeys(metrics["channel"]))
+    held = metrics[metrics["split"] != "train"]
+    pool = held if not held.empty else metrics
+    per_site = pool.groupby(["well", "site"])["pcc"].mean().sort_values()
+    picks = list(per_site.index[np.linspace(0, len(per_site) - 1, min(n_sites, len(per_site))).astype(int)])
+    columns = 1 + 2 * len(channels)
+    fig, axes = plt.subplots(len(picks), columns, figsize=(2.2 * columns, 2.3 * len(picks)), squeeze=False)
+    for r, (well, site) in enumerate(picks):
+        bf = brightfield_input(source, well, site, 0)[0]
+        axes[r, 0].imshow(bf, cmap="gray", vmin=np.percentile(bf, 0.5), vmax=np.percentile(bf, 99.5))
+        axes[r, 0].set_title(f"{well} s{site} BF", fontsize=8)
+        for k, channel in enumerate(channels):
+            real = fluorescence_plane(source, well, site, channel)
+            virtual = np.asarray(read_plane(virtual_store, well, site,
+                                            layout.channels.index(VIRTUAL_PREFIX + channel), 0))
+            row = metrics[(metrics["well"] == well) & (metrics["site"] == site)
+                          & (metrics["channel"] == channel)]
+            real_range = np.percentile(real, [0.5, 99.5])
+            virtual_range = np.percentile(virtual, [0.5, 99.5])
+            axes[r, 1 + 2 * k].imshow(real, cmap="magma", vmin=real_range[0], vmax=real_range[1])
+            axes[r, 1 + 2 * k].set_title(f"{channel} real", fontsize=8)
+            axes[r, 2 + 2 * k].imshow(virtual, cmap="magma", vmin=virtual_range[0], vmax=virtual_range[1])
+            pcc = float(row["pcc"].iloc[0]) if not row.empty else float("nan")
+            axes[r, 2 + 2 * k].set_title(f"{VIRTUAL_PREFIX}{channel} (PCC {pcc:.2f})", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.suptitle(f"plate {source.plate}: brightfield | real | virtual", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, format="png")
+    plt.close(fig)

@@ -1,0 +1,361 @@
+"""Virtual staining (brightpaint.stain): accuracy on the demo's held-out wells and on real brightfield /
+DAPI, seamless tiled prediction, model files and cards, training options, and bad inputs.
+
+The demo accuracy tests read the default workflow run of the demo screen (fixture `demo_run` in
+conftest.py: `snakemake` with the default config, as `make demo` runs it)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+from conftest import shared_data
+from scipy import ndimage
+
+from brightpaint import stain_models
+from brightpaint.inference import predict_tiled
+from brightpaint.ingest import read_plane
+from brightpaint.metrics import image_metrics, pearson
+from brightpaint.stain import (
+    VIRTUAL_PREFIX,
+    StainError,
+    StainSettings,
+    StainSite,
+    TrainingSet,
+    build_training_set,
+    evaluate_plate,
+    fluorescence_plane,
+    load_card,
+    load_stain_model,
+    open_plate_source,
+    predict_normalised,
+    random_crop,
+    read_store_layout,
+    save_stain_model,
+    split_wells,
+    train_stain_model,
+)
+
+HELD_OUT = ("validation",)
+
+
+# ---------------------------------------------------------------------------------------------
+# The default model on the demo screen
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run) -> Path:
+    return demo_run / "results"
+
+
+def test_default_model_meets_the_accuracy_bar_on_held_out_wells(demo):
+    metrics = pd.concat([pd.read_parquet(p) for p in sorted(demo.glob("plates/*/stain/metrics.parquet"))])
+    held = metrics[metrics["split"].isin(HELD_OUT)]
+    assert len(held["plate"].unique()) == 3  # every plate with real stains has validation wells
+    dna = held[held["channel"] == "DNA"]
+    assert len(dna) >= 12
+    assert dna["pcc"].mean() >= 0.85, dna.groupby("plate")["pcc"].mean()
+    assert dna["ssim"].mean() >= 0.7, dna.groupby("plate")["ssim"].mean()
+    card = load_card(demo / "models" / "stain" / "all" / "model.safetensors")
+    assert card["metrics"]["val_pcc_DNA"] >= 0.85
+    assert card["architecture"]["arch"] == "unet" and card["targets"] == ["DNA", "CYTO", "DAMAGE"]
+
+
+def test_virtual_dna_on_the_apply_plate_matches_the_generators_truth(demo):
+    """P4 has brightfield only (no real stain to compare with in the workflow); the demo's truth has
+    its clean DNA, so the virtual stain can be checked on a plate no model ever saw."""
+    truth = demo / "demo" / "screen" / "truth" / "P4"
+    sites = pd.read_csv(truth / "sites.csv")
+    store = demo / "plates" / "P4" / "virtual.zarr"
+    layout = read_store_layout(store)
+    assert layout.channels == ["VS_DNA", "VS_CYTO", "VS_DAMAGE"]
+    pccs = []
+    for row in sites.itertuples():
+        virtual = read_plane(store, row.well, row.site, layout.channels.index("VS_DNA"), 0)
+        clean = tifffile.imread(truth / "clean" / f"{row.well}_s{row.site}_DNA.tif")
+        pccs.append(pearson(clean, virtual))
+    assert np.mean(pccs) >= 0.8, np.mean(pccs)
+
+
+def test_metrics_table_equals_metrics_recomputed_from_the_stores(demo):
+    plate = demo / "plates" / "P3"
+    table = pd.read_parquet(plate / "stain" / "metrics.parquet")
+    card = load_card(demo / "models" / "stain" / "all" / "model.safetensors")
+    source = open_plate_source(plate, "BF")
+    row = table[(table["channel"] == "DNA") & (table["split"] == "validation")].iloc[0]
+    real = fluorescence_plane(source, row.well, int(row.site), "DNA")
+    layout = read_store_layout(plate / "virtual.zarr")
+    virtual = read_plane(plate / "virtual.zarr", row.well, int(row.site), layout.channels.index("VS_DNA"), 0)
+    # both sides in normalised units: pixel correlation does not depend on the scale
+    assert row.pcc == pytest.approx(pearson(real, virtual), abs=1e-6)
+    plate_scale = card["target_normalisation"]["plates"]["P3"]["DNA"]
+    assert plate_scale["spread"] > 0
+    assert set(table["split"]) <= {"train", "validation", "unseen"}
+    assert (plate / "stain" / "examples.png").stat().st_size > 10_000
+    assert pd.read_csv(plate / "stain" / "sites.csv")["status"].eq("ok").all()
+
+
+def test_tiled_prediction_of_a_site_equals_whole_image_inference(demo):
+    generator, card = load_stain_model(demo / "models" / "stain" / "all" / "model.safetensors")
+    source = open_plate_source(demo / "plates" / "P1", "BF")
+    from brightpaint.stain import brightfield_input
+
+    inputs = brightfield_input(source, "A01", 1, card["inputs"]["half_width"])
+    whole = predict_normalised(generator, card, inputs, tile=256, overlap=0)
+    tiled = predict_normalised(generator, card, inputs, tile=128, overlap=96, batch=3)
+    scale = float(np.abs(whole).max())
+    assert np.abs(tiled - whole).max() <= 2e-3 * scale
+    # no seam: the error along the tile borders is no larger than anywhere else
+    error = np.abs(tiled - whole).mean(axis=0)
+    assert error[:, 120:136].mean() <= 3 * error.mean() + 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Real brightfield -> DAPI (sephace: two fields, brightfield at focus -10 / 0 / +10 um)
+# ---------------------------------------------------------------------------------------------
+
+
+def sephace_site(folder: Path, field: str) -> StainSite:
+    planes = sorted((folder / "tiff").glob(f"{field}_fine_*.tif"), key=lambda p: float(p.stem.split("-Z")[1]))
+    stack = np.stack([tifffile.imread(p).astype(np.float32) for p in planes])[:, :1024, :1344]
+    centre = stack[1]
+    inputs = (stack - centre.mean()) / centre.std()
+    dapi = tifffile.imread(folder / "tiff" / f"{field}_fl.tif").astype(np.float32)[:1024, :1344]
+    median, high = np.quantile(dapi, [0.5, 0.995])
+    # 1344 x 1024 at 40x: halve it, so that a 128 px patch holds whole nuclei (as at 20x)
+    zoom = (1, 0.5, 0.5)
+    return StainSite(field, "A01", 1, ndimage.zoom(inputs, zoom, order=1),
+                     ndimage.zoom(((dapi - median) / (high - median))[None], zoom, order=1),
+                     np.ones(1, np.float32))
+
+
+def test_real_brightfield_to_dapi_beats_trivial_baselines():
+    folder = shared_data("sephace-bf-zstack-dapi")
+    train, test = sephace_site(folder, "Set1"), sephace_site(folder, "Set2")
+    settings = StainSettings(width=16, depth=3, patch=128, batch=8, steps_per_epoch=40, max_epochs=6,
+                             patience=6, lr=2e-3)
+    # validation: the training field's own right third (early stopping never sees the test field)
+    cut = train.inputs.shape[-1] * 2 // 3 // 8 * 8
+    left = StainSite("Set1", "A01", 1, train.inputs[..., :cut], train.targets[..., :cut], train.mask)
+    right = StainSite("Set1", "A02", 1, train.inputs[..., cut:], train.targets[..., cut:], train.mask)
+    data = TrainingSet([left], [right], {}, {})
+    generator, history = train_stain_model(data, ["DAPI"], settings, threads=2)
+    card = {"architecture": generator.config, "inputs": {"half_width": 1}}
+    predicted = predict_normalised(generator, card, test.inputs, tile=256, overlap=96)[0]
+    real = test.targets[0]
+    vs = pearson(real, predicted)
+    centre = test.inputs[1]
+    baselines = {"brightfield": abs(pearson(real, centre)),
+                 "smoothed brightfield": abs(pearson(real, ndimage.gaussian_filter(centre, 3))),
+                 "defocus difference": abs(pearson(real, test.inputs[2] - test.inputs[0])),
+                 "local contrast": abs(pearson(real, ndimage.gaussian_filter(np.abs(centre), 3)))}
+    logging.getLogger("brightpaint").info("sephace Set2 DAPI PCC: virtual %.3f, baselines %s", vs, baselines)
+    print(f"sephace Set2 DAPI PCC: virtual {vs:.3f}; baselines {baselines}")
+    assert vs >= max(baselines.values()) + 0.1, (vs, baselines)
+    assert vs >= 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Training pieces on small arrays
+# ---------------------------------------------------------------------------------------------
+
+
+def blob_site(rng: np.random.Generator, plate: str, well: str, size: int = 64, channels: int = 2,
+              mask: tuple = (1.0, 1.0)) -> StainSite:
+    """Brightfield-like input (dark rims around blobs, 3 planes) and fluorescence-like targets."""
+    blobs = np.zeros((size, size), np.float32)
+    for _ in range(6):
+        y, x = rng.integers(8, size - 8, 2)
+        blobs[y, x] = 1
+    blobs = ndimage.gaussian_filter(blobs, 3) * 50
+    edges = ndimage.laplace(blobs)
+    inputs = np.stack([edges * k for k in (-1.0, 0.3, 1.0)]) + rng.normal(0, 0.05, (3, size, size))
+    targets = np.stack([blobs, blobs ** 2][:channels]) * np.asarray(mask, np.float32)[:channels, None, None]
+    return StainSite(plate, well, 1, inputs.astype(np.float32), targets.astype(np.float32),
+                     np.asarray(mask[:channels], np.float32))
+
+
+@pytest.fixture(scope="module")
+def blob_data() -> TrainingSet:
+    rng = np.random.default_rng(1)
+    return TrainingSet([blob_site(rng, "P", f"A{i:02d}") for i in range(1, 7)],
+                       [blob_site(rng, "P", f"B{i:02d}") for i in range(1, 3)], {}, {})
+
+
+SMALL = StainSettings(width=8, depth=2, patch=32, batch=4, steps_per_epoch=4, max_epochs=2, patience=2)
+
+
+@pytest.mark.parametrize("options", [{}, {"arch": "unext2"}, {"loss": "ms_ssim_l1", "patch": 64},
+                                     {"gan": True}])
+def test_every_architecture_and_loss_trains_and_records_its_history(blob_data, options):
+    settings = StainSettings(**{**SMALL.__dict__, **options}).checked()
+    generator, history = train_stain_model(blob_data, ["A", "B"], settings, threads=1)
+    assert list(history["epoch"]) == [1, 2]
+    assert np.isfinite(history["train_loss"]).all() and np.isfinite(history["val_l1"]).all()
+    assert history["best"].sum() == 1
+    assert generator.config["arch"] == settings.arch and not generator.training
+
+
+def test_training_is_seeded(blob_data):
+    first, _ = train_stain_model(blob_data, ["A", "B"], SMALL, threads=1)
+    second, _ = train_stain_model(blob_data, ["A", "B"], SMALL, threads=1)
+    other, _ = train_stain_model(blob_data, ["A", "B"], StainSettings(**{**SMALL.__dict__, "seed": 1}),
+                                 threads=1)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, c) for a, c in zip(first.state_dict().values(),
+                                                       other.state_dict().values(), strict=True))
+
+
+def test_training_learns_and_keeps_the_best_epoch(blob_data):
+    settings = StainSettings(width=8, depth=2, patch=32, batch=8, steps_per_epoch=40, max_epochs=4,
+                             patience=4, lr=3e-3)
+    generator, history = train_stain_model(blob_data, ["A", "B"], settings, threads=1)
+    assert history["val_pcc_A"].max() >= 0.8
+    best = history[history["best"]].iloc[0]
+    assert best["val_l1"] == history["val_l1"].min()
+
+
+def test_a_missing_target_channel_is_masked_not_learned_as_zero():
+    rng = np.random.default_rng(3)
+    # every training site lacks channel B; its target is zeros with mask 0
+    train = [blob_site(rng, "P", f"A{i:02d}", mask=(1.0, 0.0)) for i in range(1, 7)]
+    validation = [blob_site(rng, "P", "B01")]
+    settings = StainSettings(width=8, depth=2, patch=32, batch=4, steps_per_epoch=10, max_epochs=1)
+    generator, history = train_stain_model(TrainingSet(train, validation, {}, {}), ["A", "B"], settings,
+                                           threads=1)
+    untrained = stain_models.build_generator("unet", 3, 2, width=8, depth=2, seed=0)
+    # channel B's output head is untouched by training: only channel A's weights moved
+    head, initial = generator.last_layer.detach(), untrained.last_layer.detach()
+    assert torch.equal(head[1], initial[1]) and not torch.equal(head[0], initial[0])
+
+
+def test_augmented_crops_move_input_and_target_together():
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        inputs = np.zeros((3, 96, 96), np.float32)
+        y, x = rng.integers(20, 76, 2)
+        inputs[:, y - 1:y + 2, x - 1:x + 2] = 100.0
+        site = StainSite("P", "A01", 1, inputs, inputs[:1] * 2, np.ones(1, np.float32))
+        crop_in, crop_target = random_crop(rng, site, 64, augment=True)
+        assert crop_in.shape == (3, 64, 64) and crop_target.shape == (1, 64, 64)
+        if crop_target.max() > 50:  # the spot is inside this crop
+            assert np.unravel_index(crop_in[1].argmax(), (64, 64)) == \
+                np.unravel_index(crop_target[0].argmax(), (64, 64))
+
+
+def test_wells_split_without_overlap_and_reproducibly():
+    wells = [f"{r}{c:02d}" for r in "ABCD" for c in range(1, 7)]
+    train, val = split_wells(wells, 0.2, 0, "P1")
+    assert not set(train) & set(val) and sorted(train + val) == sorted(wells)
+    assert len(val) == round(0.2 * len(wells))
+    assert split_wells(wells, 0.2, 0, "P1") == (train, val)
+    assert split_wells(wells, 0.2, 0, "P2")[1] != val  # plates draw their own validation wells
+
+
+# ---------------------------------------------------------------------------------------------
+# Model files and prediction
+# ---------------------------------------------------------------------------------------------
+
+
+def saved_model(tmp_path: Path, in_channels: int = 3, targets=("DNA",)) -> tuple[Path, dict]:
+    generator = stain_models.build_generator("unet", in_channels, len(targets), width=8, depth=2, seed=0)
+    card = {"targets": list(targets), "virtual_channels": [VIRTUAL_PREFIX + t for t in targets],
+            "inputs": {"channel": "BF", "half_width": (in_channels - 1) // 2},
+            "target_normalisation": {"method": "plate",
+                                     "reference": {t: {"median": 10.0, "spread": 100.0} for t in targets}}}
+    path = tmp_path / "model" / "model.safetensors"
+    return path, save_stain_model(generator, card, path)
+
+
+def test_model_file_round_trip_with_card(tmp_path):
+    path, card = saved_model(tmp_path)
+    generator, loaded = load_stain_model(path)
+    assert loaded["sha256"] == card["sha256"] == load_card(path)["sha256"]
+    assert json.loads((path.parent / "card.json").read_text())["targets"] == ["DNA"]
+    original = stain_models.build_generator("unet", 3, 1, width=8, depth=2, seed=0).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(generator(x), original(x))
+    # safetensors holds tensors only; no pickle is executed on load
+    assert path.read_bytes()[8:9] == b"{"
+
+
+def test_corrupted_or_foreign_model_files_are_clear_errors(tmp_path):
+    path, _ = saved_model(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StainError, match="unreadable or corrupted"):
+        load_stain_model(path)
+    with pytest.raises(StainError, match="sha256 differs"):
+        load_card(path)
+    with pytest.raises(StainError, match="file not found"):
+        load_stain_model(tmp_path / "absent.safetensors")
+    foreign = tmp_path / "foreign.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(StainError, match="not a brightpaint virtual-staining model"):
+        load_stain_model(foreign)
+
+
+def test_wrong_channel_count_is_a_clear_error(tmp_path):
+    path, _ = saved_model(tmp_path, in_channels=1)
+    generator, card = load_stain_model(path)
+    with pytest.raises(StainError, match="expects 1 brightfield plane"):
+        predict_normalised(generator, card, np.zeros((3, 64, 64), np.float32))
+
+
+def test_cuda_without_a_gpu_is_an_error(blob_data):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        train_stain_model(blob_data, ["A", "B"], SMALL, device="cuda")
+
+
+def test_predict_tiled_handles_sizes_that_are_not_tile_multiples():
+    generator = stain_models.build_generator("unet", 3, 2, width=8, depth=2, seed=0).eval()
+    image = np.random.default_rng(0).normal(size=(3, 150, 203)).astype(np.float32)
+    whole = predict_tiled(generator, image, tile=256, overlap=0)
+    tiled = predict_tiled(generator, image, tile=64, overlap=48, batch=5)
+    assert tiled.shape == whole.shape == (2, 150, 203)
+    assert np.abs(tiled - whole).max() < 1e-3 * np.abs(whole).max()
+
+
+def test_metrics_on_known_pairs():
+    rng = np.random.default_rng(0)
+    real = ndimage.gaussian_filter(rng.normal(size=(128, 128)), 2)
+    same = image_metrics(real, real)
+    assert same["pcc"] == pytest.approx(1) and same["ssim"] == pytest.approx(1)
+    assert same["psnr"] == np.inf and same["nrmse"] == 0 and same["nmae"] == 0
+    span = np.subtract(*np.percentile(real, [99.9, 0.1]))
+    noisy = real + rng.normal(0, span / 100, real.shape)
+    assert image_metrics(real, noisy)["psnr"] == pytest.approx(40, abs=0.2)
+    assert image_metrics(real, -real)["pcc"] == pytest.approx(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs from the workflow's side
+# ---------------------------------------------------------------------------------------------
+
+
+def test_no_training_plates_and_a_target_on_no_plate_are_clear_errors(demo):
+    with pytest.raises(StainError, match="no training plates"):
+        build_training_set([], ["DNA"], SMALL)
+    apply_plate = open_plate_source(demo / "plates" / "P4", "BF")
+    with pytest.raises(StainError, match="target channel 'DNA' is on no training plate"):
+        build_training_set([apply_plate], ["DNA"], SMALL)
+
+
+def test_evaluation_needs_real_and_virtual_channels(demo, tmp_path):
+    apply_plate = open_plate_source(demo / "plates" / "P4", "BF")
+    card = load_card(demo / "models" / "stain" / "all" / "model.safetensors")
+    with pytest.raises(StainError, match="no target channel has both a real and a virtual image"):
+        evaluate_plate(apply_plate, demo / "plates" / "P4" / "virtual.zarr", [card])

@@ -1,0 +1,23 @@
+"""Virtual channels for one shard of a plate's wells (rule stain_shard)."""
+
+from brightpaint.atomic import atomic_path
+from brightpaint.inference import resolve_device, torch_threads
+from brightpaint.ingest import shard_wells, stored_sites
+from brightpaint.logs import log_to_rule
+from brightpaint.stain import load_stain_model, open_plate_source, predict_sites
+
+log = log_to_rule(snakemake)  # noqa: F821
+inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
+device = resolve_device(params.device, what="virtual staining")
+source = open_plate_source(params.plate_dir, params.brightfield, use_denoised=False)
+models = [load_stain_model(path) for path in inp.models]
+wells = shard_wells(sorted({w for w, _ in stored_sites(source.store)}), params.n_shards,
+                    int(snakemake.wildcards.shard))  # noqa: F821
+with torch_threads(snakemake.threads):  # noqa: F821
+    table = predict_sites(source, stored_sites(source.store, wells), models, out.store, device=device,
+                          tile=params.tile, overlap=params.overlap, batch=params.batch)
+with atomic_path(out.sites) as tmp:
+    table.to_csv(tmp, index=False)
+log.info("plate %s shard %s: %d sites on %s, %.2f s per site; %d without focus", source.plate,
+         snakemake.wildcards.shard, len(table), device, table["seconds"].mean() if len(table) else 0,  # noqa: F821
+         int((table["status"] != "ok").sum()))
