@@ -28,6 +28,7 @@ from brightpaint.stain import (
     StainSettings,
     StainSite,
     TrainingSet,
+    brightfield_input,
     build_training_set,
     evaluate_plate,
     fluorescence_plane,
@@ -105,9 +106,8 @@ def test_metrics_table_equals_metrics_recomputed_from_the_stores(demo):
 def test_tiled_prediction_of_a_site_equals_whole_image_inference(demo):
     generator, card = load_stain_model(demo / "models" / "stain" / "all" / "model.safetensors")
     source = open_plate_source(demo / "plates" / "P1", "BF")
-    from brightpaint.stain import brightfield_input
-
-    inputs = brightfield_input(source, "A01", 1, card["inputs"]["half_width"])
+    well, site = source.usable_sites()[0]
+    inputs = brightfield_input(source, well, site, card["inputs"]["half_width"])
     whole = predict_normalised(generator, card, inputs, tile=256, overlap=0)
     tiled = predict_normalised(generator, card, inputs, tile=128, overlap=96, batch=3)
     scale = float(np.abs(whole).max())
@@ -239,16 +239,19 @@ def test_a_missing_target_channel_is_masked_not_learned_as_zero():
 
 def test_augmented_crops_move_input_and_target_together():
     rng = np.random.default_rng(0)
+    hits = 0
     for _ in range(40):
-        inputs = np.zeros((3, 96, 96), np.float32)
-        y, x = rng.integers(20, 76, 2)
-        inputs[:, y - 1:y + 2, x - 1:x + 2] = 100.0
-        site = StainSite("P", "A01", 1, inputs, inputs[:1] * 2, np.ones(1, np.float32))
+        spot = np.zeros((96, 96), np.float32)
+        spot[tuple(rng.integers(20, 76, 2))] = 1.0
+        spot = ndimage.gaussian_filter(spot, 2.5) * 1e4  # one smooth peak: its argmax is well defined
+        site = StainSite("P", "A01", 1, np.stack([spot] * 3), spot[None] * 2, np.ones(1, np.float32))
         crop_in, crop_target = random_crop(rng, site, 64, augment=True)
         assert crop_in.shape == (3, 64, 64) and crop_target.shape == (1, 64, 64)
-        if crop_target.max() > 50:  # the spot is inside this crop
-            assert np.unravel_index(crop_in[1].argmax(), (64, 64)) == \
-                np.unravel_index(crop_target[0].argmax(), (64, 64))
+        peak = np.unravel_index(crop_target[0].argmax(), (64, 64))
+        if 3 <= min(peak) and max(peak) <= 60:  # the spot lies inside this crop
+            hits += 1
+            assert abs(np.subtract(np.unravel_index(crop_in[1].argmax(), (64, 64)), peak)).max() <= 0
+    assert hits >= 10
 
 
 def test_wells_split_without_overlap_and_reproducibly():

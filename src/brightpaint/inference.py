@@ -62,14 +62,19 @@ def tile_starts(length: int, tile: int, overlap: int, multiple: int = 1) -> list
 
 
 def blend_ramp(size: int, overlap: int, at_start: bool, at_end: bool) -> np.ndarray:
-    """Blending weight along one tile axis: a raised cosine over `overlap` px from each side that
-    borders another tile (the network sees zero padding there, so it is least reliable near the
-    edge and gets almost no weight), flat 1 inside and at the image edge. The weights are smooth,
-    so tile borders leave no seams."""
+    """Blending weight along one tile axis. On each side that borders another tile, the first
+    overlap/2 px get weight 0 (there the network saw the tile's zero padding instead of the image,
+    so they differ from whole-image inference), the next overlap/2 px a raised cosine up to 1; flat
+    1 inside and at the image's own edges. Neighbouring tiles overlap by at least `overlap`, so every
+    pixel lies at least overlap/2 px inside some tile: with overlap/2 >= the network's receptive
+    radius, tiled inference equals whole-image inference, and the smooth weights leave no seams."""
     weight = np.ones(size, dtype=np.float64)
     overlap = min(overlap, size)
+    margin = overlap // 2
     if overlap:
-        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap) + 0.5) / overlap)
+        ramp = np.zeros(overlap)
+        rise = overlap - margin
+        ramp[margin:] = 0.5 - 0.5 * np.cos(np.pi * (np.arange(rise) + 0.5) / rise)
         if not at_start:
             weight[:overlap] = np.minimum(weight[:overlap], ramp)
         if not at_end:
@@ -110,7 +115,7 @@ def predict_tiled(model: nn.Module, image: np.ndarray, *, tile: int = 256, overl
     ramps: (C_out, Y, X) float32. Tiles of one size go through the network `batch` at a time. The
     model must be in eval mode and on `device`; its `multiple` attribute (default 1) gives the size
     divisor. An overlap of at least twice the network's receptive radius makes the result equal
-    whole-image inference within float tolerance."""
+    whole-image inference within float tolerance (`blend_ramp`)."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 3 or min(image.shape) < 1:
         raise ValueError(f"predict_tiled: need a (C, Y, X) image, got shape {image.shape}")

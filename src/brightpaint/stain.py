@@ -466,6 +466,9 @@ def train_stain_model(data: TrainingSet, targets: Sequence[str], settings: Stain
                              f"for {settings.arch} of depth {settings.depth}")
         betas = (0.5, 0.9) if settings.gan else (0.9, 0.999)
         optimiser = torch.optim.Adam(generator.parameters(), lr=settings.lr, betas=betas)
+        # cosine decay to 5 % over the planned steps: late epochs refine instead of jumping around
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 0.05 + 0.95 * 0.5 * (
+            1 + math.cos(math.pi * min(step / (settings.max_epochs * settings.steps_per_epoch), 1))))
         critic = critic_optimiser = None
         if settings.gan:
             critic = stain_models.build_critic(n_inputs + n_outputs, width=settings.width,
@@ -485,7 +488,8 @@ def train_stain_model(data: TrainingSet, targets: Sequence[str], settings: Stain
                     loss = reconstruction(generator(x), y, mask)
                     loss.backward()
                     optimiser.step()
-                    loss = float(loss)
+                    loss = float(loss.detach())
+                schedule.step()
                 losses.append(loss)
             scores = validation_scores(generator, data.validation, targets, target)
             history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **scores,
