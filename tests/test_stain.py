@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
-from conftest import shared_data
+import yaml
+from conftest import REPO, shared_data
 from scipy import ndimage
 
 from brightpaint import stain_models
@@ -42,6 +43,7 @@ from brightpaint.stain import (
     split_wells,
     train_stain_model,
 )
+from brightpaint.workflow import ConfigError, Screen
 
 HELD_OUT = ("validation",)
 
@@ -362,3 +364,29 @@ def test_evaluation_needs_real_and_virtual_channels(demo, tmp_path):
     card = load_card(demo / "models" / "stain" / "all" / "model.safetensors")
     with pytest.raises(StainError, match="no target channel has both a real and a virtual image"):
         evaluate_plate(apply_plate, demo / "plates" / "P4" / "virtual.zarr", [card])
+
+
+def test_a_screen_without_training_plates_is_a_config_error():
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["simulate"]["plates"] = [{"plate": "P1", "batch": "B1", "cell_type": "flat", "role": "apply"}]
+    with pytest.raises(ConfigError, match="no plate of the screen has role train or both"):
+        Screen.from_config(config).stain_training_plates()
+    config["simulate"]["plates"][0]["role"] = "train"
+    config["stain"]["train_cell_types"] = ["dense"]
+    with pytest.raises(ConfigError, match="cell type in stain.train_cell_types"):
+        Screen.from_config(config).stain_training_plates()
+    config["stain"]["train_cell_types"] = ["flat"]
+    assert Screen.from_config(config).stain_training_plates() == ["P1"]
+    config["stain"]["targets"] = ["GFP"]
+    with pytest.raises(ConfigError, match="stain.targets"):
+        Screen.from_config(config)
+
+
+def test_sites_smaller_than_the_patch_train_on_crops_that_fit(blob_data, caplog):
+    settings = StainSettings(width=8, depth=2, patch=128, batch=2, steps_per_epoch=1, max_epochs=1)
+    with caplog.at_level(logging.WARNING, logger="brightpaint"):
+        _, history = train_stain_model(blob_data, ["A", "B"], settings, threads=1)
+    assert history["patch"].tolist() == [64]
+    assert "training on 64 px crops" in caplog.text
+    with pytest.raises(StainError, match="must be a multiple of 4"):
+        train_stain_model(blob_data, ["A", "B"], StainSettings(width=8, depth=2, patch=30), threads=1)

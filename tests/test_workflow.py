@@ -85,7 +85,21 @@ def test_plates_filter_selects_one_plate(tmp_path):
     result = run_snakemake(tmp_path, "-n", "--configfile", str(config), "--config", "plates=[T2]")
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout + result.stderr)
-    assert counts["validate_plate"] == 1 and counts["assemble_plate"] == 1
+    # T2 is an apply plate: its virtual stains need the model trained on T1, so T1 is prepared as far
+    # as training needs (ingest, illumination, focus, denoising) and no further
+    assert counts["stain_train"] == 1 and counts["stain_plate"] == 1 and "stain_evaluate" not in counts
+    assert "results/plates/T2/virtual.zarr" in result.stdout
+    assert "results/plates/T1/virtual.zarr" not in result.stdout
+    # with a model file given, nothing of T1 is needed
+    (tmp_path / "vs").mkdir()
+    (tmp_path / "vs" / "model.safetensors").write_bytes(b"")
+    settings = yaml.safe_load(config.read_text())
+    settings["stain"]["weights"] = "vs/model.safetensors"
+    config.write_text(yaml.safe_dump(settings))
+    result = run_snakemake(tmp_path, "-n", "--configfile", str(config), "--config", "plates=[T2]")
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout + result.stderr)
+    assert counts["validate_plate"] == 1 and counts["assemble_plate"] == 1 and "stain_train" not in counts
     assert "results/plates/T2/images.zarr" in result.stdout
     assert "results/plates/T1/images.zarr" not in result.stdout
 

@@ -445,13 +445,28 @@ def validation_scores(generator: torch.nn.Module, sites: Sequence[StainSite], ta
             **{f"val_pcc_{c}": float(np.nanmean(v)) for c, v in pccs.items() if v}}
 
 
+def training_patch(settings: StainSettings, multiple: int, data: TrainingSet) -> int:
+    """The crop size: stain.patch, or, on sites smaller than that, the largest multiple of the
+    network's size divisor that fits (logged); a StainError if not even one fits."""
+    smallest = min(min(site.inputs.shape[-2:]) for site in [*data.train, *data.validation])
+    if settings.patch % multiple:
+        raise StainError(f"stain.patch {settings.patch} must be a multiple of {multiple} for "
+                         f"{settings.arch} of depth {settings.depth}")
+    patch = min(settings.patch, smallest // multiple * multiple)
+    if patch < multiple:
+        raise StainError(f"virtual staining: sites of {smallest} px are smaller than the network's size "
+                         f"multiple {multiple}")
+    if patch != settings.patch:
+        LOGGER.warning("stain.patch %d is larger than the smallest site (%d px): training on %d px crops",
+                       settings.patch, smallest, patch)
+    return patch
+
+
 def train_stain_model(data: TrainingSet, targets: Sequence[str], settings: StainSettings, *,
                       device: str = "cpu", threads: int = 2) -> tuple[torch.nn.Module, pd.DataFrame]:
     """Train a generator on `data`; returns it (eval mode, CPU, best validation epoch's weights) and
-    the history (one row per epoch: train loss, validation L1 and per-channel PCC, seconds)."""
-    if settings.patch > min(data.train[0].inputs.shape[-2:]):
-        raise StainError(f"stain.patch {settings.patch} is larger than the sites "
-                         f"({data.train[0].inputs.shape[-2:]})")
+    the history (one row per epoch: train loss, validation L1 and per-channel PCC, crop size,
+    seconds)."""
     target = resolve_device(device, what="virtual staining")
     n_inputs, n_outputs = data.train[0].inputs.shape[0], len(targets)
     rng = np.random.default_rng(settings.seed)
@@ -461,9 +476,7 @@ def train_stain_model(data: TrainingSet, targets: Sequence[str], settings: Stain
         torch.manual_seed(settings.seed)
         generator = stain_models.build_generator(settings.arch, n_inputs, n_outputs, width=settings.width,
                                                  depth=settings.depth, seed=settings.seed).to(target)
-        if settings.patch % generator.multiple:
-            raise StainError(f"stain.patch {settings.patch} must be a multiple of {generator.multiple} "
-                             f"for {settings.arch} of depth {settings.depth}")
+        patch = training_patch(settings, generator.multiple, data)
         betas = (0.5, 0.9) if settings.gan else (0.9, 0.999)
         optimiser = torch.optim.Adam(generator.parameters(), lr=settings.lr, betas=betas)
         # cosine decay to 5 % over the planned steps: late epochs refine instead of jumping around
@@ -478,8 +491,8 @@ def train_stain_model(data: TrainingSet, targets: Sequence[str], settings: Stain
         for epoch in range(settings.max_epochs):
             start, losses = time.perf_counter(), []
             for _ in range(settings.steps_per_epoch):
-                x, y, mask = (t.to(target) for t in training_batch(rng, data.train, settings.batch,
-                                                                    settings.patch, settings.augment))
+                x, y, mask = (t.to(target) for t in training_batch(rng, data.train, settings.batch, patch,
+                                                                    settings.augment))
                 if settings.gan:
                     loss = _gan_step(generator, critic, optimiser, critic_optimiser, x, y, mask,
                                      reconstruction, settings)
@@ -493,7 +506,7 @@ def train_stain_model(data: TrainingSet, targets: Sequence[str], settings: Stain
                 losses.append(loss)
             scores = validation_scores(generator, data.validation, targets, target)
             history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **scores,
-                            "seconds": time.perf_counter() - start})
+                            "patch": patch, "seconds": time.perf_counter() - start})
             LOGGER.info("virtual staining epoch %d: train %.4f, validation L1 %.4f", epoch + 1,
                         history[-1]["train_loss"], scores["val_l1"])
             if scores["val_l1"] < best_loss:
@@ -532,7 +545,7 @@ def _gan_step(generator, critic, optimiser, critic_optimiser, x, y, mask, recons
     loss = rec + settings.gan_adversarial * weight * adversarial
     loss.backward()
     optimiser.step()
-    return float(rec) / settings.gan_l1_weight
+    return float(rec.detach()) / settings.gan_l1_weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,6 +632,7 @@ def model_card(settings: StainSettings, data: TrainingSet, targets: Sequence[str
         "wells": data.wells, "n_sites": {"train": len(data.train), "validation": len(data.validation)},
         "metrics": {k: float(v) for k, v in best.items() if k.startswith("val_")}
         | {"best_epoch": int(best["epoch"]), "epochs_run": int(len(history))},
+        "patch_used": int(best["patch"]),
     }
 
 
@@ -751,9 +765,9 @@ def predict_sites(source: PlateSource, sites: Sequence[tuple[str, int]],
                   io_threads: int = 2) -> pd.DataFrame:
     """Write the virtual channels of `sites` into a shard store at `out` (float32, one plane each, in
     the reference scale). Sites are read and written by `io_threads` workers, so reading the next
-    site overlaps the network on the current one (torch releases the GIL). A site without an
-    in-focus plane keeps zeros and gets status `no_focus` with the reason. Returns one row per site:
-    well, site, status, reason, seconds."""
+    site overlaps the network on the current one (torch releases the GIL). A site that cannot be
+    predicted (no in-focus plane, NaN pixels) keeps zeros and gets status `skipped` with the reason.
+    Returns one row per site: well, site, status, reason, seconds."""
     device = torch.device(device)
     channels = [VIRTUAL_PREFIX + c for _, card in models for c in card["targets"]]
     layout = virtual_layout(source.layout, channels)
@@ -771,7 +785,7 @@ def predict_sites(source: PlateSource, sites: Sequence[tuple[str, int]],
                 if half not in inputs:
                     inputs[half] = brightfield_input(source, well, site, half)
         except StainError as err:
-            return [{"well": well, "site": int(site), "status": "no_focus", "reason": str(err),
+            return [{"well": well, "site": int(site), "status": "skipped", "reason": str(err),
                      "seconds": time.perf_counter() - start}], {c: (0.0, 0.0) for c in channels}
         ranges = {}
         for generator, card in models:

@@ -19,5 +19,5 @@ assemble_plate_store(inp.stores, out.store, layout,
 sites = pd.concat([pd.read_csv(path, keep_default_na=False) for path in inp.sites], ignore_index=True)
 with atomic_path(out.sites) as tmp:
     sites.sort_values(["well", "site"]).to_csv(tmp, index=False)
-log.info("plate %s: %s for %d sites (%d without focus)", layout.plate, channels, len(sites),
+log.info("plate %s: %s for %d sites (%d skipped)", layout.plate, channels, len(sites),
          int((sites["status"] != "ok").sum()))

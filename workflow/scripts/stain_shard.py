@@ -18,6 +18,6 @@ with torch_threads(snakemake.threads):  # noqa: F821
                           tile=params.tile, overlap=params.overlap, batch=params.batch)
 with atomic_path(out.sites) as tmp:
     table.to_csv(tmp, index=False)
-log.info("plate %s shard %s: %d sites on %s, %.2f s per site; %d without focus", source.plate,
+log.info("plate %s shard %s: %d sites on %s, %.2f s per site; %d skipped", source.plate,
          snakemake.wildcards.shard, len(table), device, table["seconds"].mean() if len(table) else 0,  # noqa: F821
          int((table["status"] != "ok").sum()))
