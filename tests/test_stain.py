@@ -37,6 +37,8 @@ from brightpaint.stain import (
     load_stain_model,
     open_plate_source,
     predict_normalised,
+    predict_sites,
+    predict_virtual,
     random_crop,
     read_store_layout,
     save_stain_model,
@@ -390,3 +392,27 @@ def test_sites_smaller_than_the_patch_train_on_crops_that_fit(blob_data, caplog)
     assert "training on 64 px crops" in caplog.text
     with pytest.raises(StainError, match="must be a multiple of 4"):
         train_stain_model(blob_data, ["A", "B"], StainSettings(width=8, depth=2, patch=30), threads=1)
+
+
+def test_predict_sites_writes_each_site_and_skips_one_without_focus_with_its_reason(demo, tmp_path):
+    generator, card = load_stain_model(demo / "models" / "stain" / "all" / "model.safetensors")
+    source = open_plate_source(demo / "plates" / "P4", "BF")
+    sites = source.usable_sites()
+    good_well, good_site = sites[0]
+    bad_well, bad_site = next(s for s in sites if s[0] != good_well)
+    source.focus = source.focus.copy()
+    bad = (source.focus["well"] == bad_well) & (source.focus["site"] == bad_site)
+    source.focus.loc[bad, ["plane", "reason"]] = [-1, "blank stack"]
+    out = tmp_path / "shard.zarr"
+    table = predict_sites(source, [(good_well, good_site), (bad_well, bad_site)], [(generator, card)], out,
+                          tile=128, overlap=96)
+    assert table.set_index("well").loc[bad_well, "status"] == "skipped"
+    assert "no in-focus brightfield plane (blank stack)" in table.set_index("well").loc[bad_well, "reason"]
+    assert table.set_index("well").loc[good_well, "status"] == "ok"
+    from brightpaint.ingest import read_field
+
+    written = read_field(out, good_well, good_site)[0, :, 0]
+    expected = predict_virtual(generator, card, source, good_well, good_site, tile=512)
+    for index, name in enumerate(card["virtual_channels"]):
+        assert np.abs(written[index] - expected[name]).max() <= 1e-3 * np.abs(expected[name]).max()
+    assert not read_field(out, bad_well, bad_site).any()

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -765,10 +766,12 @@ def predict_sites(source: PlateSource, sites: Sequence[tuple[str, int]],
                   io_threads: int = 2) -> pd.DataFrame:
     """Write the virtual channels of `sites` into a shard store at `out` (float32, one plane each, in
     the reference scale). Sites are read and written by `io_threads` workers, so reading the next
-    site overlaps the network on the current one (torch releases the GIL). A site that cannot be
+    site overlaps the network on the current one (torch releases the GIL); the network itself runs
+    one site at a time, with the job's torch threads (no oversubscription). A site that cannot be
     predicted (no in-focus plane, NaN pixels) keeps zeros and gets status `skipped` with the reason.
     Returns one row per site: well, site, status, reason, seconds."""
     device = torch.device(device)
+    network = threading.Lock()
     channels = [VIRTUAL_PREFIX + c for _, card in models for c in card["targets"]]
     layout = virtual_layout(source.layout, channels)
     for generator, _ in models:
@@ -789,10 +792,10 @@ def predict_sites(source: PlateSource, sites: Sequence[tuple[str, int]],
                      "seconds": time.perf_counter() - start}], {c: (0.0, 0.0) for c in channels}
         ranges = {}
         for generator, card in models:
-            predicted = denormalise(predict_normalised(generator, card, inputs[card["inputs"]["half_width"]],
-                                                       tile=tile, overlap=overlap, batch=batch,
-                                                       device=device), card)
-            for name, image in predicted.items():
+            with network:  # one forward pass at a time: the other worker reads and writes meanwhile
+                normalised = predict_normalised(generator, card, inputs[card["inputs"]["half_width"]],
+                                                tile=tile, overlap=overlap, batch=batch, device=device)
+            for name, image in denormalise(normalised, card).items():
                 array[0, channels.index(name), 0] = image
                 ranges[name] = (float(np.percentile(image, 0.1)), float(np.percentile(image, 99.9)))
         return [{"well": well, "site": int(site), "status": "ok", "reason": "",
