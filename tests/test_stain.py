@@ -286,6 +286,7 @@ def test_model_file_round_trip_with_card(tmp_path):
     path, card = saved_model(tmp_path)
     generator, loaded = load_stain_model(path)
     assert loaded["sha256"] == card["sha256"] == load_card(path)["sha256"]
+    assert len(card["git_commit"].removesuffix("+dirty")) in (0, 40) and card["code_version"] == "stain-1"
     assert json.loads((path.parent / "card.json").read_text())["targets"] == ["DNA"]
     original = stain_models.build_generator("unet", 3, 1, width=8, depth=2, seed=0).eval()
     x = torch.randn(1, 3, 32, 32)
@@ -416,3 +417,21 @@ def test_predict_sites_writes_each_site_and_skips_one_without_focus_with_its_rea
     for index, name in enumerate(card["virtual_channels"]):
         assert np.abs(written[index] - expected[name]).max() <= 1e-3 * np.abs(expected[name]).max()
     assert not read_field(out, bad_well, bad_site).any()
+
+
+def test_a_train_plate_lacking_a_target_channel_is_stopped_naming_it(tiny_screen):
+    """Validation requires every fluorescence channel on train/both plates, so training never sees
+    a plate that silently lacks a target."""
+    from brightpaint.io import InputError
+    from brightpaint.validate import validate_plate
+
+    manifest = tiny_screen / "T1" / "manifest.csv"
+    table = pd.read_csv(manifest)
+    table[table["channel"] != "DNA"].to_csv(manifest, index=False)
+    channels = {"brightfield": "BF", "fluorescence": ["DNA", "CYTO", "DAMAGE"]}
+    with pytest.raises(InputError, match="DNA"):
+        validate_plate(str(manifest), str(tiny_screen / "T1" / "platemap.csv"), "T1", "train", channels,
+                       str(tiny_screen))
+    # the same plate as an apply plate needs brightfield only
+    validate_plate(str(manifest), str(tiny_screen / "T1" / "platemap.csv"), "T1", "apply", channels,
+                   str(tiny_screen))

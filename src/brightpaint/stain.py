@@ -50,7 +50,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from scipy import ndimage
 
-from . import stain_models
+from . import __version__, stain_models
 from .atomic import atomic_path
 from .focus import focus_window
 from .illumination import IlluminationFunction, correct_illumination
@@ -558,7 +558,8 @@ def save_stain_model(generator: torch.nn.Module, card: dict, path: str | Path) -
     """Write the weights (safetensors, with the card as metadata) to `path` and the card, with the
     weights' sha256, to card.json beside it; both appear only when complete. Returns the card."""
     path = Path(path)
-    card = {**card, "format": FORMAT, "code_version": CODE_VERSION, "torch_version": torch.__version__,
+    card = {**card, "format": FORMAT, "code_version": CODE_VERSION, "package_version": __version__,
+            "git_commit": git_commit(), "torch_version": torch.__version__,
             "architecture": dict(generator.config)}
     text = json.dumps(card, sort_keys=True)
     state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
@@ -568,6 +569,23 @@ def save_stain_model(generator: torch.nn.Module, card: dict, path: str | Path) -
     with atomic_path(card_path(path)) as partial:
         partial.write_text(json.dumps(card, indent=2, sort_keys=True))
     return card
+
+
+def git_commit() -> str:
+    """The workflow checkout's commit (with "+dirty" for uncommitted changes), or "" outside git."""
+    import subprocess
+
+    folder = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                                timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    if commit.returncode:
+        return ""
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def card_path(weights: str | Path) -> Path:
