@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from brightpaint import stain_models
 from brightpaint.inference import predict_tiled
-from brightpaint.ingest import read_plane
+from brightpaint.ingest import read_plane, read_store_layout
 from brightpaint.metrics import image_metrics, pearson
 from brightpaint.stain import (
     VIRTUAL_PREFIX,
@@ -40,7 +40,6 @@ from brightpaint.stain import (
     predict_sites,
     predict_virtual,
     random_crop,
-    read_store_layout,
     save_stain_model,
     split_wells,
     train_stain_model,
@@ -160,7 +159,6 @@ def test_real_brightfield_to_dapi_beats_trivial_baselines():
                  "smoothed brightfield": abs(pearson(real, ndimage.gaussian_filter(centre, 3))),
                  "defocus difference": abs(pearson(real, test.inputs[2] - test.inputs[0])),
                  "local contrast": abs(pearson(real, ndimage.gaussian_filter(np.abs(centre), 3)))}
-    logging.getLogger("brightpaint").info("sephace Set2 DAPI PCC: virtual %.3f, baselines %s", vs, baselines)
     print(f"sephace Set2 DAPI PCC: virtual {vs:.3f}; baselines {baselines}")
     assert vs >= max(baselines.values()) + 0.1, (vs, baselines)
     assert vs >= 0.5

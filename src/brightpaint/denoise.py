@@ -43,7 +43,7 @@ from torch import nn
 
 from .atomic import atomic_path
 from .inference import predict_tiled, resolve_device, torch_threads
-from .ingest import StoreLayout, read_plane, sha256_of, stored_sites
+from .ingest import StoreLayout, channel_plane, read_plane, sha256_of, stored_sites
 
 LOGGER = logging.getLogger("brightpaint")
 
@@ -383,21 +383,6 @@ def choose_training_sites(store: str | Path, wells: Sequence[str], max_sites: in
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(candidates), min(max_sites, len(candidates)), replace=False)
     return [candidates[i] for i in sorted(picked)]
-
-
-def channel_plane(layout: StoreLayout, channel: str, z: int | None = None) -> tuple[int, int]:
-    """(channel index, z) of a channel's plane in the store's TCZYX arrays."""
-    if channel not in layout.channels:
-        raise ValueError(f"channel {channel!r} is not in plate {layout.plate} (channels: "
-                         f"{layout.channels})")
-    planes = layout.planes[channel]
-    if z is None:
-        if len(planes) != 1:
-            raise ValueError(f"channel {channel} has {len(planes)} planes; say which z to use")
-        z = planes[0]
-    elif z not in planes:
-        raise ValueError(f"channel {channel} has no plane z={z} (planes: {planes})")
-    return layout.channels.index(channel), z
 
 
 def read_training_images(store: str | Path, layout: StoreLayout, channel: str,

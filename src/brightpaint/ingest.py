@@ -266,6 +266,27 @@ def stored_sites(store: str | Path, wells: Iterable[str] | None = None) -> list[
     return sites
 
 
+def channel_plane(layout: StoreLayout, channel: str, z: int | None = None) -> tuple[int, int]:
+    """(channel index, z) of a channel's plane in the store's TCZYX arrays."""
+    if channel not in layout.channels:
+        raise ValueError(f"channel {channel!r} is not in plate {layout.plate} (channels: "
+                         f"{layout.channels})")
+    planes = layout.planes[channel]
+    if z is None:
+        if len(planes) != 1:
+            raise ValueError(f"channel {channel} has {len(planes)} planes; say which z to use")
+        z = planes[0]
+    elif z not in planes:
+        raise ValueError(f"channel {channel} has no plane z={z} (planes: {planes})")
+    return layout.channels.index(channel), z
+
+
+def read_store_layout(store: str | Path) -> StoreLayout:
+    """The layout that `assemble_plate_store` recorded in a store's `brightpaint` attributes."""
+    attrs = zarr.open_group(str(store), mode="r").attrs["brightpaint"]
+    return StoreLayout.from_json(json.dumps(attrs["layout"]))
+
+
 def read_plane(store: str | Path, well: str, site: int, channel_index: int, z: int) -> np.ndarray:
     """One (y, x) plane of a site, read without loading the rest of the field."""
     row, column = well_row_column(well)

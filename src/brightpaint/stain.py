@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import subprocess
 import threading
 import time
 from collections.abc import Sequence
@@ -45,7 +46,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import zarr
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from scipy import ndimage
@@ -53,10 +53,18 @@ from scipy import ndimage
 from . import __version__, stain_models
 from .atomic import atomic_path
 from .focus import focus_window
-from .illumination import IlluminationFunction, correct_illumination
+from .illumination import IlluminationFunction, correct_illumination, load_illumination
 from .inference import predict_tiled, resolve_device, torch_threads
-from .ingest import StoreLayout, read_plane, sha256_of, stored_sites, write_sites
-from .metrics import METRICS, image_metrics
+from .ingest import (
+    StoreLayout,
+    channel_plane,
+    read_plane,
+    read_store_layout,
+    sha256_of,
+    stored_sites,
+    write_sites,
+)
+from .metrics import METRICS, image_metrics, pearson
 
 LOGGER = logging.getLogger("brightpaint")
 
@@ -173,8 +181,6 @@ def open_plate_source(plate_dir: str | Path, brightfield: str, *, platemap: pd.D
                       use_denoised: bool = True) -> PlateSource:
     """A workflow plate folder (images.zarr, ingest/layout.json, focus.parquet, illum/<channel>.npy
     and, when present and wanted, denoised.zarr) as a PlateSource."""
-    from .illumination import load_illumination
-
     plate_dir = Path(plate_dir)
     layout = StoreLayout.from_json((plate_dir / "ingest" / "layout.json").read_text())
     illumination = {c: load_illumination(plate_dir / "illum" / f"{c}.npy") for c in layout.channels
@@ -217,13 +223,11 @@ def fluorescence_plane(source: PlateSource, well: str, site: int, channel: str) 
     plate has one for this channel: its values are already corrected)."""
     if source.denoised is not None and channel in source.denoised_layout.channels:
         return np.asarray(read_plane(source.denoised, well, site,
-                                     source.denoised_layout.channels.index(channel), 0), np.float32)
+                                     *channel_plane(source.denoised_layout, channel)), np.float32)
     if channel not in source.layout.channels:
         raise StainError(f"plate {source.plate}: no channel {channel!r} (channels: "
                          f"{source.layout.channels})")
-    index = source.layout.channels.index(channel)
-    z = source.layout.planes[channel][0]
-    return correct_illumination(read_plane(source.store, well, site, index, z),
+    return correct_illumination(read_plane(source.store, well, site, *channel_plane(source.layout, channel)),
                                 source.illumination[channel])
 
 
@@ -440,7 +444,7 @@ def validation_scores(generator: torch.nn.Module, sites: Sequence[StainSite], ta
         for c, channel in enumerate(targets):
             if site.mask[c]:
                 losses.append(float(np.mean(np.abs(prediction[c] - site.targets[c]))))
-                pccs[channel].append(float(np.corrcoef(prediction[c].ravel(), site.targets[c].ravel())[0, 1]))
+                pccs[channel].append(pearson(site.targets[c], prediction[c]))
     generator.train()
     return {"val_l1": float(np.mean(losses)),
             **{f"val_pcc_{c}": float(np.nanmean(v)) for c, v in pccs.items() if v}}
@@ -573,8 +577,6 @@ def save_stain_model(generator: torch.nn.Module, card: dict, path: str | Path) -
 
 def git_commit() -> str:
     """The workflow checkout's commit (with "+dirty" for uncommitted changes), or "" outside git."""
-    import subprocess
-
     folder = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
@@ -714,24 +716,13 @@ def site_split(card: dict, plate: str, well: str) -> str:
     return "unseen"
 
 
-def evaluate_site(real: dict[str, np.ndarray], virtual: dict[str, np.ndarray],
-                  scales: dict[str, tuple[float, float]], reference: dict) -> list[dict]:
-    """Metrics per channel of one site, both images in normalised units: the real channel by its
-    plate's (median, spread), the virtual one by the model's reference scale (the scale it was
-    written in). PSNR / SSIM / NRMSE / N-MAE are relative to the real image's robust range."""
-    rows = []
-    for channel, image in real.items():
-        median, spread = scales[channel]
-        ref = reference[channel]
-        predicted = (virtual[VIRTUAL_PREFIX + channel] - ref["median"]) / ref["spread"]
-        rows.append({"channel": channel, **image_metrics((image - median) / spread, predicted)})
-    return rows
-
-
-def read_store_layout(store: str | Path) -> StoreLayout:
-    """The layout recorded in an assembled store's `brightpaint` attributes."""
-    attrs = zarr.open_group(str(store), mode="r").attrs["brightpaint"]
-    return StoreLayout.from_json(json.dumps(attrs["layout"]))
+def evaluate_site(real: np.ndarray, virtual: np.ndarray, scale: tuple[float, float],
+                  reference: dict) -> dict[str, float]:
+    """Metrics of one channel of one site, both images in normalised units: the real image by its
+    plate's (or field's) (median, spread), the virtual one by the model's reference scale (the scale
+    it was written in). PSNR / SSIM / NRMSE / N-MAE are relative to the real image's robust range."""
+    median, spread = scale
+    return image_metrics((real - median) / spread, (virtual - reference["median"]) / reference["spread"])
 
 
 def cards_by_target(cards: Sequence[dict]) -> dict[str, dict]:
@@ -766,10 +757,9 @@ def evaluate_plate(source: PlateSource, virtual_store: str | Path, cards: Sequen
                                             layout.channels.index(VIRTUAL_PREFIX + channel), 0))
             fov = card["target_normalisation"]["method"] == "fov"
             scale = robust_scale(real, "fov") if fov else scales[channel]
-            row = evaluate_site({channel: real}, {VIRTUAL_PREFIX + channel: virtual}, {channel: scale},
-                                card["target_normalisation"]["reference"])[0]
+            scores = evaluate_site(real, virtual, scale, card["target_normalisation"]["reference"][channel])
             rows.append({"plate": source.plate, "well": well, "site": int(site),
-                         "split": site_split(card, source.plate, well), **row})
+                         "split": site_split(card, source.plate, well), "channel": channel, **scores})
     return pd.DataFrame(rows, columns=["plate", "well", "site", "split", "channel", *METRICS])
 
 
