@@ -33,6 +33,7 @@ lint: env
 bench: env
 	$(BIN)/python bench/ingest_throughput.py --out bench/results/ingest_throughput.json
 	$(BIN)/python bench/stain.py --out bench/results/stain.json
+	$(BIN)/python bench/segment.py --out bench/results/segment.json
 
 clean:
 	rm -rf results .snakemake

@@ -22,6 +22,7 @@ include: "workflow/rules/illumination.smk"
 include: "workflow/rules/focus.smk"
 include: "workflow/rules/denoise.smk"
 include: "workflow/rules/stain.smk"
+include: "workflow/rules/segment.smk"
 
 
 rule all:
@@ -29,4 +30,5 @@ rule all:
         ingest_outputs(PLATES),
         preprocess_outputs(PLATES),
         stain_outputs(PLATES),
+        segment_outputs(PLATES),
     default_target: True

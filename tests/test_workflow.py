@@ -38,7 +38,7 @@ def tiny_demo_config(workdir: Path) -> Path:
                            "plates": [{"plate": p.plate, "batch": p.batch, "cell_type": p.cell_type,
                                        "role": p.role} for p in TINY_SPEC.plates]},
               "threads": {"simulate": 1, "validate": 1, "ingest": 1, "focus": 1, "denoise_train": 1,
-                          "denoise_predict": 1, "stain_train": 1, "stain_predict": 1},
+                          "denoise_predict": 1, "stain_train": 1, "stain_predict": 1, "segment": 1},
               # CI-sized Noise2Void: enough to exercise training and tiled prediction end to end
               "denoise": {"enabled": True, "steps": 10, "patch": 32, "batch": 4, "max_sites": 2,
                           "tile": 64},
@@ -61,7 +61,8 @@ def test_dry_run_of_the_default_config_lists_every_job(tmp_path):
     assert counts == {"simulate_demo": 1, "validate_plate": n, "ingest_shard": n * n_shards,
                       "assemble_plate": n, "illumination": channels, "focus_shard": n * n_shards,
                       "focus_plate": n, "stain_train": 1, "stain_shard": n * n_shards, "stain_plate": n,
-                      "stain_evaluate": n_stained, "all": 1}
+                      "stain_evaluate": n_stained, "segment_calibrate": n, "segment_shard": n * n_shards,
+                      "segment_plate": n, "segment_evaluate": n, "all": 1}
 
 
 def test_denoise_scope_screen_trains_one_model_per_channel(tmp_path):
@@ -88,6 +89,7 @@ def test_plates_filter_selects_one_plate(tmp_path):
     # T2 is an apply plate: its virtual stains need the model trained on T1, so T1 is prepared as far
     # as training needs (ingest, illumination, focus, denoising) and no further
     assert counts["stain_train"] == 1 and counts["stain_plate"] == 1 and "stain_evaluate" not in counts
+    assert counts["segment_plate"] == 1 and "results/plates/T2/labels.zarr" in result.stdout
     assert "results/plates/T2/virtual.zarr" in result.stdout
     assert "results/plates/T1/virtual.zarr" not in result.stdout
     # with a model file given, nothing of T1 is needed
@@ -163,6 +165,11 @@ def test_tiny_demo_end_to_end(tmp_path):
             assert len(metrics) >= 3 and len(metrics) % 3 == 0
         virtual = read_field(folder / "virtual.zarr", truth.iloc[0].well, truth.iloc[0].site)
         assert virtual.shape == (1, 3, 1, TINY_SPEC.size, TINY_SPEC.size) and np.isfinite(virtual).all()
+        # segmentation ran on every site of both inputs, and nothing was dropped unannounced
+        segmented = pd.read_csv(folder / "segment" / "sites.csv", keep_default_na=False)
+        assert len(segmented) == len(truth) * (2 if stained else 1)
+        assert segmented["status"].isin(["ok", "no_objects", "skipped"]).all()
+        assert (folder / "labels.zarr").is_dir() and (folder / "segment" / "metrics.parquet").is_file()
     again = run_snakemake(tmp_path, "-n", "--configfile", str(config))
     assert "Nothing to be done" in again.stdout + again.stderr
 

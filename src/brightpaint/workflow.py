@@ -152,3 +152,26 @@ def demo_table(simulate: dict) -> pd.DataFrame:
 def demo_spec_config(simulate: dict) -> dict:
     """The generator's spec keys of config `simulate` (all but where to write)."""
     return {key: value for key, value in simulate.items() if key != "outdir"}
+
+
+def segment_weights_path(weights: str, results: str, basedir: str | Path) -> str:
+    """Where a configured Cellpose weight file is. A path under `results` is made by rule
+    segment_train and is kept as it is; another relative path is looked up in the working directory,
+    then in the workflow's folder (the shipped resources/cellpose/); a Cellpose model name (`cyto3`,
+    `nuclei`, ...) only in Cellpose's own model folder: brightpaint never downloads weights, and a
+    missing file stops the run here, before any job."""
+    text = str(weights).strip()
+    path = Path(text)
+    results_dir = Path(results)
+    if not path.is_absolute() and (path.parts[:len(results_dir.parts)] == results_dir.parts):
+        return text
+    if path.is_file():
+        return text
+    if not path.is_absolute() and (Path(basedir) / path).is_file():
+        return str(Path(basedir) / path)
+    from .segment import SegmentError, resolve_weights  # imports torch: only for names and errors
+
+    try:
+        return str(resolve_weights(text))
+    except SegmentError as err:
+        raise ConfigError(f"segment: {err}") from err

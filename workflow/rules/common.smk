@@ -1,7 +1,7 @@
 # Path helpers and the screen's plates, resolved once when the workflow is parsed.
 import re
 
-from brightpaint.workflow import Screen
+from brightpaint.workflow import Screen, segment_weights_path
 
 SCREEN = Screen.from_config(config)
 PLATES = SCREEN.selected_plates()
@@ -142,3 +142,56 @@ def stain_outputs(plates):
         if SCREEN.has_real_stains(plate):
             outputs += [f"{plate_dir(plate)}/stain/metrics.parquet", f"{plate_dir(plate)}/stain/examples.png"]
     return outputs
+
+
+# Segmentation: weight files (shipped in resources/, a user's, or trained by rule segment_train when
+# the config points into results/models/cellpose/) and what every segmentation rule reads of a plate.
+SEGMENT = config["segment"]
+SEGMENT_WEIGHTS = {
+    kind: segment_weights_path(SEGMENT[key], RESULTS, workflow.basedir)
+    for kind, key in (("nuclei", "nuclei_weights"), ("cells", "cell_weights"))
+}
+SEGMENT_PARAMS = dict(
+    plate_dir=lambda wildcards: plate_dir(wildcards.plate),
+    brightfield=config["channels"]["brightfield"],
+    nuclei=config["channels"]["nuclei"],
+    cell=config["channels"]["cell"],
+    settings=SEGMENT,
+    device=SEGMENT["device"],
+)
+
+
+def segment_inputs(wildcards):
+    """The plate's stain sources (real nuclei / cell channels where it has them), its virtual stains
+    and their site table, and the two weight files."""
+    plate = wildcards.plate
+    real = [c for c in (config["channels"]["nuclei"], config["channels"]["cell"]) if c in SCREEN.plate_channels(plate)]
+    sources = [
+        f"{plate_dir(plate)}/images.zarr",
+        f"{plate_dir(plate)}/ingest/layout.json",
+        f"{plate_dir(plate)}/focus.parquet",
+        *[f"{plate_dir(plate)}/illum/{c}.npy" for c in [config["channels"]["brightfield"], *real]],
+    ]
+    if SCREEN.denoise_channels(plate):
+        sources.append(f"{plate_dir(plate)}/denoised.zarr")
+    return {
+        "sources": sources,
+        "virtual": f"{plate_dir(plate)}/virtual.zarr",
+        "stain_sites": f"{plate_dir(plate)}/stain/sites.csv",
+        "nuclei_weights": SEGMENT_WEIGHTS["nuclei"],
+        "cell_weights": SEGMENT_WEIGHTS["cells"],
+    }
+
+
+def segment_outputs(plates):
+    """Every plate's labels, site table and level-2 evaluation."""
+    return [
+        path
+        for plate in plates
+        for path in (
+            f"{plate_dir(plate)}/labels.zarr",
+            f"{plate_dir(plate)}/segment/sites.csv",
+            f"{plate_dir(plate)}/segment/metrics.parquet",
+            f"{plate_dir(plate)}/segment/overlay.png",
+        )
+    ]

@@ -1,0 +1,81 @@
+"""Segmentation time per site (nuclei + cells + relating, the shipped Cellpose networks) at 256,
+512 and 1080 px, on CPU and, where torch sees one, on the GPU.
+
+    python bench/segment.py --out bench/results/segment.json [--device auto] [--threads 2] [--sites 4]
+
+Sites are rendered by the demo generator at each size (so object density is realistic) and go
+through `Segmenter.segment` in one batch, as a shard does; the time includes Cellpose's mask
+dynamics on the CPU. Diameters are fixed at the generator's (calibration is once per plate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from brightpaint.inference import resolve_device, torch_threads
+from brightpaint.segment import Segmenter, SegmentSettings, load_cellpose_model
+from brightpaint.simulate import PlateSpec, ScreenSpec, plate_wells, simulate_site
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sites_at(size: int, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    spec = ScreenSpec(plates=(PlateSpec("BENCH", "B", "flat", "train"),), wells=384, sites=1, size=size,
+                      seed=5)
+    wells = plate_wells(384)[::37][:n]
+    out = []
+    for well in wells:
+        site = simulate_site(spec, "BENCH", well, 1)
+        out.append((site.images[("DNA", 0)].astype(np.float32), site.images[("CYTO", 0)].astype(np.float32)))
+    return out
+
+
+def time_device(device: torch.device, sizes: list[int], n_sites: int, threads: int) -> list[dict]:
+    models = tuple(load_cellpose_model(REPO / "resources" / "cellpose" / f"{k}.pth", device)
+                   for k in ("nuclei", "cells"))
+    segmenter = Segmenter(*models, SegmentSettings(), nuclei_diameter=19.0, cell_diameter=50.0)
+    rows = []
+    with torch_threads(threads):
+        segmenter.segment(sites_at(128, 1))  # warm-up
+        for size in sizes:
+            sites = sites_at(size, n_sites)
+            start = time.perf_counter()
+            results = segmenter.segment(sites)
+            seconds = time.perf_counter() - start
+            rows.append({"device": str(device), "size": size, "sites": len(sites),
+                         "seconds_per_site": round(seconds / len(sites), 3),
+                         "objects_per_site": float(np.mean([r.counts["objects"] for r in results]))})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "segment.json")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sites", type=int, default=4)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1080])
+    args = parser.parse_args()
+    devices = [torch.device("cpu")]
+    chosen = resolve_device(args.device, what="segmentation benchmark")
+    if chosen.type != "cpu":
+        devices.append(chosen)
+    rows = [row for device in devices for row in time_device(device, args.sizes, args.sites, args.threads)]
+    result = {"benchmark": "segment", "host": platform.node(), "cpu_threads": args.threads,
+              "torch": torch.__version__,
+              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+              "results": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Segmentation: weight files (never downloads, never random), object relations, instance metrics,
+OME-Zarr labels, and accuracy of the shipped models on the demo screen (fixture `demo_run`) and on
+real nuclei (../shared/data)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+import zarr
+from conftest import REPO, shared_data
+
+from brightpaint import segment as S
+from brightpaint.labels import label_names, read_labels, write_field_labels
+
+DSB_FLOOR = 0.0  # set from the measured value below
+CTC_FLOOR = 0.0
+SHIPPED = {kind: REPO / "resources" / "cellpose" / f"{kind}.pth" for kind in S.KINDS}
+
+
+def disc(labels: np.ndarray, label: int, y: int, x: int, r: float) -> None:
+    yy, xx = np.ogrid[:labels.shape[0], :labels.shape[1]]
+    labels[(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = label
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+
+def test_named_model_without_its_file_is_an_error_not_a_download(tmp_path, monkeypatch):
+    import cellpose.models
+
+    monkeypatch.setattr(cellpose.models, "MODEL_DIR", tmp_path)
+    for name in ("cyto3", "nuclei", "cpsam"):
+        with pytest.raises(S.SegmentError, match="never downloads"):
+            S.resolve_weights(name)
+    (tmp_path / "cyto3").write_bytes(b"x")
+    assert S.resolve_weights("cyto3") == tmp_path / "cyto3"
+    with pytest.raises(S.SegmentError, match="not found"):
+        S.resolve_weights(tmp_path / "missing.pth")
+
+
+def test_weights_of_the_wrong_kind_are_refused(tmp_path):
+    text = tmp_path / "notes.pth"
+    text.write_text("not weights")
+    with pytest.raises(S.SegmentError, match="torch cannot read it"):
+        S.load_cellpose_model(text)
+    other = tmp_path / "other.pth"
+    torch.save(torch.nn.Conv2d(2, 4, 3).state_dict(), other)
+    with pytest.raises(S.SegmentError, match="not a Cellpose 3 CPnet"):
+        S.load_cellpose_model(other)
+    # a CPnet file with a layer missing would load half-random with Cellpose's strict=False
+    state = S.build_network([2, *S.REDUCED_WIDTHS], 17.0).state_dict()
+    state.pop("output.2.weight")
+    partial = tmp_path / "partial.pth"
+    torch.save(state, partial)
+    with pytest.raises(S.SegmentError, match="do not fit"):
+        S.load_cellpose_model(partial)
+
+
+def test_reduced_and_full_networks_load_and_run_through_cellpose(tmp_path):
+    image = np.zeros((2, 96, 120), np.float32)
+    for widths in (S.REDUCED_WIDTHS, (32, 64, 128, 256)):
+        net = S.build_network([2, *widths], 17.0)
+        path = tmp_path / f"net{widths[0]}.pth"
+        net.save_model(path)
+        model = S.load_cellpose_model(path)
+        assert S.network_widths(S.cellpose_state(path)) == [2, *widths]
+        for name, value in net.state_dict().items():  # the file's weights, not random ones
+            assert torch.equal(model.net.state_dict()[name].cpu(), value), name
+        labels = S.run_cellpose(model, np.stack([image, image]), diameter=0, settings=S.SegmentSettings(),
+                                min_size=15)
+        assert labels.shape == (2, 96, 120)
+
+
+def test_shipped_weights_match_their_cards():
+    for kind, path in SHIPPED.items():
+        card = json.loads(path.with_suffix(".json").read_text())
+        assert card["kind"] == kind
+        assert card["sha256"] == S.sha256_file(path)
+        assert S.network_widths(S.cellpose_state(path)) == card["widths"] == [2, *S.REDUCED_WIDTHS]
+        assert min(v for k, v in card["metrics"].items() if k.startswith("ap50")) >= 0.9
+
+
+def test_training_writes_a_loadable_model_and_its_card(tmp_path):
+    card = S.train_shipped_model("nuclei", tmp_path / "n.pth", sites=2, epochs=2, seed=3, threads=2)
+    assert card["sha256"] == S.sha256_file(tmp_path / "n.pth")
+    assert card["data"]["samples"] == 4 and card["training"]["epochs"] == 2
+    assert len(card["training"]["train_loss"]) == 2
+    assert S.load_cellpose_model(tmp_path / "n.pth").diam_mean == pytest.approx(S.KIND_DIAMETERS["nuclei"])
+    with pytest.raises(S.SegmentError, match="unknown model kind"):
+        S.train_shipped_model("cyto", tmp_path / "c.pth", sites=2, epochs=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and objects
+# ---------------------------------------------------------------------------------------------
+
+
+def test_scaling_and_site_quality():
+    ramp = np.tile(np.arange(100, dtype=np.float32), (10, 1))
+    scaled = S.scale_channel(ramp)
+    assert scaled.min() == 0 and scaled.max() == 1
+    assert S.scale_channel(ramp, 0.3)[0, 50] == pytest.approx(scaled[0, 50] ** 0.3, rel=1e-5)
+    assert not S.scale_channel(np.full((8, 8), 7.0)).any()
+    with pytest.raises(S.SegmentError, match="NaN"):
+        S.scale_channel(np.full((4, 4), np.nan))
+    assert S.cellpose_input(ramp).shape == (2, 10, 100)
+    assert "blank" in S.site_quality(np.zeros((8, 8), np.uint16))
+    assert "saturated" in S.site_quality(np.full((8, 8), 65535, np.uint16))
+    assert S.site_quality(ramp) == ""
+
+
+def test_relate_objects_gives_one_nucleus_per_cell_with_shared_numbers():
+    cells = np.zeros((100, 100), np.int32)
+    nuclei = np.zeros_like(cells)
+    cells[10:40, 10:40] = 5  # two nuclei: keeps the one it overlaps most
+    disc(nuclei, 1, 20, 20, 6)
+    disc(nuclei, 2, 32, 32, 3)
+    cells[50:80, 50:80] = 7  # no nucleus: dropped
+    cells[50:80, 10:40] = 9  # nucleus sticking out of the cell: clipped to it
+    disc(nuclei, 3, 52, 25, 5)
+    disc(nuclei, 4, 90, 90, 4)  # no cell: dropped
+    cells[0:20, 70:95] = 11  # touches the edge: dropped with its nucleus
+    disc(nuclei, 5, 8, 80, 4)
+    out = S.relate_objects(nuclei, cells, exclude_border=True)
+    assert out.counts == {"nuclei_found": 5, "cells_found": 4, "objects": 2, "cells_without_nucleus": 1,
+                          "nuclei_without_cell": 2, "border_objects": 1}
+    assert sorted(np.unique(out.cells)) == sorted(np.unique(out.nuclei)) == [0, 1, 2]
+    assert np.all(out.cells[out.nuclei > 0] == out.nuclei[out.nuclei > 0])  # nucleus k inside cell k
+    assert np.array_equal(out.cytoplasm, np.where(out.nuclei > 0, 0, out.cells))
+    assert out.nuclei[20, 20] == out.cells[20, 20] and out.nuclei[32, 32] == 0
+    assert out.nuclei[48, 25] == 0  # clipped at the cell's edge
+    kept = S.relate_objects(nuclei, cells, exclude_border=False)
+    assert kept.counts["objects"] == 3 and kept.counts["border_objects"] == 0
+
+
+def test_size_filter_and_border():
+    labels = np.zeros((50, 50), np.int32)
+    labels[0:3, 0:3] = 1
+    labels[10:20, 10:20] = 2
+    labels[30:48, 30:48] = 3
+    assert sorted(np.unique(S.filter_sizes(labels, 10, 200))) == [0, 2]
+    assert list(S.touching_border(labels)) == [1]
+
+
+def test_instance_metrics_against_known_answers():
+    truth = np.zeros((60, 60), np.int32)
+    for k, (y, x) in enumerate([(10, 10), (10, 40), (40, 10), (40, 40)], start=1):
+        disc(truth, k, y, x, 6)
+    perfect = S.instance_metrics(truth, truth * 3)  # numbering does not matter
+    assert perfect["ap50"] == perfect["map50_95"] == perfect["f1_70"] == perfect["jaccard"] == 1.0
+    missing = truth.copy()
+    missing[missing == 4] = 0
+    scores = S.instance_metrics(truth, missing)
+    assert scores["ap50"] == pytest.approx(3 / 4) and scores["n_predicted"] == 3
+    assert scores["f1_70"] == pytest.approx(2 * 3 / (2 * 3 + 1))
+    shifted = np.roll(truth, 4, axis=1)  # IoU of a 6-px disc moved by 4 px ~0.4: no match at 0.5
+    assert S.instance_metrics(truth, shifted)["ap50"] == 0
+    assert S.instance_metrics(np.zeros_like(truth), np.zeros_like(truth))["ap50"] == 1.0
+    rows = [S.instance_metrics(truth, truth), scores]
+    assert S.pooled_ap(rows) == pytest.approx(7 / 8)
+
+
+def test_labels_roundtrip_and_ome_zarr_reads_them(tmp_path):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    root = zarr.open_group(tmp_path / "plate.zarr", mode="w", zarr_format=3)
+    field = root.require_group("A").require_group("01").require_group("0")
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_image
+
+    write_image(np.zeros((1, 1, 1, 32, 32), np.float32), field, axes="tczyx", fmt=FormatV05(),
+                scaler=None)
+    labels = np.zeros((32, 32), np.int32)
+    labels[4:10, 4:10] = 1
+    labels[20:30, 5:15] = 2
+    write_field_labels(field, {"nuclei_real": labels, "cells_real": labels * 2})
+    write_field_labels(field, {"nuclei_virtual": labels})
+    assert label_names(tmp_path / "plate.zarr", "A01", 1) == ["nuclei_real", "cells_real", "nuclei_virtual"]
+    assert np.array_equal(read_labels(tmp_path / "plate.zarr", "A01", 1, "cells_real"), labels * 2)
+    with pytest.raises(KeyError, match="no labels"):
+        read_labels(tmp_path / "plate.zarr", "A01", 1, "cytoplasm_real")
+    nodes = list(Reader(parse_url(str(tmp_path / "plate.zarr" / "A" / "01" / "0")))())
+    found = [node for node in nodes if node.load(__import__("ome_zarr.reader").reader.Label)]
+    assert len(found) == 3
+    with pytest.raises(ValueError, match="non-negative integers"):
+        write_field_labels(field, {"bad": labels.astype(np.float32)})
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo screen (default workflow run)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run):
+    return demo_run / "results"
+
+
+def demo_truth(demo_run, plate, well, site, objects):
+    masks = demo_run / "results" / "demo" / "screen" / "truth" / plate / "masks"
+    return tifffile.imread(masks / f"{well}_s{site}_{objects}.tif")
+
+
+def test_demo_every_plate_segmented_and_every_cell_has_one_nucleus(demo):
+    for plate in ("P1", "P2", "P3", "P4"):
+        sites = pd.read_csv(demo / "plates" / plate / "segment" / "sites.csv", keep_default_na=False)
+        expected = {"real", "virtual"} if plate != "P4" else {"virtual"}
+        assert set(sites["source"]) == expected
+        assert sites["status"].isin(["ok", "no_objects"]).all(), sites[sites["status"] != "ok"]
+        assert (sites["status"] == "ok").mean() >= 0.95  # no_objects: toxic wells with pyknotic nuclei
+        store = demo / "plates" / plate / "labels.zarr"
+        for row in sites.sample(4, random_state=0).itertuples():
+            names = label_names(store, row.well, row.site)
+            nuclei = read_labels(store, row.well, row.site, f"nuclei_{row.source}")
+            cells = read_labels(store, row.well, row.site, f"cells_{row.source}")
+            cytoplasm = read_labels(store, row.well, row.site, f"cytoplasm_{row.source}")
+            assert f"cytoplasm_{row.source}" in names
+            ids = np.unique(cells[cells > 0])
+            assert np.array_equal(ids, np.unique(nuclei[nuclei > 0])) and len(ids) == row.objects
+            assert np.all(cells[nuclei > 0] == nuclei[nuclei > 0])
+            assert np.array_equal(cytoplasm, np.where(nuclei > 0, 0, cells))
+            for objects in (nuclei, cells):
+                assert not len(S.touching_border(objects))
+
+
+def test_demo_accuracy_against_truth_and_between_real_and_virtual(demo):
+    metrics = pd.concat([pd.read_parquet(demo / "plates" / p / "segment" / "metrics.parquet")
+                         for p in ("P1", "P2", "P3", "P4")])
+    summary = S.summarise_metrics(metrics).set_index(["comparison", "objects"])
+    print(summary.to_string())
+    assert summary.loc[("real_vs_truth", "nuclei"), "ap50_pooled"] >= 0.9
+    assert summary.loc[("real_vs_truth", "cells"), "ap50_pooled"] >= 0.8
+    assert summary.loc[("virtual_vs_real", "nuclei"), "ap50_pooled"] >= 0.8
+    assert set(metrics.loc[metrics["plate"] == "P4", "comparison"]) == {"virtual_vs_truth"}
+
+
+def test_demo_metrics_are_the_stored_labels_scored_against_the_truth_files(demo, demo_run):
+    metrics = pd.read_parquet(demo / "plates" / "P2" / "segment" / "metrics.parquet")
+    row = metrics[(metrics["comparison"] == "real_vs_truth") & (metrics["objects"] == "nuclei")].iloc[3]
+    truth = S.relate_objects(demo_truth(demo_run, "P2", row.well, row.site, "nuclei"),
+                             demo_truth(demo_run, "P2", row.well, row.site, "cells"))
+    predicted = read_labels(demo / "plates" / "P2" / "labels.zarr", row.well, row.site, "nuclei_real")
+    assert S.instance_metrics(truth.nuclei, predicted)["ap50"] == pytest.approx(row.ap50)
+    assert (demo / "plates" / "P2" / "segment" / "overlay.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------------
+# Real nuclei (../shared/data), never trained on
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nuclei_model():
+    return S.load_cellpose_model(SHIPPED["nuclei"])
+
+
+def segment_real(model, image):
+    inputs = S.cellpose_input(image)[None]
+    settings = S.SegmentSettings()
+    diameter = S.estimate_diameter(model, inputs, settings, settings.min_nucleus_area)
+    return S.run_cellpose(model, inputs, diameter=diameter, settings=settings,
+                          min_size=settings.min_nucleus_area)[0]
+
+
+def test_real_nuclei_dsb2018_image(nuclei_model):
+    """One DSB2018 image (stardist's test image, 125 manual nuclei), never trained on."""
+    folder = shared_data("stardist-wheel-nuclei") / "stardist" / "data" / "images"
+    truth = tifffile.imread(folder / "mask2d.tif")
+    scores = S.instance_metrics(truth, segment_real(nuclei_model, tifffile.imread(folder / "img2d.tif")))
+    print("DSB2018", scores)
+    assert scores["ap50"] >= DSB_FLOOR
+
+
+def test_real_nuclei_ctc_held_out_frames(nuclei_model):
+    """Cell Tracking Challenge frames with gold-standard masks that the shipped model never saw
+    (S.CTC_FRAMES: other frames of the same movies may be in its training data)."""
+    rows = {}
+    for name, image, truth in S.ctc_frames(shared_data("nuclei-gt-coelho-ctc"), "test"):
+        rows[name] = S.instance_metrics(truth, segment_real(nuclei_model, image))
+    pooled = S.pooled_ap(list(rows.values()))
+    print({k: round(v["ap50"], 3) for k, v in rows.items()}, "pooled", pooled)
+    assert pooled >= CTC_FLOOR
