@@ -17,8 +17,8 @@ from conftest import REPO, shared_data
 from brightpaint import segment as S
 from brightpaint.labels import label_names, read_labels, write_field_labels
 
-DSB_FLOOR = 0.0  # set from the measured value below
-CTC_FLOOR = 0.0
+DSB_FLOOR = 0.75  # measured 0.81 (2-core CPU); the margin covers thread-count rounding
+CTC_FLOOR = 0.78  # measured 0.82 pooled over the 5 held-out frames (GOWT1 0.84-0.97, HeLa 0.81)
 SHIPPED = {kind: REPO / "resources" / "cellpose" / f"{kind}.pth" for kind in S.KINDS}
 
 

@@ -288,17 +288,22 @@ def equivalent_diameters(labels: np.ndarray) -> np.ndarray:
 
 
 def estimate_diameter(model, inputs: np.ndarray, settings: SegmentSettings, min_size: int) -> float:
-    """Median object diameter (px) in sample inputs: Cellpose at its own scale first, then once more
-    at the scale that finds (objects far from the network's size are cut up or missed at its own
-    scale). Falls back to the network's diameter when nothing is found."""
-    diameter = 0.0
-    for _ in range(2):
-        labels = run_cellpose(model, inputs, diameter=diameter, settings=settings, min_size=min_size)
+    """Median object diameter (px) in sample inputs. Cellpose runs assuming diameters from half to
+    four times the network's own; the answer is the median size found at the assumption that agrees
+    best with what it finds (a network shown objects far from its size cuts them up or misses them,
+    so a single run at its own scale can be far off); scales that find fewer than half the objects of
+    the most fruitful one are not considered. Falls back to the network's diameter when
+    nothing is found at any scale."""
+    runs = []
+    for assumed in model.diam_mean * 2.0 ** np.arange(-1, 2.5, 0.5):
+        labels = run_cellpose(model, inputs, diameter=float(assumed), settings=settings, min_size=min_size)
         found = np.concatenate([equivalent_diameters(site) for site in labels])
-        if len(found) == 0:
-            break
-        diameter = float(np.median(found))
-    return diameter if diameter > 0 else float(model.diam_mean)
+        if len(found):
+            runs.append((abs(np.log(np.median(found) / assumed)), float(np.median(found)), len(found)))
+    # a scale that finds only a few stray objects agrees with itself by chance: ignore it
+    runs = [r for r in runs if r[2] >= 0.5 * max((r[2] for r in runs), default=0)]
+    best = min(runs)[1] if runs else 0.0
+    return best if best > 0 else float(model.diam_mean)
 
 
 # ---------------------------------------------------------------------------------------------
