@@ -1,0 +1,406 @@
+"""Image-based profiles with pycytominer: single cells -> wells -> normalised, feature-selected
+profiles -> one consensus profile per treatment.
+
+Tables are pandas DataFrames in CellProfiler's convention: a column whose name starts with
+`Metadata_` is metadata, every other column is a numeric feature (`Cells_AreaShape_Area`,
+`Nuclei_Intensity_MeanIntensity_DNA`, ...). Every step passes its feature list to pycytominer
+explicitly (pycytominer would otherwise infer features from the Cells/Nuclei/Cytoplasm prefixes).
+
+Steps (one verb per function, each usable alone):
+- `aggregate_wells`: single cells -> one row per (plate, well[, source]) with `Metadata_Object_Count`.
+- `annotate_wells`: plate map + screen-sheet row -> `Metadata_perturbation`, `Metadata_dose`,
+  `Metadata_control_type`, `Metadata_moa`, `Metadata_target`, `Metadata_batch`,
+  `Metadata_cell_type` and `Metadata_treatment` ("<perturbation>@<dose>", negative controls just
+  "<perturbation>", e.g. "DMSO"). A profiled well missing from the plate map is an error.
+- `normalise_profiles`: per plate (and per stain source when `Metadata_Source` is present) against
+  reference wells (default: the negative controls), robust MAD by default.
+- `select_features`: pycytominer.feature_select (NA-heavy, low-frequency/low-variance, correlated
+  and blocklisted features dropped); `feature_columns(result)` is the kept feature list.
+- `consensus_profiles`: one profile per treatment (median), keeping the metadata that is constant
+  per treatment; pass ("Metadata_treatment", "Metadata_batch") for the per-batch consensus that
+  NSCB matching needs.
+
+pycytominer 1.7 note: its operation "variance_threshold" is now a plain minimum-variance filter
+(`min_variance`, 1e-6); the classic caret-style filter with `freq_cut` / `unique_cut` (called
+"variance_threshold" in pycytominer until 2024) is now "frequency_threshold". Both are in the
+default selection here. The BBBC021 reference (tests/test_profiles.py) is reproduced with
+operations (frequency_threshold, correlation_threshold, drop_na_columns, blocklist).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import pycytominer
+from pycytominer.operations import RobustMAD
+from scipy.stats import iqr, median_abs_deviation
+from sklearn.preprocessing import RobustScaler, StandardScaler
+
+from brightpaint.io import normalise_well
+
+META = "Metadata_"
+PLATE, WELL, SITE, SOURCE = "Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Source"
+OBJECT_NUMBER, OBJECT_COUNT = "Metadata_ObjectNumber", "Metadata_Object_Count"
+TREATMENT, PERTURBATION, DOSE = "Metadata_treatment", "Metadata_perturbation", "Metadata_dose"
+CONTROL_TYPE, MOA, TARGET = "Metadata_control_type", "Metadata_moa", "Metadata_target"
+BATCH, CELL_TYPE = "Metadata_batch", "Metadata_cell_type"
+REPLICATE_COUNT = "Metadata_Replicate_Count"
+NEGCON_SAMPLES = f"{CONTROL_TYPE} == 'negcon'"
+PLATEMAP_FIELDS = ("perturbation", "dose", "control_type", "moa", "target")
+PLATE_INFO_FIELDS = ("batch", "cell_type")
+# drop_na first: features that normalisation left NaN (no spread in the reference wells) go
+# before the frequency and correlation filters look at them.
+DEFAULT_SELECTION = ("drop_na_columns", "frequency_threshold", "variance_threshold",
+                     "correlation_threshold", "blocklist")
+SCALED_METHODS = ("mad_robustize", "robustize", "standardize")
+# settings keys of config `profiles:` -> pycytominer.feature_select keyword arguments
+_SELECT_KEYWORDS = {"na_cutoff": "na_cutoff", "freq_cut": "freq_cut", "unique_cut": "unique_cut",
+                    "correlation_threshold": "corr_threshold", "corr_threshold": "corr_threshold",
+                    "corr_method": "corr_method", "min_variance": "min_variance",
+                    "outlier_cutoff": "outlier_cutoff", "blocklist": "blocklist"}
+PROFILE_DEFAULTS = {"aggregate": "median", "normalise": "mad_robustize",
+                    "normalise_samples": NEGCON_SAMPLES, "feature_select": list(DEFAULT_SELECTION),
+                    "consensus": "median"}
+
+
+def metadata_columns(df: pd.DataFrame) -> list[str]:
+    """Columns whose name starts with `Metadata_`, in table order."""
+    return [c for c in df.columns if str(c).startswith(META)]
+
+
+def feature_columns(df: pd.DataFrame) -> list[str]:
+    """Every column that is not metadata, in table order."""
+    return [c for c in df.columns if not str(c).startswith(META)]
+
+
+def _numeric_features(df: pd.DataFrame, what: str) -> list[str]:
+    features = feature_columns(df)
+    if not features:
+        raise ValueError(f"{what}: the table has no feature columns (every column is Metadata_*)")
+    bad = [c for c in features if not pd.api.types.is_numeric_dtype(df[c])]
+    if bad:
+        raise ValueError(f"{what}: feature columns must be numeric; not numeric: {bad[:10]}"
+                         + (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
+    return features
+
+
+def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}")
+
+
+def _metadata_first(df: pd.DataFrame) -> pd.DataFrame:
+    return df[metadata_columns(df) + feature_columns(df)]
+
+
+def aggregate_wells(single_cells: pd.DataFrame, operation: str = "median",
+                    strata: Sequence[str] | None = None) -> pd.DataFrame:
+    """One profile per well (per stain source when `Metadata_Source` is present) with
+    pycytominer.aggregate, plus `Metadata_Object_Count` (objects per well).
+
+    `strata` defaults to (Metadata_Plate, Metadata_Well[, Metadata_Source]); other metadata
+    (site, object number) is aggregated away. Rows are sorted by the strata.
+    """
+    _require(single_cells, [PLATE, WELL], "aggregate_wells")
+    if strata is None:
+        strata = [c for c in (PLATE, WELL, SOURCE) if c in single_cells.columns]
+    strata = list(strata)
+    _require(single_cells, strata, "aggregate_wells")
+    if single_cells[strata].isna().any().any():
+        raise ValueError(f"aggregate_wells: missing values in the grouping columns {strata}")
+    features = _numeric_features(single_cells, "aggregate_wells")
+    cells = single_cells
+    if OBJECT_NUMBER not in cells.columns:  # count rows
+        cells = cells.assign(**{OBJECT_NUMBER: 1})
+    wells = pycytominer.aggregate(cells, strata=strata, features=features, operation=operation,
+                                  compute_object_count=True, object_feature=OBJECT_NUMBER)
+    return _metadata_first(wells.sort_values(strata).reset_index(drop=True))
+
+
+def format_dose(dose) -> str:
+    """A dose as a short stable string: 10.0 -> '10', 0.1 -> '0.1', 3e-05 -> '3e-05'."""
+    return f"{float(dose):g}"
+
+
+def treatment_name(perturbation: str, dose, control_type: str) -> str:
+    """'<perturbation>@<dose>'; negative controls and dose-less wells are just the perturbation."""
+    if control_type == "negcon" or dose is None or pd.isna(dose):
+        return str(perturbation)
+    return f"{perturbation}@{format_dose(dose)}"
+
+
+def _blank_to_nan(values: pd.Series) -> pd.Series:
+    if values.dtype != object:
+        return values
+    return values.map(lambda v: np.nan if isinstance(v, str) and not v.strip() else v)
+
+
+def annotate_wells(wells: pd.DataFrame, platemap: pd.DataFrame,
+                   plate_info: Mapping | None = None,
+                   plate_fields: Sequence[str] = PLATE_INFO_FIELDS) -> pd.DataFrame:
+    """Annotate one plate's well profiles from its plate map and its screen-sheet row.
+
+    `platemap` has columns well, perturbation, dose, control_type, moa, target (wells like A01 or
+    A1); `plate_info` is the plate's row of the screen sheet (a dict), whose `plate_fields`
+    (batch, cell_type) become constant columns. Adds Metadata_<field> for the plate map fields
+    and plate fields, and `Metadata_treatment`. Empty moa / target become missing values.
+
+    Raises ValueError naming the plate and wells when a profiled well is not in the plate map
+    (never a silent drop), when the plate map lists a well twice, or when `plate_info['plate']`
+    is not the plate of the profiles. Plate-map wells without profiles are fine (empty wells).
+    """
+    _require(wells, [PLATE, WELL], "annotate_wells")
+    _require(platemap, ["well", *PLATEMAP_FIELDS], "annotate_wells: plate map")
+    plates = pd.unique(wells[PLATE])
+    if len(plates) != 1:
+        raise ValueError(f"annotate_wells annotates one plate at a time; got plates {list(plates)}")
+    plate = str(plates[0])
+    info = dict(plate_info or {})
+    if "plate" in info and str(info["plate"]) != plate:
+        raise ValueError(f"annotate_wells: plate_info is for plate {info['plate']!r}, the profiles "
+                         f"are of plate {plate!r}")
+    taken = [f"{META}{f}" for f in (*PLATEMAP_FIELDS, *plate_fields)] + [TREATMENT]
+    already = [c for c in taken if c in wells.columns]
+    if already:
+        raise ValueError(f"annotate_wells: plate {plate} is already annotated ({already})")
+
+    pm = platemap.copy()
+    pm["_well"] = pm["well"].map(normalise_well)
+    bad = pm.loc[pm["_well"].isna(), "well"].tolist()
+    if bad:
+        raise ValueError(f"annotate_wells: plate {plate}: plate map wells not understood: {bad}")
+    counts = pm["_well"].value_counts()
+    if (counts > 1).any():
+        raise ValueError(f"annotate_wells: plate {plate}: plate map lists well(s) "
+                         f"{sorted(counts[counts > 1].index)} more than once")
+    keys = wells[WELL].map(normalise_well)
+    missing = sorted({str(w) for w, k in zip(wells[WELL], keys, strict=True)
+                      if k is None or k not in set(pm["_well"])})
+    if missing:
+        raise ValueError(f"annotate_wells: plate {plate}: well(s) {', '.join(missing)} have profiles "
+                         "but are not in the plate map")
+
+    pm = pm.set_index("_well")
+    out = wells.copy()
+    for field in PLATEMAP_FIELDS:
+        out[f"{META}{field}"] = _blank_to_nan(keys.map(pm[field]))
+    out[DOSE] = pd.to_numeric(out[DOSE])
+    if out[PERTURBATION].isna().any():
+        empty = sorted(out.loc[out[PERTURBATION].isna(), WELL].astype(str))
+        raise ValueError(f"annotate_wells: plate {plate}: empty perturbation in well(s) {empty}")
+    for field in plate_fields:
+        if field in info:
+            out[f"{META}{field}"] = info[field]
+    out[TREATMENT] = [treatment_name(p, d, c) for p, d, c in
+                      zip(out[PERTURBATION], out[DOSE], out[CONTROL_TYPE], strict=True)]
+    return _metadata_first(out)
+
+
+def _group_name(by: Sequence[str], key) -> str:
+    key = key if isinstance(key, tuple) else (key,)
+    return ", ".join(f"{c.removeprefix(META)} {k}" for c, k in zip(by, key, strict=True))
+
+
+def _zero_scale_features(reference: pd.DataFrame, method: str) -> list[str]:
+    """Features whose scale in the reference rows is zero (or undefined) for `method`."""
+    values = reference.to_numpy(dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if method == "mad_robustize":
+            scale = median_abs_deviation(values, axis=0, nan_policy="omit")
+        elif method == "standardize":
+            scale = np.nanstd(values, axis=0)
+        elif method == "robustize":
+            scale = iqr(values, axis=0, nan_policy="omit")
+        else:
+            return []
+    scale = np.asarray(scale, dtype=float)
+    return [f for f, s in zip(reference.columns, scale, strict=True) if not (np.isfinite(s) and s > 0)]
+
+
+def _scaler(method: str, epsilon: float):
+    """The scaler pycytominer.normalize uses for `method`."""
+    if method == "mad_robustize":
+        return RobustMAD(epsilon=epsilon)
+    return {"standardize": StandardScaler, "robustize": RobustScaler}[method]()
+
+
+def normalise_profiles(wells: pd.DataFrame, method: str = "mad_robustize",
+                       samples: str = NEGCON_SAMPLES, by: Sequence[str] = (PLATE, SOURCE),
+                       zero_scale: str = "nan", min_samples: int = 2,
+                       mad_robustize_epsilon: float = 1e-18) -> pd.DataFrame:
+    """Normalise features with pycytominer.normalize separately for each plate (and each stain
+    source: the columns of `by` that the table has; `by=()` normalises the whole table at once),
+    fitted on the rows matching `samples` (a pandas query, default the negative controls; "all" =
+    every row of the group).
+
+    mad_robustize: (x - median) / (1.4826 * MAD) of the reference rows, so the reference has median
+    0 and (normal-consistent) MAD 1 per feature.
+
+    A group with no reference row is an error naming the plate; so is one with fewer than
+    `min_samples` for the scaling methods (one control well has no spread). A feature without
+    spread in a group's reference (MAD / std / IQR 0) cannot be scaled: pycytominer divides by
+    epsilon and returns values near 1e18; with `zero_scale="nan"` (default) such features are set
+    to NaN in that group instead (a warning names them; drop_na_columns removes them later),
+    `zero_scale="keep"` keeps pycytominer's result. The scaling methods use pycytominer's scalers
+    (RobustMAD, sklearn StandardScaler / RobustScaler) directly, fitted on the reference rows,
+    which is what pycytominer.normalize does; other methods (spherize, inverse_normal) call
+    pycytominer.normalize per group. `result.attrs["zero_scale_features"]` maps
+    each group to those features. Rows keep the input order.
+    """
+    if zero_scale not in ("nan", "keep"):
+        raise ValueError(f"zero_scale must be 'nan' or 'keep', got {zero_scale!r}")
+    by = [c for c in by if c in wells.columns]
+    features = _numeric_features(wells, "normalise_profiles")
+    meta = metadata_columns(wells)
+    zero = {}
+    # one float block: column-wise pandas work on a wide, fragmented table is slow
+    values = wells[features].to_numpy(dtype=float)
+    result = values.copy()
+    meta_table = wells[meta].reset_index(drop=True)
+    groups = (meta_table.groupby(by, sort=True, dropna=False).indices if by
+              else {"all rows": np.arange(len(wells))})
+    for key, rows in groups.items():
+        name = _group_name(by, key) if by else key
+        group_meta = meta_table.iloc[rows]
+        if samples == "all":
+            reference = rows
+        else:
+            try:  # on the metadata only: DataFrame.query is quadratic in the number of columns
+                chosen = group_meta.eval(samples)
+            except Exception as err:  # pandas raises several types for a bad query
+                raise ValueError(f"normalise_profiles: samples query {samples!r} failed on {name}: "
+                                 f"{err}") from err
+            if not (isinstance(chosen, pd.Series) and chosen.dtype == bool):
+                raise ValueError(f"normalise_profiles: samples {samples!r} is not a condition on "
+                                 "metadata columns")
+            reference = rows[chosen.to_numpy()]
+        if len(reference) == 0:
+            raise ValueError(f"normalise_profiles: {name}: no rows match samples={samples!r} (no "
+                             "reference wells to normalise against; use samples='all' or add "
+                             "control wells)")
+        if method in SCALED_METHODS and len(reference) < min_samples:
+            raise ValueError(f"normalise_profiles: {name}: only {len(reference)} row(s) match "
+                             f"samples={samples!r}; {method} needs at least {min_samples}")
+        if method in SCALED_METHODS:
+            # pycytominer.normalize's own scalers fitted on the reference rows (what normalize
+            # does after its samples query, which takes seconds on a wide table)
+            scaler = _scaler(method, mad_robustize_epsilon).fit(
+                pd.DataFrame(values[reference], columns=features))
+            result[rows] = np.asarray(scaler.transform(pd.DataFrame(values[rows], columns=features)),
+                                      dtype=float)
+        else:
+            normalised = pycytominer.normalize(wells.iloc[rows], features=features,
+                                               meta_features=meta, samples=samples, method=method)
+            result[rows] = normalised[features].to_numpy(dtype=float)
+        flat = _zero_scale_features(pd.DataFrame(values[reference], columns=features), method)
+        if flat:
+            zero[name] = flat
+            if zero_scale == "nan":
+                result[np.ix_(rows, [features.index(f) for f in flat])] = np.nan
+    out = pd.concat([wells[meta], pd.DataFrame(result, index=wells.index, columns=features)],
+                    axis=1)[list(wells.columns)]
+    if zero:
+        summary = "; ".join(f"{k}: {len(v)} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                            for k, v in zero.items())
+        action = "set to NaN" if zero_scale == "nan" else "kept (scaled by epsilon)"
+        warnings.warn(f"normalise_profiles: features without spread in the reference wells, "
+                      f"{action}: {summary}", stacklevel=2)
+    out.attrs["zero_scale_features"] = zero
+    return out
+
+
+def select_features(profiles: pd.DataFrame, operations: Sequence[str] = DEFAULT_SELECTION,
+                    samples: str = "all", **thresholds) -> pd.DataFrame:
+    """pycytominer.feature_select over every feature column; returns the table with the dropped
+    features removed (metadata kept), so `feature_columns(result)` is the kept feature list.
+
+    `thresholds` go to pycytominer (na_cutoff=0.05, freq_cut=0.05, unique_cut=0.01,
+    corr_threshold=0.9, corr_method='pearson', min_variance=1e-6, blocklist=..., its defaults in
+    brackets); the operations run in the order given, each on the features the previous left.
+    """
+    features = _numeric_features(profiles, "select_features")
+    selected = pycytominer.feature_select(profiles, features=features, samples=samples,
+                                          operation=list(operations), **thresholds)
+    if not feature_columns(selected):
+        raise ValueError(f"select_features: every feature was dropped by {list(operations)}")
+    return selected
+
+
+def selection_thresholds(settings: Mapping) -> dict:
+    """pycytominer.feature_select keyword arguments from the config `profiles:` settings."""
+    return {_SELECT_KEYWORDS[k]: v for k, v in settings.items() if k in _SELECT_KEYWORDS}
+
+
+def consensus_profiles(profiles: pd.DataFrame, replicate_columns: Sequence[str] = (TREATMENT,),
+                       operation: str = "median", by_source: bool = True,
+                       where_constant: Sequence[str] = (BATCH, CELL_TYPE, PLATE)) -> pd.DataFrame:
+    """One profile per group of `replicate_columns` (and stain source when `by_source` and the
+    table has `Metadata_Source`) with pycytominer.consensus.
+
+    Metadata: a column that is constant within every group is kept (perturbation, dose,
+    control_type, moa, target of a treatment); a column of `where_constant` that varies within
+    some groups is kept with a missing value there (at screen level a treatment seen in two
+    batches gets no batch); other varying columns (well, site) are dropped. Adds
+    `Metadata_Replicate_Count` (rows per group) and sums `Metadata_Object_Count`.
+
+    NSCB matching needs per-batch treatment profiles:
+    `consensus_profiles(wells, (Metadata_treatment, Metadata_batch))`.
+    """
+    keys = list(replicate_columns)
+    _require(profiles, keys, "consensus_profiles")
+    if by_source and SOURCE in profiles.columns and SOURCE not in keys:
+        keys.append(SOURCE)
+    features = _numeric_features(profiles, "consensus_profiles")
+    consensus = pycytominer.consensus(profiles, replicate_columns=keys, operation=operation,
+                                      features=features)
+    groups = profiles.groupby(keys, sort=True, dropna=False)
+    others = [c for c in metadata_columns(profiles) if c not in keys and c != OBJECT_COUNT]
+    meta = groups.size().rename(REPLICATE_COUNT).to_frame()
+    if OBJECT_COUNT in profiles.columns:
+        meta[OBJECT_COUNT] = groups[OBJECT_COUNT].sum()
+    if others:
+        distinct = groups[others].nunique(dropna=False)
+        first = groups[others].first()
+        for column in others:
+            constant = distinct[column] <= 1
+            if constant.all():
+                meta[column] = first[column]
+            elif column in where_constant:
+                meta[column] = first[column].where(constant)
+    meta = meta.reset_index()
+    out = consensus.merge(meta, on=keys, how="left", validate="one_to_one")
+    return _metadata_first(out.sort_values(keys).reset_index(drop=True))
+
+
+def plate_profiles(cells: pd.DataFrame, platemap: pd.DataFrame, plate_info: Mapping,
+                   settings: Mapping | None = None) -> dict[str, pd.DataFrame]:
+    """A plate's profiles at every level: wells (aggregated + annotated), normalised (per plate and
+    stain source), selected (feature selection over the plate's real and virtual wells together,
+    so both sources keep the same features) and consensus (per treatment and source).
+    `settings` is config `profiles:` (keys aggregate, normalise, normalise_samples,
+    feature_select, na_cutoff, freq_cut, unique_cut, correlation_threshold, consensus)."""
+    s = {**PROFILE_DEFAULTS, **(settings or {})}
+    wells = annotate_wells(aggregate_wells(cells, s["aggregate"]), platemap, plate_info)
+    normalised = normalise_profiles(wells, s["normalise"], s["normalise_samples"])
+    selected = select_features(normalised, s["feature_select"], **selection_thresholds(s))
+    consensus = consensus_profiles(selected, operation=s["consensus"])
+    return {"wells": wells, "normalised": normalised, "selected": selected, "consensus": consensus}
+
+
+def screen_profiles(normalised: Sequence[pd.DataFrame], settings: Mapping | None = None
+                    ) -> dict[str, pd.DataFrame]:
+    """The screen's feature-selected well profiles and per-treatment consensus from every plate's
+    normalised profiles (features missing on some plates become NaN and fall to drop_na_columns)."""
+    s = {**PROFILE_DEFAULTS, **(settings or {})}
+    if not normalised:
+        raise ValueError("screen_profiles: no plates")
+    wells = pd.concat(list(normalised), ignore_index=True)
+    wells = _metadata_first(wells)
+    selected = select_features(wells, s["feature_select"], **selection_thresholds(s))
+    consensus = consensus_profiles(selected, operation=s["consensus"])
+    return {"selected": selected, "consensus": consensus}

@@ -1,0 +1,333 @@
+"""Matching and evaluation on planted structures with known answers (NSC / NSCB accuracy, top-k,
+target matching, copairs mAP, percent replicating, real-vs-virtual feature agreement) and the
+BBBC021 1-NN not-same-compound MoA accuracy."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.linalg import hadamard
+from test_profiles import BBBC021_OPERATIONS, bbbc021  # noqa: F401  (fixture)
+
+from brightpaint.match import (
+    agreement_summary,
+    consistency_map,
+    feature_agreement,
+    knn_accuracy,
+    match_profiles,
+    matching_summary,
+    nearest_neighbours,
+    percent_replicating,
+    replicate_map,
+    similarity,
+    target_matching,
+    top_feature_nmae,
+    top_k_hit_rate,
+)
+from brightpaint.profiles import consensus_profiles, normalise_profiles, select_features
+
+H = hadamard(16).astype(float)  # rows 1..15: orthogonal, zero-mean (cosine = Pearson)
+FEATURES = [f"Cells_Intensity_F{i:02d}" for i in range(16)]
+CENTROID = {"A": H[1], "B": H[2], "C": H[3], "D": H[4], "E": H[5], "F": H[8]}
+# Compound -> (MoA, target, direction). d2 sits next to MoA A, so its queries are wrong (nearest
+# not-same-compound neighbour = an A compound); d1 still finds d2. E has one compound (no positive
+# under NSC).
+COMPOUNDS = {
+    "a1": ("A", "T1", H[1]), "a2": ("A", "T1|T9", H[1]),
+    "b1": ("B", "T2", H[2]), "b2": ("B", "T2", H[2]),
+    "c1": ("C", "T3", H[3]), "c2": ("C", "T4", H[3]),
+    "d1": ("D", "T5", H[4] + 0.3 * H[1]), "d2": ("D", "T6", H[1] + 0.6 * H[4]),
+    "e1": ("E", "T7", H[5]),
+}
+
+
+def _row(compound, dose, vector, control="trt", moa=None, target=None, **meta):
+    m, t, _ = COMPOUNDS.get(compound, (moa, target, None))
+    return {"Metadata_treatment": f"{compound}@{dose}", "Metadata_perturbation": compound,
+            "Metadata_dose": dose, "Metadata_control_type": control,
+            "Metadata_moa": m if moa is None else moa, "Metadata_target": t if target is None
+            else target, **meta, **dict(zip(FEATURES, vector, strict=True))}
+
+
+def planted_treatments(seed=0) -> pd.DataFrame:
+    """One profile per treatment: 9 compounds x 2 doses + DMSO + a poscon that copies d2 with
+    MoA D (found by d2's query if controls were candidates)."""
+    rng = np.random.default_rng(seed)
+    rows = [_row(c, dose, v + 0.02 * rng.normal(size=16))
+            for c, (_, _, v) in COMPOUNDS.items() for dose in (1, 10)]
+    rows.append(_row("DMSO", 0, 0.02 * rng.normal(size=16), "negcon", np.nan, np.nan))
+    rows.append(_row("pos", 1, COMPOUNDS["d2"][2], "poscon", "D", "T6"))
+    return pd.DataFrame(rows)
+
+
+def test_similarity_cosine_and_pearson():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(5, 7)) + 3
+    np.testing.assert_allclose(similarity(X, "pearson"), np.corrcoef(X), atol=1e-12)
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    np.testing.assert_allclose(similarity(X, "cosine"), unit @ unit.T, atol=1e-12)
+    Z = np.vstack([X[:2], np.zeros(7)])
+    assert similarity(Z)[2].tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="NaN"):
+        similarity(np.array([[1.0, np.nan], [1.0, 2.0]]))
+    with pytest.raises(ValueError, match="metric"):
+        similarity(X, "euclid")
+
+
+@pytest.mark.parametrize("metric", ["cosine", "pearson"])
+def test_nsc_accuracy_on_planted_moa_structure(metric):
+    profiles = planted_treatments()
+    nn = nearest_neighbours(profiles, metric=metric, k=5)
+    assert len(nn) == 18  # 9 compounds x 2 doses; DMSO and the poscon are not queries
+    assert not nn["neighbour"].str.startswith(("DMSO", "pos")).any()
+    assert set(nn.loc[~nn["has_positive"], "query"]) == {"e1@1", "e1@10"}
+    assert knn_accuracy(nn) == 14 / 16
+    wrong = nn[nn["has_positive"] & ~nn["match"]]
+    assert set(wrong["query"]) == {"d2@1", "d2@10"}
+    assert wrong["neighbour"].str.startswith("a").all()
+    # NSC: never the own compound
+    assert (nn["neighbour"].str[:2] != nn["query"].str[:2]).all()
+    # d2's first D neighbour (d1) comes after the 4 A profiles
+    assert wrong["first_hit_rank"].tolist() == [5.0, 5.0]
+    assert top_k_hit_rate(nn, 1) == 14 / 16
+    assert top_k_hit_rate(nn, 3) == 14 / 16 and top_k_hit_rate(nn, 5) == 1.0
+    # with controls as queries/candidates, d2 finds the poscon copy of itself
+    everything = nearest_neighbours(profiles, metric=metric, controls=())
+    assert everything.set_index("query").loc["d2@1", "neighbour"] == "pos@1"
+    # without NSC, a dose finds its own compound's other dose
+    same = nearest_neighbours(profiles, metric=metric, exclude=())
+    assert knn_accuracy(same) == 1.0
+
+
+def test_nscb_excludes_same_batch_candidates():
+    rng = np.random.default_rng(2)
+    batch_vector = {"B1": 0.8 * H[6], "B2": 0.8 * H[7]}
+    rows = []
+    for batch, shift in batch_vector.items():
+        for c, (_, _, v) in COMPOUNDS.items():
+            for dose in (1, 10):
+                rows.append(_row(c, dose, v + shift + 0.02 * rng.normal(size=16),
+                                 Metadata_batch=batch))
+    for c in ("f1", "f2"):  # MoA F only in batch B1
+        for dose in (1, 10):
+            rows.append(_row(c, dose, H[8] + batch_vector["B1"] + 0.02 * rng.normal(size=16),
+                             moa="F", target="T8", Metadata_batch="B1"))
+    per_batch = pd.DataFrame(rows)
+    nscb = nearest_neighbours(per_batch, exclude=("Metadata_perturbation", "Metadata_batch"))
+    query_batch = nscb["query"].str.split(" / ").str[1]
+    neighbour_batch = nscb["neighbour"].str.split(" / ").str[1]
+    assert (query_batch != neighbour_batch).all()
+    assert set(nscb.loc[~nscb["has_positive"], "query"].str[:2]) == {"e1", "f1", "f2"}
+    assert knn_accuracy(nscb) == 28 / 32  # d2's 2 doses x 2 batches wrong
+    nsc = nearest_neighbours(per_batch, exclude=("Metadata_perturbation",))
+    assert (nsc["query"].str.split(" / ").str[1] == nsc["neighbour"].str.split(" / ").str[1]).all()
+    assert nsc.set_index("query").loc["f1@1 / B1", "has_positive"]
+
+
+def test_target_matching_and_mtdist():
+    profiles = planted_treatments()
+    result = target_matching(profiles, metric="cosine")
+    # a1/a2 (share T1 via 'T1|T9') and b1/b2 (T2): 8 queries, all matched
+    assert result["n"] == 8 and result["match_rate"] == 1.0
+    assert result["n_without_positive"] == 10
+    pool = profiles[profiles["Metadata_control_type"] == "trt"].reset_index(drop=True)
+    S = similarity(pool[FEATURES].to_numpy(), "cosine")
+    targets = [set(t.split("|")) for t in pool["Metadata_target"]]
+    same, every = [], []
+    for i in range(len(pool)):
+        for j in range(i + 1, len(pool)):
+            if pool.loc[i, "Metadata_perturbation"] == pool.loc[j, "Metadata_perturbation"]:
+                continue
+            every.append(1 - S[i, j])
+            if targets[i] & targets[j]:
+                same.append(1 - S[i, j])
+    assert result["n_pairs_same_target"] == len(same) == 8
+    assert result["n_pairs_all"] == len(every) == 18 * 16 // 2
+    assert result["mtdist"] == pytest.approx(np.mean(same))
+    assert result["mtdist_all"] == pytest.approx(np.mean(every))
+    assert result["mtdist"] < 0.01 < 0.5 < result["mtdist_all"]
+
+
+def planted_wells(seed=0, treatments=8, replicates=2, negcon=8, effect=3.0):
+    """Wells on 2 plates (batches B1, B2): per plate `negcon` DMSO wells (noise) and `replicates`
+    wells of each treatment (its own compound; a random direction plus its MoA's direction, x
+    effect, + noise); MoA = treatment index % 4, so each MoA has two compounds."""
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(treatments, 16))
+    moa_directions = rng.normal(size=(4, 16))
+    rows = []
+    for p, plate in enumerate(("P1", "P2")):
+        well = 0
+        for _ in range(negcon):
+            well += 1
+            rows.append(_row("DMSO", 0, rng.normal(size=16), "negcon", np.nan, np.nan,
+                             Metadata_Plate=plate, Metadata_Well=f"A{well:02d}",
+                             Metadata_batch=f"B{p + 1}"))
+        for t in range(treatments):
+            vector = effect * (directions[t] + 1.5 * moa_directions[t % 4])
+            for _ in range(replicates):
+                well += 1
+                rows.append(_row(f"cpd{t}", 1, vector + rng.normal(size=16), "trt",
+                                 f"moa{t % 4}", f"T{t % 4}", Metadata_Plate=plate,
+                                 Metadata_Well=f"A{well:02d}", Metadata_batch=f"B{p + 1}"))
+    df = pd.DataFrame(rows)
+    return df[[c for c in df.columns if c.startswith("Metadata_")] + FEATURES]
+
+
+def _shuffled(wells, seed=0):
+    """The feature rows permuted over all wells (controls included): metadata no longer says
+    anything about the profiles, so every score should be at chance."""
+    out = wells.copy()
+    order = np.random.default_rng(seed).permutation(len(out))
+    out[FEATURES] = out[FEATURES].to_numpy()[order]
+    return out
+
+
+def test_replicate_map_planted_and_shuffled():
+    wells = planted_wells()
+    planted = replicate_map(wells, null_size=1000)
+    assert len(planted) == 8 and planted["n_profiles"].eq(4).all()
+    assert planted["mAP"].mean() > 0.95 and planted["retrieved"].all()
+    shuffled = replicate_map(_shuffled(wells), null_size=1000)
+    # chance: 3 positives ranked at random among 3 + 8 negatives -> expected AP ~0.45
+    assert shuffled["mAP"].mean() < 0.6 and shuffled["retrieved"].mean() <= 0.25
+    again = replicate_map(wells, null_size=1000)
+    pd.testing.assert_frame_equal(planted, again)  # deterministic (private copairs cache)
+    with pytest.raises(ValueError, match="no negcon wells"):
+        replicate_map(wells[wells["Metadata_control_type"] == "trt"], null_size=100)
+
+
+def test_consistency_map_planted_moa():
+    con = consistency_map(planted_treatments(), null_size=1000)
+    table = con.set_index("Metadata_moa")
+    assert set(table.index) == {"A", "B", "C", "D"}  # E has one compound: no positive pair
+    assert table.loc[["A", "B", "C"], "mAP"].eq(1.0).all()
+    assert table.loc["D", "mAP"] < 1.0
+
+
+def test_percent_replicating_planted_and_shuffled():
+    wells = planted_wells(replicates=3)
+    planted = percent_replicating(wells, n_null=500, seed=0)
+    assert len(planted) == 8 and planted["n_wells"].eq(6).all()
+    assert planted["replicating"].all()
+    assert planted.equals(percent_replicating(wells, n_null=500, seed=0))
+    shuffled = percent_replicating(_shuffled(wells, 1), n_null=500, seed=0)
+    assert shuffled["replicating"].mean() <= 0.25
+    other_seed = percent_replicating(wells, n_null=500, seed=1)
+    assert other_seed["replicating"].all()
+    assert not other_seed["null_threshold"].equals(planted["null_threshold"])
+
+
+def _real_virtual(noise, seed=0, n=40):
+    rng = np.random.default_rng(seed)
+    informative = rng.normal(size=n)
+    real = pd.DataFrame({
+        "Metadata_Plate": "P1", "Metadata_Well": [f"W{i:02d}" for i in range(n)],
+        "Metadata_moa": np.where(informative > 0, "m1", "m2"),
+        "Nuclei_Intensity_MeanIntensity_DNA": informative,
+        "Nuclei_AreaShape_Area": rng.normal(size=n) * 5 + 100,
+        "Cells_Texture_Contrast_CYTO_3_00_256": rng.normal(size=n),
+        "Cytoplasm_Granularity_1_CYTO": rng.normal(size=n),
+        "Cells_Children_Cytoplasm_Count": np.ones(n),
+    })
+    virtual = real.copy()
+    for column in real.columns[3:]:
+        virtual[column] = real[column] + noise * real[column].std() * rng.normal(size=n)
+    return real, virtual.sample(frac=1, random_state=0)  # matched on (plate, well), not order
+
+
+def test_feature_agreement_identical_and_noisy():
+    real, virtual = _real_virtual(0.0)
+    same = feature_agreement(real, virtual).set_index("feature")
+    assert same.loc["Nuclei_AreaShape_Area", "compartment"] == "Nuclei"
+    assert same.loc["Cells_Texture_Contrast_CYTO_3_00_256", "group"] == "Texture"
+    assert pd.isna(same.loc["Cells_Children_Cytoplasm_Count", "pearson"])  # constant
+    assert same["pearson"].dropna().eq(1.0).all() and same["n_wells"].eq(40).all()
+    real, noisy = _real_virtual(0.7)
+    agreement = feature_agreement(real, noisy)
+    assert agreement["pearson"].dropna().between(0.3, 0.95).all()
+    summary = agreement_summary(agreement).set_index(["compartment", "group"])
+    assert summary.loc[("all", "all"), "n_features"] == 5
+    assert summary.loc[("all", "all"), "n_undefined"] == 1
+    assert summary.loc[("Nuclei", "all"), "n_features"] == 2
+    assert summary.loc[("Cells", "Texture"), "median_pearson"] < 0.95
+
+
+def test_top_feature_nmae():
+    real, virtual = _real_virtual(0.0)
+    same = top_feature_nmae(real, virtual, n=3, seed=0)
+    assert same["rank"].tolist() == [1, 2, 3]
+    assert same.loc[0, "feature"] == "Nuclei_Intensity_MeanIntensity_DNA"
+    assert same["nmae"].eq(0.0).all()
+    real, noisy = _real_virtual(0.5)
+    top = top_feature_nmae(real, noisy, n=2, seed=0)
+    assert top.equals(top_feature_nmae(real, noisy, n=2, seed=0))
+    # E|N(0, 0.5)| = 0.5 * sqrt(2 / pi) ~ 0.40
+    assert 0.25 < top.loc[0, "nmae"] < 0.6
+
+
+def test_matching_summary_on_planted_wells():
+    wells = planted_wells()
+    summary = matching_summary(wells, null_size=200).set_index("metric")
+    for name in ("moa_nsc_accuracy_cosine", "moa_nsc_accuracy_pearson", "moa_nsc_top3_cosine",
+                 "moa_nsc_top5_pearson", "moa_nscb_accuracy_cosine", "target_match_rate_cosine",
+                 "mtdist_cosine", "mtdist_all_pairs_cosine", "replicate_mAP",
+                 "replicate_fraction_retrieved", "moa_consistency_mAP", "percent_replicating"):
+        assert np.isfinite(summary.loc[name, "value"]), name
+    assert summary.loc["moa_nsc_accuracy_cosine", "value"] == 1.0
+    assert summary.loc["moa_nsc_accuracy_cosine", "n"] == 8
+    assert summary.loc["moa_nscb_accuracy_cosine", "n"] == 16  # 8 treatments x 2 batches
+    assert summary.loc["percent_replicating", "value"] == 100.0
+    one_plate = matching_summary(wells[wells["Metadata_Plate"] == "P1"], null_size=200)
+    nscb = one_plate.set_index("metric").loc["moa_nscb_accuracy_cosine"]
+    assert np.isnan(nscb["value"]) and "2 batches" in nscb["details"]
+
+
+def test_match_profiles_tables():
+    wells = planted_wells()
+    both = pd.concat([wells.assign(Metadata_Source="real"),
+                      wells.assign(Metadata_Source="virtual")], ignore_index=True)
+    tables = match_profiles(both, consensus_profiles(both), both,
+                            {"null_size": 100, "top_features": 5})
+    assert set(tables) == {"summary", "neighbours", "agreement"}
+    summary = tables["summary"]
+    assert set(summary["source"]) == {"real", "virtual", "real vs virtual"}
+    level3 = summary[summary["source"] == "real vs virtual"].set_index("metric")
+    assert level3.loc["feature_agreement_median_pearson", "value"] == pytest.approx(1.0)
+    assert level3.loc["top5_feature_nmae", "value"] == 0.0
+    assert tables["agreement"]["rank"].notna().sum() == 5
+
+
+# --------------------------------------------------------------------------- BBBC021
+
+
+def test_bbbc021_nsc_moa_accuracy(bbbc021):  # noqa: F811
+    """1-NN not-same-compound MoA accuracy over the 103 BBBC021 treatments, mean profile per
+    treatment (as the cytominergallery vignette), on the reference normalisation/selection
+    (mad_robustize over all wells, BBBC021_OPERATIONS). Measured: 0.913 for cosine and for
+    Pearson (mean and median consensus); the vignette reports 0.82 (95% CI 0.73-0.89) and
+    Ljosa et al. 2013 ~0.83 for mean profiles. The pipeline's own default (per-plate robust
+    MAD against that plate's 6 DMSO wells) gives 0.78 (median consensus): six control wells make
+    a noisy MAD; it is printed, and must stay well above chance (1/12)."""
+    raw, _ = bbbc021
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        normalised = normalise_profiles(raw, samples="all", by=())
+        per_plate = normalise_profiles(raw)
+    selected = select_features(normalised, BBBC021_OPERATIONS)
+    treatments = consensus_profiles(selected, operation="mean")
+    results = {}
+    for metric in ("cosine", "pearson"):
+        nn = nearest_neighbours(treatments, metric=metric)
+        assert len(nn) == 103 and nn["has_positive"].all()
+        results[metric] = knn_accuracy(nn)
+    print(f"BBBC021 NSC 1-NN MoA accuracy (mean per treatment): cosine {results['cosine']:.3f}, "
+          f"pearson {results['pearson']:.3f}")
+    assert results["cosine"] >= 0.82 and results["pearson"] >= 0.82
+    default = consensus_profiles(select_features(per_plate), operation="median")
+    accuracy = knn_accuracy(nearest_neighbours(default, metric="cosine"))
+    print(f"BBBC021 NSC accuracy, pipeline defaults (per-plate DMSO MAD, median): {accuracy:.3f}")
+    assert accuracy > 0.5
