@@ -1,0 +1,284 @@
+"""CellProfiler 5 features: the pipeline file, known values on synthetic sites (one CellProfiler run
+for the module), object numbers joined across compartments, feature names against the Cell
+Painting Gallery's (cpg0043) CellProfiler outputs, empty and unusable sites."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from conftest import REPO, shared_data
+
+from brightpaint import features as F
+
+CP_PYTHON = REPO / ".venv-cellprofiler" / "bin" / "python"
+CPG0043 = "cytotable-cp-outputs/tests/data/cellprofiler/cpg0043-segmentation/BR00116991-A01-1"
+NAME_MATCH_FLOOR = 0.95  # measured 1.00 / 0.99-1.00: see test_feature_names_follow_the_cell_painting_gallery
+SIZE = 96
+ADU = 65535.0
+
+
+def needs_cellprofiler():
+    if not CP_PYTHON.exists() or not F.CELLPROFILER.exists():
+        pytest.skip(f"{CP_PYTHON.parent.parent} absent: build it with `make env-cellprofiler`")
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic sites with known answers
+# ---------------------------------------------------------------------------------------------
+
+# label -> (nucleus box, cell box) as (row0, row1, col0, col1), end-exclusive. Labels have a gap (no
+# 3) and cell 5 is all nucleus (no cytoplasm), so CellProfiler's 1..n numbering differs per
+# compartment and only a correct mapping joins them.
+SITE_A = {1: ((10, 20, 10, 22), (5, 30, 5, 30)),
+          2: ((10, 18, 50, 58), (4, 28, 44, 68)),
+          4: ((60, 72, 10, 24), (55, 81, 5, 31)),
+          5: ((60, 70, 60, 70), (60, 70, 60, 70))}
+SITE_B = {1: ((20, 30, 20, 30), (12, 40, 12, 40)),
+          2: ((50, 62, 50, 60), (44, 70, 44, 70))}
+DNA_VALUE = 2000.0
+
+
+def cyto_value(label: int) -> float:
+    return 300.0 + 150.0 * label
+
+
+def make_site(boxes: dict, seed: int) -> tuple[dict, dict]:
+    nuclei = np.zeros((SIZE, SIZE), np.int32)
+    cells = np.zeros((SIZE, SIZE), np.int32)
+    for label, (nbox, cbox) in boxes.items():
+        cells[cbox[0]:cbox[1], cbox[2]:cbox[3]] = label
+        nuclei[nbox[0]:nbox[1], nbox[2]:nbox[3]] = label
+    cytoplasm = np.where(nuclei > 0, 0, cells)
+    dna = np.where(nuclei > 0, DNA_VALUE, 100.0)
+    cyto = np.zeros((SIZE, SIZE))
+    for label in boxes:
+        cyto[cells == label] = cyto_value(label)
+    damage = np.random.default_rng(seed).poisson(200.0, (SIZE, SIZE)).astype(float)
+    return ({"DNA": dna, "CYTO": cyto, "DAMAGE": damage},
+            {"Nuclei": nuclei, "Cells": cells, "Cytoplasm": cytoplasm})
+
+
+SITES = {("P1", "A01", 1, "real"): make_site(SITE_A, 1),
+         ("001", "B02", 2, "virtual"): make_site(SITE_B, 2),  # a plate id that looks like a number
+         ("P1", "A01", 3, "real"): make_site({}, 3)}  # no objects
+BAD = {("P1", "A02", 1, "real"): "missing",  # no DAMAGE channel
+       ("P1", "A02", 2, "real"): "nan"}  # a NaN pixel
+
+
+def read_images(plate, well, site, source):
+    key = (plate, well, site, source)
+    if key in BAD:
+        images = dict(SITES[("P1", "A01", 1, "real")][0])
+        if BAD[key] == "missing":
+            del images["DAMAGE"]
+        else:
+            images["DNA"] = images["DNA"].copy()
+            images["DNA"][3, 3] = np.nan
+        return images
+    return SITES[key][0]
+
+
+def read_labels(plate, well, site, source):
+    key = (plate, well, site, source)
+    return SITES[("P1", "A01", 1, "real") if key in BAD else key][1]
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    needs_cellprofiler()
+    work = tmp_path_factory.mktemp("features")
+    sites = [*SITES, *BAD, ("P1", "A01", 1, "real")]  # the last one is listed twice
+    cells, images, qc = F.extract_features(sites, read_images, read_labels, F.PIPELINE, work)
+    return cells, images, qc, work
+
+
+# ---------------------------------------------------------------------------------------------
+# Without CellProfiler
+# ---------------------------------------------------------------------------------------------
+
+
+def test_site_inputs_are_clipped_rounded_uint16_and_rows_name_them(tmp_path):
+    image = np.array([[-5.0, 1.4], [1.6, 70000.0]])
+    labels = np.array([[0, 2], [2, 7]])
+    row = F.write_site_inputs(tmp_path, "P1", "A01", 3, {"DNA": image}, {"Nuclei": labels}, "real")
+    assert row["Metadata_Plate"] == "P1" and row["Metadata_Site"] == 3
+    assert row["Metadata_Source"] == "real"
+    written = tifffile.imread(tmp_path / row["FileName_DNA"])
+    assert written.dtype == np.uint16 and written.tolist() == [[0, 1], [2, 65535]]
+    written = tifffile.imread(tmp_path / row["ObjectsFileName_Nuclei"])
+    assert written.dtype == np.uint16 and written.tolist() == labels.tolist()
+    assert row["PathName_DNA"] == row["ObjectsPathName_Nuclei"] == str(tmp_path.resolve())
+    F.write_loaddata([row, row], tmp_path / "load.csv")
+    table = pd.read_csv(tmp_path / "load.csv")
+    assert len(table) == 2 and "ObjectsFileName_Nuclei" in table.columns
+
+
+@pytest.mark.parametrize("images, labels, message", [
+    ({"DNA": np.zeros((4, 4))}, {"Nuclei": np.zeros((4, 5), int)}, "shape"),
+    ({"DNA": np.full((4, 4), np.nan)}, {}, "non-finite"),
+    ({"DNA": np.zeros(4)}, {}, "2-D"),
+    ({"DNA": np.zeros((4, 4))}, {"Nuclei": np.full((4, 4), 70000)}, "0..65535"),
+    ({"DNA": np.zeros((4, 4))}, {"Nuclei": np.zeros((4, 4))}, "integers"),
+])
+def test_unusable_site_inputs_are_errors_naming_the_site(tmp_path, images, labels, message):
+    with pytest.raises(ValueError, match=rf"plate P9 well H12 site 4.*{message}"):
+        F.write_site_inputs(tmp_path, "P9", "H12", 4, images, labels)
+
+
+def test_concat_tables_keeps_every_column_and_sorts_by_site():
+    a = pd.DataFrame({"Metadata_Plate": ["P2"], "Metadata_Well": ["A01"], "Metadata_Site": [1],
+                      "Metadata_Source": ["real"], "Metadata_ObjectNumber": [3],
+                      "Nuclei_AreaShape_Area": [9.0]})
+    b = a.assign(Metadata_Plate="P1", Metadata_ObjectNumber=1).drop(columns="Nuclei_AreaShape_Area")
+    empty = a.iloc[:0]
+    table = F.concat_tables([a, empty, b])
+    assert list(table.columns) == list(a.columns) and list(table.Metadata_Plate) == ["P1", "P2"]
+    assert np.isnan(table.Nuclei_AreaShape_Area[0]) and table.Nuclei_AreaShape_Area[1] == 9.0
+    assert F.concat_tables([empty]).empty and list(F.concat_tables([empty]).columns) == list(a.columns)
+
+
+def test_pipeline_names_are_read_from_the_shipped_pipeline():
+    assert F.pipeline_names(F.PIPELINE) == (list(F.CHANNELS), list(F.OBJECTS))
+
+
+# ---------------------------------------------------------------------------------------------
+# With CellProfiler
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cellprofiler
+def test_building_the_pipeline_reproduces_the_shipped_file(tmp_path):
+    needs_cellprofiler()
+    built = F.write_pipeline(tmp_path / "features.cppipe", F.CHANNELS, F.OBJECTS, python=CP_PYTHON)
+    # the header (Version:5, DateRevision:500, GitHash:) carries no date: the bytes must agree
+    assert built.read_bytes() == F.PIPELINE.read_bytes()
+
+
+@pytest.mark.cellprofiler
+def test_known_areas_and_intensities(extracted):
+    cells, _, _, _ = extracted
+    site = cells[(cells.Metadata_Plate == "P1") & (cells.Metadata_Site == 1)].set_index(
+        "Metadata_ObjectNumber")
+    assert sorted(site.index) == sorted(SITE_A)  # label values, not CellProfiler's 1..n
+    for label, (nbox, cbox) in SITE_A.items():
+        n_area = (nbox[1] - nbox[0]) * (nbox[3] - nbox[2])
+        c_area = (cbox[1] - cbox[0]) * (cbox[3] - cbox[2])
+        row = site.loc[label]
+        assert row["Nuclei_AreaShape_Area"] == n_area
+        assert row["Cells_AreaShape_Area"] == c_area
+        value = cyto_value(label) / ADU
+        assert row["Cells_Intensity_MeanIntensity_CYTO"] == pytest.approx(value, rel=1e-6)
+        assert row["Cells_Intensity_IntegratedIntensity_CYTO"] == pytest.approx(value * c_area, rel=1e-5)
+        assert row["Nuclei_Intensity_MeanIntensity_DNA"] == pytest.approx(DNA_VALUE / ADU, rel=1e-6)
+        assert row["Nuclei_Intensity_IntegratedIntensity_DNA"] == pytest.approx(
+            DNA_VALUE / ADU * n_area, rel=1e-5)
+        if c_area > n_area:
+            assert row["Cytoplasm_AreaShape_Area"] == c_area - n_area
+            assert row["Cytoplasm_Intensity_MeanIntensity_CYTO"] == pytest.approx(value, rel=1e-6)
+        else:  # cell 5 is all nucleus: no cytoplasm object, NaN cytoplasm features
+            assert np.isnan(row["Cytoplasm_AreaShape_Area"])
+        # each compartment's centre lies in its own box: the rows were joined on the right objects
+        for objects, box in (("Nuclei", nbox), ("Cells", cbox)):
+            assert box[2] <= row[f"Metadata_{objects}_AreaShape_Center_X"] < box[3]
+            assert box[0] <= row[f"Metadata_{objects}_AreaShape_Center_Y"] < box[1]
+    # neighbour numbers are label values too: cell 1's closest cell is cell 2 or 4, never "3"
+    assert set(site["Metadata_Cells_Neighbors_FirstClosestObjectNumber_Adjacent"].dropna()) <= set(SITE_A)
+
+
+@pytest.mark.cellprofiler
+def test_tables_keys_and_bookkeeping(extracted):
+    cells, images, _, _ = extracted
+    assert list(cells.columns[:5]) == [*F.SITE_KEYS, F.OBJECT_KEY]
+    assert not cells.duplicated([*F.SITE_KEYS, F.OBJECT_KEY]).any()
+    assert not [c for c in cells.columns if c in ("ImageNumber", "ObjectNumber")
+                or re.search(r"_(Location_|Number_Object_Number)", c)]
+    features = [c for c in cells.columns if not c.startswith("Metadata_")]
+    assert all(c.split("_")[0] in F.OBJECTS for c in features)
+    b = cells[cells.Metadata_Plate == "001"]  # kept as text, not turned into 1
+    assert sorted(b.Metadata_ObjectNumber) == [1, 2] and set(b.Metadata_Source) == {"virtual"}
+    assert set(b.Metadata_Site) == {2}
+    assert len(images) == 3  # the empty site has image features, and no cells
+    counts = images.set_index(["Metadata_Plate", "Metadata_Site"])["Image_Count_Nuclei"]
+    assert counts[("P1", 1)] == 4 and counts[("001", 2)] == 2 and counts[("P1", 3)] == 0
+    assert "Image_ImageQuality_FocusScore_DNA" in images.columns
+    assert not [c for c in images.columns if c.startswith(("Image_FileName", "Image_ExecutionTime",
+                                                           "Image_Mean_", "Image_MD5"))]
+
+
+@pytest.mark.cellprofiler
+def test_empty_and_unusable_sites_give_no_rows_and_a_qc_reason(extracted):
+    cells, _, qc, _ = extracted
+    assert cells[(cells.Metadata_Plate == "P1") & (cells.Metadata_Site == 3)].empty
+    assert list(qc.columns) == ["plate", "well", "site", "source", "status", "reason", "cells"]
+    status = {tuple(r[:4]): (r.status, r.reason, r.cells) for r in qc.itertuples(index=False)}
+    assert status[("P1", "A01", 3, "real")][0] == "no_objects"
+    assert "plate P1 well A01 site 3" in status[("P1", "A01", 3, "real")][1]
+    assert status[("P1", "A01", 1, "real")][0] == "ok" and status[("P1", "A01", 1, "real")][2] == 4
+    skipped = qc[qc.status == "skipped"]
+    assert len(skipped) == 3  # missing channel, NaN pixel, listed twice
+    reasons = " | ".join(skipped.reason)
+    assert "plate P1 well A02 site 1" in reasons and "'DAMAGE'" in reasons
+    assert "plate P1 well A02 site 2" in reasons and "non-finite" in reasons
+    assert "listed twice" in reasons
+    assert cells[cells.Metadata_Well == "A02"].empty
+
+
+def _pattern(name: str, channels: list[str]) -> str:
+    """A feature name with each channel name (as a whole `_`-separated token) replaced by {C}, and
+    a neighbour distance (`Neighbors_..._5`, a setting: we use 5 px for nuclei, cpg0043 1 px) by {D}."""
+    tokens = ["{C}" if t in channels else t for t in name.split("_")]
+    if tokens[0] == "Neighbors" and tokens[-1].isdigit():
+        tokens[-1] = "{D}"
+    return "_".join(tokens)
+
+
+OUR_CHANNELS = list(F.CHANNELS)
+THEIR_CHANNELS = ["AGP", "BFHigh", "BFLow", "Brightfield", "DNA", "ER", "Mito", "RNA"]
+BOOKKEEPING = {"ImageNumber", "ObjectNumber"}
+# settings of theirs we do not use, left out of the reverse comparison
+NOT_OUR_SETTINGS = re.compile(r"(_(5|10)_0\d_256$)|mito_tubeness|_Zernike_|^ObjectSkeleton_|"
+                              r"^Children_|^Parent_")
+
+
+@pytest.mark.cellprofiler
+def test_feature_names_follow_the_cell_painting_gallery(extracted):
+    """Every feature name pattern (channel -> {C}) we produce exists in cpg0043's CellProfiler
+    output for the same compartment, and theirs, for the settings we use, exist in ours."""
+    _, _, _, work = extracted
+    real = shared_data(CPG0043)
+    report = []
+    for objects in F.OBJECTS:
+        ours = set(pd.read_csv(work / "cellprofiler" / f"{objects}.csv", nrows=0).columns) - BOOKKEEPING
+        theirs = set(pd.read_csv(real / f"{objects}.csv", nrows=0).columns) - BOOKKEEPING
+        ours_p = {_pattern(n, OUR_CHANNELS) for n in ours}
+        theirs_p = {_pattern(n, THEIR_CHANNELS) for n in theirs}
+        forward = len(ours_p & theirs_p) / len(ours_p)
+        groups = {"_".join(p.split("_")[:2]) for p in ours_p}
+        neighbour_kinds = {p.rsplit("_", 1)[1] for p in ours_p if p.startswith("Neighbors_")}
+        wanted = {p for p in theirs_p if "_".join(p.split("_")[:2]) in groups
+                  and not NOT_OUR_SETTINGS.search(p)
+                  and not (p.startswith("Neighbors_") and p.rsplit("_", 1)[1] not in neighbour_kinds)}
+        reverse = len(wanted & ours_p) / len(wanted)
+        report.append(f"{objects}: {len(ours)} names, {len(ours_p)} patterns, {forward:.3f} in "
+                      f"cpg0043; cpg0043's {len(wanted)} for our settings {reverse:.3f} in ours; "
+                      f"ours only {sorted(ours_p - theirs_p)}; theirs only {sorted(wanted - ours_p)}")
+        assert forward >= NAME_MATCH_FLOOR, report[-1]
+        assert reverse >= NAME_MATCH_FLOOR, report[-1]
+    print("\n".join(report))
+
+
+@pytest.mark.cellprofiler
+def test_cellprofiler_failure_is_an_error_quoting_its_output(tmp_path):
+    needs_cellprofiler()
+    bad = tmp_path / "bad.cppipe"
+    bad.write_text("CellProfiler Pipeline: http://www.cellprofiler.org\nVersion:5\nNotAModule:[x]\n")
+    images, labels = SITES[("P1", "A01", 1, "real")]
+    row = F.write_site_inputs(tmp_path / "in", "P1", "A01", 1, images, labels)
+    csv = F.write_loaddata([row], tmp_path / "in" / "load.csv")
+    with pytest.raises(F.FeatureError, match=r"CellProfiler failed \(exit \d+\)[\s\S]*\S"):
+        F.run_cellprofiler(bad, csv, tmp_path / "out", log=tmp_path / "cp.log")
+    assert (tmp_path / "cp.log").read_text().startswith(str(F.CELLPROFILER))
