@@ -34,6 +34,8 @@ bench: env
 	$(BIN)/python bench/ingest_throughput.py --out bench/results/ingest_throughput.json
 	$(BIN)/python bench/stain.py --out bench/results/stain.json
 	$(BIN)/python bench/segment.py --out bench/results/segment.json
+	test -d results/plates/P1/features || $(BIN)/snakemake --cores $(CORES) results/plates/P1/features/cells.parquet
+	$(BIN)/python bench/features.py --plate-dir results/plates/P1 --out bench/results/features.json
 
 clean:
 	rm -rf results .snakemake

@@ -23,6 +23,9 @@ include: "workflow/rules/focus.smk"
 include: "workflow/rules/denoise.smk"
 include: "workflow/rules/stain.smk"
 include: "workflow/rules/segment.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/profiles.smk"
+include: "workflow/rules/match.smk"
 
 
 rule all:
@@ -31,4 +34,5 @@ rule all:
         preprocess_outputs(PLATES),
         stain_outputs(PLATES),
         segment_outputs(PLATES),
+        features_outputs(PLATES),
     default_target: True

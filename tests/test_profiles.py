@@ -272,6 +272,11 @@ def test_plate_profiles_levels():
     assert len(tables["wells"]) == 24 and tables["wells"]["Metadata_Object_Count"].eq(5).all()
     assert len(tables["consensus"]) == 2 * 5  # (DMSO + 4 treatments) x 2 sources
     assert set(tables["consensus"]["Metadata_Source"]) == {"real", "virtual"}
+    # a plate where no cell was measured (every site no_objects) is an error naming the plate
+    empty = pd.DataFrame(columns=["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Source",
+                                  "Metadata_ObjectNumber"])
+    with pytest.raises(ValueError, match="plate P1: no cell was measured"):
+        plate_profiles(empty, platemap, {"plate": "P1"})
 
 
 # --------------------------------------------------------------------------- BBBC021 reference

@@ -38,7 +38,9 @@ def tiny_demo_config(workdir: Path) -> Path:
                            "plates": [{"plate": p.plate, "batch": p.batch, "cell_type": p.cell_type,
                                        "role": p.role} for p in TINY_SPEC.plates]},
               "threads": {"simulate": 1, "validate": 1, "ingest": 1, "focus": 1, "denoise_train": 1,
-                          "denoise_predict": 1, "stain_train": 1, "stain_predict": 1, "segment": 1},
+                          "denoise_predict": 1, "stain_train": 1, "stain_predict": 1, "segment": 1,
+                          "features": 1, "profiles": 1},
+
               # CI-sized Noise2Void: enough to exercise training and tiled prediction end to end
               "denoise": {"enabled": True, "steps": 10, "patch": 32, "batch": 4, "max_sites": 2,
                           "tile": 64},
@@ -62,7 +64,9 @@ def test_dry_run_of_the_default_config_lists_every_job(tmp_path):
                       "assemble_plate": n, "illumination": channels, "focus_shard": n * n_shards,
                       "focus_plate": n, "stain_train": 1, "stain_shard": n * n_shards, "stain_plate": n,
                       "stain_evaluate": n_stained, "segment_calibrate": n, "segment_shard": n * n_shards,
-                      "segment_plate": n, "segment_evaluate": n, "all": 1}
+                      "segment_plate": n, "segment_evaluate": n, "features_shard": n * n_shards,
+                      "features_plate": n, "profiles_plate": n, "profiles_screen": 1, "match_plate": n,
+                      "match_screen": 1, "all": 1}
 
 
 def test_denoise_scope_screen_trains_one_model_per_channel(tmp_path):
@@ -92,6 +96,8 @@ def test_plates_filter_selects_one_plate(tmp_path):
     assert counts["segment_plate"] == 1 and "results/plates/T2/labels.zarr" in result.stdout
     assert "results/plates/T2/virtual.zarr" in result.stdout
     assert "results/plates/T1/virtual.zarr" not in result.stdout
+    # the plate's features, profiles and matching; the screen's need every plate, so not with a selection
+    assert counts["features_plate"] == 1 and counts["match_plate"] == 1 and "match_screen" not in counts
     # with a model file given, nothing of T1 is needed
     (tmp_path / "vs").mkdir()
     (tmp_path / "vs" / "model.safetensors").write_bytes(b"")
@@ -113,10 +119,16 @@ def test_unknown_plate_in_filter_is_an_error(tmp_path):
     assert "config `plates` names plate(s) ['T9'] that the screen sheet" in result.stdout + result.stderr
 
 
+# A 64 px tiny site holds at most a cell or two and a tiny plate one negative-control well: the
+# tiny run goes as far as the features; profiles and matching are checked on the demo screen
+# (tests/test_demo_profiles.py).
+TINY_UNTIL = ("--until", "features_plate", "segment_evaluate", "stain_evaluate")
+
+
 @pytest.mark.slow
 def test_tiny_demo_end_to_end(tmp_path):
     config = tiny_demo_config(tmp_path)
-    result = run_snakemake(tmp_path, "--cores", "2", "--configfile", str(config))
+    result = run_snakemake(tmp_path, "--cores", "2", "--configfile", str(config), *TINY_UNTIL)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = tmp_path / "results"
     screen = results / "demo" / "screen"
@@ -170,8 +182,19 @@ def test_tiny_demo_end_to_end(tmp_path):
         assert len(segmented) == len(truth) * (2 if stained else 1)
         assert segmented["status"].isin(["ok", "no_objects", "skipped"]).all()
         assert (folder / "labels.zarr").is_dir() and (folder / "segment" / "metrics.parquet").is_file()
-    again = run_snakemake(tmp_path, "-n", "--configfile", str(config))
-    assert "Nothing to be done" in again.stdout + again.stderr
+        # features: one qc row per segmented site and source, the cells of each site are its objects
+        measured = pd.read_csv(folder / "features" / "sites.csv", keep_default_na=False)
+        assert len(measured) == len(segmented)
+        merged = measured.merge(segmented, on=["well", "site", "source"], suffixes=("", "_segment"))
+        assert (merged["cells"] == merged["objects"]).all()
+        assert (merged["status"] == "skipped").sum() == (merged["status_segment"] == "skipped").sum()
+        cells = pd.read_parquet(folder / "features" / "cells.parquet")
+        assert len(cells) == merged["cells"].sum()
+        assert set(measured["source"]) == ({"real", "virtual"} if stained else {"virtual"})
+        assert (results / "logs" / plate.plate / "features_shard_0.cellprofiler.log").is_file()
+    again = run_snakemake(tmp_path, "-n", "--configfile", str(config), *TINY_UNTIL)
+    output = again.stdout + again.stderr
+    assert "Nothing to be done" in output or job_counts(output) == {}, output[-2000:]
 
 
 def user_screen(tmp_path: Path, source: Path) -> Path:
@@ -188,7 +211,10 @@ def user_screen(tmp_path: Path, source: Path) -> Path:
 @pytest.mark.slow
 def test_user_screen_with_only_screen_and_channels(tmp_path, tiny_screen_source):
     config = user_screen(tmp_path, tiny_screen_source)
-    result = run_snakemake(tmp_path, "--cores", "2", "--configfile", str(config))
+    # up to segmentation: a tiny plate has one negative-control well, too few to normalise against
+    # (features onwards run in test_tiny_demo_end_to_end)
+    result = run_snakemake(tmp_path, "--cores", "2", "--configfile", str(config),
+                           "--until", "segment_plate", "segment_evaluate")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "simulate_demo" not in result.stdout + result.stderr
     for plate in TINY_SPEC.plates:

@@ -385,6 +385,9 @@ def plate_profiles(cells: pd.DataFrame, platemap: pd.DataFrame, plate_info: Mapp
     `settings` is config `profiles:` (keys aggregate, normalise, normalise_samples,
     feature_select, na_cutoff, freq_cut, unique_cut, correlation_threshold, consensus)."""
     s = {**PROFILE_DEFAULTS, **(settings or {})}
+    if not len(cells) or not feature_columns(cells):
+        raise ValueError(f"plate {plate_info.get('plate', '?')}: no cell was measured (see its "
+                         "features/sites.csv for each site's status): no profiles can be made")
     wells = annotate_wells(aggregate_wells(cells, s["aggregate"]), platemap, plate_info)
     normalised = normalise_profiles(wells, s["normalise"], s["normalise_samples"])
     selected = select_features(normalised, s["feature_select"], **selection_thresholds(s))

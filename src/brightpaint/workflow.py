@@ -175,3 +175,15 @@ def segment_weights_path(weights: str, results: str, basedir: str | Path) -> str
         return str(resolve_weights(text))
     except SegmentError as err:
         raise ConfigError(f"segment: {err}") from err
+
+
+def workflow_file(path: str, basedir: str | Path, what: str) -> str:
+    """A file the config names (a CellProfiler pipeline, an executable): as given when absolute or
+    present in the working directory, else in the workflow's folder (the shipped resources/, the
+    environments `make` builds); missing everywhere stops the run before any job, naming the setting."""
+    candidate = Path(str(path).strip())
+    if candidate.is_file():
+        return str(candidate)
+    if not candidate.is_absolute() and (Path(basedir) / candidate).is_file():
+        return str(Path(basedir) / candidate)
+    raise ConfigError(f"{what} = {str(path)!r}: no such file in {Path.cwd()} or {basedir}")

@@ -1,7 +1,7 @@
 # Path helpers and the screen's plates, resolved once when the workflow is parsed.
 import re
 
-from brightpaint.workflow import Screen, segment_weights_path
+from brightpaint.workflow import Screen, segment_weights_path, workflow_file
 
 SCREEN = Screen.from_config(config)
 PLATES = SCREEN.selected_plates()
@@ -195,3 +195,55 @@ def segment_outputs(plates):
             f"{plate_dir(plate)}/segment/overlay.png",
         )
     ]
+
+
+# Features, profiles and matching: CellProfiler on real (where a plate has them) and virtual stains,
+# pycytominer per plate and for the screen, kNN / mAP matching.
+FEATURES = config["features"]
+FEATURES_PIPELINE = workflow_file(FEATURES["pipeline"], workflow.basedir, "features.pipeline")
+CELLPROFILER = workflow_file(FEATURES["cellprofiler"], workflow.basedir, "features.cellprofiler")
+SCREEN_DIR = f"{RESULTS}/screen"
+
+
+def feature_sources(plate):
+    """The stain sources measured on a plate: config features.sources, `real` only where it has real
+    stains."""
+    return [s for s in FEATURES["sources"] if s == "virtual" or SCREEN.has_real_stains(plate)]
+
+
+def features_inputs(wildcards):
+    """What feature extraction reads of a plate: its real stains (store, illumination functions,
+    denoised store) where it has them, its virtual stains, labels and the segmentation's site table,
+    and the CellProfiler pipeline."""
+    plate = wildcards.plate
+    inputs = {
+        "virtual": f"{plate_dir(plate)}/virtual.zarr",
+        "labels": f"{plate_dir(plate)}/labels.zarr",
+        "segment_sites": f"{plate_dir(plate)}/segment/sites.csv",
+        "pipeline": FEATURES_PIPELINE,
+    }
+    if "real" in feature_sources(plate):
+        inputs["sources"] = plate_stain_sources(plate)
+    return inputs
+
+
+def plate_profile_files(plate):
+    return {
+        level: f"{plate_dir(plate)}/profiles/{level}.parquet"
+        for level in ("wells", "normalised", "selected", "consensus")
+    }
+
+
+def match_files(folder):
+    return {name: f"{folder}/match/{name}.parquet" for name in ("summary", "neighbours", "agreement")}
+
+
+def features_outputs(plates):
+    """Every plate's features, profiles and matching tables; with no plate selection, the screen's."""
+    outputs = []
+    for plate in plates:
+        outputs += [f"{plate_dir(plate)}/features/cells.parquet", f"{plate_dir(plate)}/features/sites.csv"]
+        outputs += [*plate_profile_files(plate).values(), *match_files(plate_dir(plate)).values()]
+    if not SCREEN.selection:
+        outputs += [*match_files(SCREEN_DIR).values()]
+    return outputs

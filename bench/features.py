@@ -1,0 +1,110 @@
+"""Feature extraction CPU seconds per site, against bare CellProfiler 5 headless on the same sites,
+and profile / matching time per plate, on a finished run's plate.
+
+    python bench/features.py --plate-dir results/plates/P1 --out bench/results/features.json [--sites 8]
+
+`ours` is `brightpaint.features.extract_features` as the workflow calls it (reading the stores,
+writing the TIFFs and the LoadData CSV, one CellProfiler process, reading its CSVs into the
+per-cell table); `bare` is the same `cellprofiler -c -r -p ... --data-file ...` command run by hand
+on the inputs `ours` wrote. CPU seconds are this process's plus its children's (CellProfiler is a
+child). The ratio ours / bare is what the orchestration adds (goal <= 1.1). Profiles and matching
+are timed on the plate's own cell table (`plate_profiles`, then `match_profiles`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from brightpaint.features import (
+    CELLPROFILER,
+    PIPELINE,
+    extract_features,
+    measurable_sites,
+    plate_site_readers,
+    thread_environment,
+)
+from brightpaint.io import read_platemap, read_screen_sheet
+from brightpaint.match import match_profiles
+from brightpaint.profiles import plate_profiles
+from brightpaint.stain import open_plate_source
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(function, *args, **kwargs):
+    cpu, wall = cpu_seconds(), time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, cpu_seconds() - cpu, time.perf_counter() - wall
+
+
+def bare_cellprofiler(loaddata: Path, out_dir: Path) -> None:
+    command = [str(CELLPROFILER), "-c", "-r", "-p", str(PIPELINE), "--data-file", str(loaddata),
+               "-o", str(out_dir), "-i", str(loaddata.parent), "-t", str(out_dir),
+               "-L", "WARNING", "-e", "imageio_reader"]
+    subprocess.run(command, check=True, capture_output=True, env=thread_environment(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plate-dir", type=Path, default=REPO / "results" / "plates" / "P1")
+    parser.add_argument("--screen", type=Path, default=REPO / "results" / "demo" / "screen")
+    parser.add_argument("--sites", type=int, default=8, help="sites per stain source")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "features.json")
+    args = parser.parse_args()
+
+    source = open_plate_source(args.plate_dir, "BF")
+    segment_sites = pd.read_csv(args.plate_dir / "segment" / "sites.csv", keep_default_na=False)
+    sites, _ = measurable_sites(source.plate, segment_sites, segment_sites["well"], ["real", "virtual"])
+    chosen = []
+    for kind in ("real", "virtual"):
+        chosen += [s for s in sites if s[3] == kind][:args.sites]
+    readers = plate_site_readers(source, args.plate_dir / "virtual.zarr", args.plate_dir / "labels.zarr")
+    with tempfile.TemporaryDirectory(prefix="bench-features-") as work:
+        work = Path(work)
+        timed(extract_features, chosen[:1], *readers, PIPELINE, work / "warm")  # page cache, imports
+        (cells, _, qc), ours_cpu, ours_wall = timed(extract_features, chosen, *readers, PIPELINE,
+                                                    work / "ours")
+        loaddata = work / "ours" / "inputs" / "loaddata.csv"
+        (work / "bare").mkdir()
+        _, bare_cpu, bare_wall = timed(bare_cellprofiler, loaddata, work / "bare")
+    n = len(chosen)
+    result = {"host": platform.node(), "plate": source.plate, "sites": n, "cells": len(cells),
+              "features_per_cell": cells.shape[1], "status": qc["status"].value_counts().to_dict(),
+              "ours_cpu_s_per_site": round(ours_cpu / n, 3), "ours_wall_s_per_site": round(ours_wall / n, 3),
+              "bare_cpu_s_per_site": round(bare_cpu / n, 3), "bare_wall_s_per_site": round(bare_wall / n, 3),
+              "ratio_cpu": round(ours_cpu / bare_cpu, 3), "ratio_wall": round(ours_wall / bare_wall, 3)}
+    print(json.dumps(result), flush=True)
+
+    plate_cells = pd.read_parquet(args.plate_dir / "features" / "cells.parquet")
+    sheet = read_screen_sheet(args.screen / "plates.tsv")
+    info = sheet[sheet["plate"] == source.plate].iloc[0].to_dict()
+    platemap = read_platemap(info["platemap"])
+    settings = {"normalise_samples": "Metadata_control_type == 'negcon'"}
+    profiles, profile_cpu, profile_wall = timed(plate_profiles, plate_cells, platemap, info, settings)
+    _, match_cpu, match_wall = timed(match_profiles, profiles["selected"], profiles["consensus"],
+                                     profiles["normalised"], {})
+    result.update({"plate_cells": len(plate_cells), "profiles_cpu_s_per_plate": round(profile_cpu, 2),
+                   "profiles_wall_s_per_plate": round(profile_wall, 2),
+                   "match_cpu_s_per_plate": round(match_cpu, 2),
+                   "match_wall_s_per_plate": round(match_wall, 2)})
+    print(json.dumps(result), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+# Profiles (pycytominer): a plate's cells -> annotated well profiles, normalised to the plate's negative
+# controls, feature-selected and one consensus profile per treatment; the screen's from every plate.
+
+
+rule profiles_plate:
+    input:
+        cells=f"{RESULTS}/plates/{{plate}}/features/cells.parquet",
+        platemap=lambda wildcards: SCREEN.plate_row(wildcards.plate)["platemap"],
+    output:
+        **plate_profile_files("{plate}"),
+    params:
+        plate_info=lambda wildcards: SCREEN.plate_row(wildcards.plate),
+        settings=config["profiles"],
+    threads: config["threads"]["profiles"]
+    conda:
+        MAIN_ENV
+    log:
+        f"{RESULTS}/logs/{{plate}}/profiles_plate.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{plate}}/profiles_plate.tsv"
+    script:
+        "../scripts/profiles_plate.py"
+
+
+rule profiles_screen:
+    input:
+        normalised=[plate_profile_files(p)["normalised"] for p in SCREEN.plate_ids()],
+    output:
+        selected=f"{SCREEN_DIR}/profiles/selected.parquet",
+        consensus=f"{SCREEN_DIR}/profiles/consensus.parquet",
+    params:
+        settings=config["profiles"],
+    threads: config["threads"]["profiles"]
+    conda:
+        MAIN_ENV
+    log:
+        f"{RESULTS}/logs/screen/profiles_screen.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/screen/profiles_screen.tsv"
+    script:
+        "../scripts/profiles_screen.py"

@@ -1,0 +1,33 @@
+"""CellProfiler features of one shard of a plate's wells, real and virtual stains (rule features_shard)."""
+
+import tempfile
+
+import pandas as pd
+
+from brightpaint.atomic import atomic_path
+from brightpaint.features import extract_features, measurable_sites, plate_site_readers
+from brightpaint.ingest import shard_wells
+from brightpaint.logs import log_to_rule
+from brightpaint.stain import open_plate_source
+
+log = log_to_rule(snakemake)  # noqa: F821
+inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
+shard = int(snakemake.wildcards.shard)  # noqa: F821
+source = open_plate_source(params.plate_dir, params.brightfield)
+segment_sites = pd.read_csv(inp.segment_sites, keep_default_na=False)
+wells = shard_wells(list(segment_sites["well"]), params.n_shards, shard)
+sites, skipped = measurable_sites(source.plate, segment_sites, wells, params.sources)
+read_images, read_labels = plate_site_readers(source, inp.virtual, inp.labels)
+with tempfile.TemporaryDirectory(prefix=f"features-{source.plate}-{shard}-") as work:
+    cells, images, qc = extract_features(sites, read_images, read_labels, inp.pipeline, work,
+                                         cellprofiler=params.cellprofiler, threads=snakemake.threads,  # noqa: F821
+                                         log=snakemake.log.cellprofiler)  # noqa: F821
+qc = pd.concat([skipped, qc], ignore_index=True).sort_values(["source", "well", "site"])
+for table, path in ((cells, out.cells), (images, out.images)):
+    with atomic_path(path) as tmp:
+        table.to_parquet(tmp, index=False)
+with atomic_path(out.sites) as tmp:
+    qc.to_csv(tmp, index=False)
+for name, group in qc.groupby("source"):
+    log.info("plate %s shard %d, %s stains: %d sites, %d cells, status %s", source.plate, shard, name,
+             len(group), group["cells"].sum(), group["status"].value_counts().to_dict())
