@@ -50,7 +50,7 @@ def test_every_plate_and_stain_source_is_measured_site_by_site(demo):
             [n for n in names if not FEATURE_NAME.match(n)][:5]
         for wanted in ("Nuclei_Intensity_MeanIntensity_DNA", "Cells_Intensity_MeanIntensity_CYTO",
                        "Cytoplasm_Texture_Contrast_CYTO_3_00_256", "Nuclei_Granularity_1_DNA",
-                       "Cells_RadialDistribution_FracAtD_CYTO_1of4", "Cells_Correlation_Pearson_DNA_CYTO",
+                       "Cells_RadialDistribution_FracAtD_CYTO_1of4", "Cells_Correlation_Correlation_DNA_CYTO",
                        "Cells_Neighbors_NumberOfNeighbors_Adjacent"):
             assert wanted in names
 
@@ -79,7 +79,15 @@ def test_profiles_are_normalised_to_each_plate_and_sources_negative_controls(dem
     for plate in PLATES:
         normalised = pd.read_parquet(demo / "plates" / plate / "profiles" / "normalised.parquet")
         wells = pd.read_parquet(demo / "plates" / plate / "profiles" / "wells.parquet")
-        assert len(normalised) == len(wells) == 24 * (2 if plate != "P4" else 1)
+        # one profile per well and source, but for wells where no cell was measured (a toxic well
+        # can lose every cell), which the plate's log names
+        measured = pd.read_csv(demo / "plates" / plate / "features" / "sites.csv")
+        with_cells = measured.groupby(["source", "well"])["cells"].sum()
+        assert len(normalised) == len(wells) == (with_cells > 0).sum()
+        assert len(with_cells) == 24 * (2 if plate != "P4" else 1)
+        log = (demo / "logs" / plate / "profiles_plate.log").read_text()
+        for source, well in with_cells[with_cells == 0].index:
+            assert re.search(rf"{source} stains: no cell measured in well\(s\) .*{well}", log)
         for _, group in normalised.groupby("Metadata_Source"):
             controls = group[group["Metadata_control_type"] == "negcon"][feature_columns(group)]
             assert len(controls) == 6

@@ -377,6 +377,20 @@ def consensus_profiles(profiles: pd.DataFrame, replicate_columns: Sequence[str] 
     return _metadata_first(out.sort_values(keys).reset_index(drop=True))
 
 
+def missing_wells(wells: pd.DataFrame, platemap: pd.DataFrame) -> dict[str, list[str]]:
+    """Plate-map wells without a profile, per stain source: wells where no cell was measured (every
+    site `no_objects` or `skipped`; features/sites.csv says why). They are left out of normalisation
+    and matching, so the workflow logs them and the report shows them."""
+    sources = sorted(wells[SOURCE].unique()) if SOURCE in wells.columns else [""]
+    missing = {}
+    for source in sources:
+        present = set(wells[WELL] if not source else wells.loc[wells[SOURCE] == source, WELL])
+        absent = sorted(set(platemap["well"]) - present)
+        if absent:
+            missing[source] = absent
+    return missing
+
+
 def plate_profiles(cells: pd.DataFrame, platemap: pd.DataFrame, plate_info: Mapping,
                    settings: Mapping | None = None) -> dict[str, pd.DataFrame]:
     """A plate's profiles at every level: wells (aggregated + annotated), normalised (per plate and
