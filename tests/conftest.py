@@ -61,7 +61,7 @@ def demo_run(tmp_path_factory) -> Path:
     if reuse:
         return Path(reuse)
     workdir = tmp_path_factory.mktemp("demo_run")
-    result = run_snakemake(workdir, "--cores", "2", timeout=3000)
+    result = run_snakemake(workdir, "--cores", "2", timeout=5000)
     if result.returncode != 0:
         pytest.fail("the demo run failed:\n" + result.stdout[-4000:] + result.stderr[-4000:])
     return workdir

@@ -211,10 +211,8 @@ def user_screen(tmp_path: Path, source: Path) -> Path:
 @pytest.mark.slow
 def test_user_screen_with_only_screen_and_channels(tmp_path, tiny_screen_source):
     config = user_screen(tmp_path, tiny_screen_source)
-    # up to segmentation: a tiny plate has one negative-control well, too few to normalise against
-    # (features onwards run in test_tiny_demo_end_to_end)
-    result = run_snakemake(tmp_path, "--cores", "2", "--configfile", str(config),
-                           "--until", "segment_plate", "segment_evaluate")
+    # up to the features, as the tiny demo: a tiny plate has one negative-control well
+    result = run_snakemake(tmp_path, "--cores", "2", "--configfile", str(config), *TINY_UNTIL)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "simulate_demo" not in result.stdout + result.stderr
     for plate in TINY_SPEC.plates:
