@@ -211,12 +211,19 @@ def user_screen(tmp_path: Path, source: Path) -> Path:
 @pytest.mark.slow
 def test_user_screen_with_only_screen_and_channels(tmp_path, tiny_screen_source):
     config = user_screen(tmp_path, tiny_screen_source)
-    # up to the features, as the tiny demo: a tiny plate has one negative-control well
-    result = run_snakemake(tmp_path, "--cores", "2", "--configfile", str(config), *TINY_UNTIL)
+    # Every other key keeps its default. Up to the preprocessing: the later stages with default
+    # settings are the demo run's (tests/test_stain.py, test_segment.py, test_demo_profiles.py), and
+    # default-sized stain training on tiny plates would only cost CI minutes.
+    result = run_snakemake(tmp_path, "--cores", "2", "--configfile", str(config),
+                           "--until", "focus_plate", "illumination")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "simulate_demo" not in result.stdout + result.stderr
     for plate in TINY_SPEC.plates:
-        assert (tmp_path / "results" / "plates" / plate.plate / "images.zarr" / "zarr.json").is_file()
+        folder = tmp_path / "results" / "plates" / plate.plate
+        assert (folder / "images.zarr" / "zarr.json").is_file()
+        assert len(pd.read_parquet(folder / "focus.parquet")) == TINY_SPEC.wells * TINY_SPEC.sites
+        channels = ["BF", *CHANNELS["fluorescence"]] if plate.role != "apply" else ["BF"]
+        assert sorted(p.stem for p in (folder / "illum").glob("*.npy")) == sorted(channels)
 
 
 def test_user_screen_bad_image_fails_naming_it_and_writes_nothing(tmp_path, tiny_screen_source):
