@@ -141,8 +141,57 @@ def test_concat_tables_keeps_every_column_and_sorts_by_site():
     assert F.concat_tables([empty]).empty and list(F.concat_tables([empty]).columns) == list(a.columns)
 
 
-def test_pipeline_names_are_read_from_the_shipped_pipeline():
-    assert F.pipeline_names(F.PIPELINE) == (list(F.CHANNELS), list(F.OBJECTS))
+@pytest.mark.parametrize("pipeline", [F.PIPELINE, F.SITE_PIPELINE, F.TILED_PIPELINE])
+def test_pipeline_names_are_read_from_the_shipped_pipelines(pipeline):
+    assert F.pipeline_names(pipeline) == (list(F.CHANNELS), list(F.OBJECTS))
+
+
+def crowded_site(seed: int, size: int = 112) -> tuple[dict, dict]:
+    """Ten touching cells (nearest-centre regions), some cut by the site border, nuclei of three
+    sizes, textured intensities and bright foci."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(4, size - 4, (10, 2))
+    rows, cols = np.mgrid[:size, :size]
+    distance = np.stack([np.hypot(rows - r, cols - c) for r, c in centres])
+    nearest, closest = distance.argmin(0), distance.min(0)
+    cells = np.where(closest < 16, nearest + 1, 0)
+    nuclei = np.where(closest < 6 + nearest % 3, nearest + 1, 0)
+    texture = rng.normal(0, 1, (3, size, size)).cumsum(axis=2) * 20
+    dna = 100 + (nuclei > 0) * (1500 + texture[0]) + rng.normal(0, 20, (size, size))
+    cyto = 80 + (cells > 0) * (400 + 50 * (nearest % 5)) + texture[1]
+    damage = rng.poisson(150, (size, size)) + (rng.random((size, size)) < 0.01) * 3000 * (cells > 0)
+    return ({"DNA": np.clip(dna, 0, None), "CYTO": np.clip(cyto, 0, None), "DAMAGE": damage.astype(float)},
+            {"Nuclei": nuclei, "Cells": cells, "Cytoplasm": np.where(nuclei > 0, 0, cells)})
+
+
+def test_tiles_keep_every_site_and_untiling_restores_keys_labels_and_positions():
+    keys = [("P1", "A01", s, "real") for s in (1, 2, 3)]
+    sites = [(k, *crowded_site(i, size=40)) for i, k in enumerate(keys)]
+    images, labels, placed = F.tile_sites(sites, gap=8)
+    assert images["DNA"].shape == labels["Cells"].shape == (88, 88)  # 2 x 2 grid, one cell empty
+    assert list(placed["y0"]) == [0, 0, 48] and list(placed["x0"]) == [0, 48, 0]
+    for (_, site_images, site_labels), row in zip(sites, placed.itertuples(), strict=True):
+        window = np.s_[row.y0:row.y0 + 40, row.x0:row.x0 + 40]
+        np.testing.assert_array_equal(images["CYTO"][window], site_images["CYTO"].astype(np.float32))
+        for name in F.OBJECTS:
+            np.testing.assert_array_equal(labels[name][window],
+                                          np.where(site_labels[name] > 0, site_labels[name] + row.offset, 0))
+        assert row.top == site_labels["Cells"].max()
+    assert labels["Nuclei"][:, 40:48].max() == 0 and images["DNA"][:, 40:48].max() == 0  # the gap
+    # a tiled run's per-cell table: tile numbers as sites, tile label values, tile positions
+    tiled = pd.DataFrame({"Metadata_Plate": "", "Metadata_Well": "tile1", "Metadata_Site": 1,
+                          "Metadata_Source": "tile", F.OBJECT_KEY: [placed.offset[1] + 2, 1],
+                          "Metadata_Cells_AreaShape_Center_X": [50.5, 3.0],
+                          "Metadata_Cells_AreaShape_Center_Y": [7.0, 9.0],
+                          "Cells_AreaShape_Area": [10.0, 20.0]})
+    back = F.untile_cells(tiled, placed.assign(tile=1))
+    assert back[[*F.SITE_KEYS, F.OBJECT_KEY]].values.tolist() == [["P1", "A01", 1, "real", 1],
+                                                                 ["P1", "A01", 2, "real", 2]]
+    assert back["Metadata_Cells_AreaShape_Center_X"].tolist() == [3.0, 2.5]
+    assert back["Metadata_Cells_AreaShape_Center_Y"].tolist() == [9.0, 7.0]
+    assert back["Cells_AreaShape_Area"].tolist() == [20.0, 10.0]
+    with pytest.raises(F.FeatureError, match="belong to no tiled site"):
+        F.untile_cells(tiled.assign(**{F.OBJECT_KEY: 999}), placed.assign(tile=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,11 +200,60 @@ def test_pipeline_names_are_read_from_the_shipped_pipeline():
 
 
 @pytest.mark.cellprofiler
-def test_building_the_pipeline_reproduces_the_shipped_file(tmp_path):
+@pytest.mark.parametrize("part, shipped", [("all", F.PIPELINE), ("site", F.SITE_PIPELINE),
+                                           ("tiled", F.TILED_PIPELINE)])
+def test_building_the_pipeline_reproduces_the_shipped_file(tmp_path, part, shipped):
     needs_cellprofiler()
-    built = F.write_pipeline(tmp_path / "features.cppipe", F.CHANNELS, F.OBJECTS, python=CP_PYTHON)
+    built = F.write_pipeline(tmp_path / "features.cppipe", F.CHANNELS, F.OBJECTS, python=CP_PYTHON,
+                             part=part)
     # the header (Version:5, DateRevision:500, GitHash:) carries no date: the bytes must agree
-    assert built.read_bytes() == F.PIPELINE.read_bytes()
+    assert built.read_bytes() == shipped.read_bytes()
+
+
+def _touches_border(mask: np.ndarray) -> bool:
+    return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+
+
+@pytest.mark.cellprofiler
+def test_tiled_half_and_site_half_give_the_whole_pipelines_features(tmp_path):
+    """The workflow's split (per-object modules on tiles of sites, the rest site by site) against
+    the whole pipeline run site by site: same cells, same columns, same values -- except the edge
+    intensities of objects cut by the site border, where a tile's gap counts as edge and the
+    image border does not (segment.exclude_border, on by default, removes such objects)."""
+    needs_cellprofiler()
+    sites = {("P1", "A01", s, "real"): crowded_site(s) for s in range(1, 6)}
+    sites[("P1", "A02", 1, "virtual")] = (sites[("P1", "A01", 1, "real")][0],
+                                          {o: np.zeros((112, 112), int) for o in F.OBJECTS})
+    def read_images(*key):
+        return sites[key][0]
+
+    def read_labels(*key):
+        return sites[key][1]
+
+    whole, whole_images, whole_qc = F.extract_features(list(sites), read_images, read_labels,
+                                                       F.PIPELINE, tmp_path / "whole")
+    split, split_images, split_qc = F.extract_features(
+        list(sites), read_images, read_labels, F.SITE_PIPELINE, tmp_path / "split",
+        tiled_pipeline=F.TILED_PIPELINE, tile_pixels=4 * 120 * 120)  # tiles of 4 sites and of 2
+    assert len(pd.read_csv(tmp_path / "split" / "tiles" / "loaddata.csv")) == 2
+    pd.testing.assert_frame_equal(split_qc, whole_qc)
+    pd.testing.assert_frame_equal(split_images, whole_images[split_images.columns], check_like=True)
+    assert sorted(split.columns) == sorted(whole.columns) and len(whole) == 50
+    split = split[whole.columns]
+    keys = [*F.SITE_KEYS, F.OBJECT_KEY]
+    pd.testing.assert_frame_equal(split[keys], whole[keys])
+    border = np.array([any(_touches_border(sites[tuple(r[:4])][1][o] == r[4]) for o in F.OBJECTS)
+                       for r in whole[keys].itertuples(index=False)])
+    assert 0 < border.sum() < len(whole)
+    differing = set()
+    for column in whole.columns[len(keys):]:
+        a, b = whole[column].to_numpy(float), split[column].to_numpy(float)
+        same = np.isclose(a, b, rtol=1e-4, atol=1e-6, equal_nan=True)  # float32 round-off
+        if not same.all():
+            assert border[~same].all(), (f"{column} differs for objects inside the site: "
+                                         f"{a[~same & ~border]} vs {b[~same & ~border]}")
+            differing.add(column)
+    assert differing and all("IntensityEdge" in c for c in differing), sorted(differing)
 
 
 @pytest.mark.cellprofiler

@@ -241,32 +241,53 @@ def _export(objects: list[str]) -> ExportToSpreadsheet:
     return module
 
 
+PARTS = ("all", "site", "tiled")
+
+
 def build_pipeline(channels: Sequence[str] = CHANNELS, objects: Sequence[str] = OBJECTS,
-                   zernike: bool = False) -> Pipeline:
-    """The feature pipeline for these channel (image) and object names."""
+                   zernike: bool = False, part: str = "all") -> Pipeline:
+    """The feature pipeline for these channel (image) and object names.
+
+    `part` splits it for tiling (see brightpaint.features.extract_features): `tiled` holds the
+    modules whose per-object results depend only on each object's own pixels and the absolute
+    intensity scale (size/shape, intensity, texture), which may run on several sites laid side by
+    side in one image set; `site` holds the rest, which see beyond the object or depend on the
+    image's layout, and run site by site: image quality, granularity (background and openings
+    reach past the object), radial distribution (a nucleus's centre is the first of tied
+    farthest-from-edge pixels, a tie CellProfiler breaks differently in a larger image),
+    colocalisation (threshold relative to the image's maximum), neighbours. `all` is both."""
     channels, objects = list(channels), list(objects)
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     if len(set(channels)) != len(channels) or len(set(objects)) != len(objects):
         raise ValueError(f"duplicated channel or object names: {channels} {objects}")
     if set(channels) & set(objects):
         raise ValueError(f"a name is both a channel and an object: {set(channels) & set(objects)}")
     if not channels:
         raise ValueError("need at least one channel")
+    if part == "tiled" and not objects:
+        raise ValueError("the tiled part measures objects: give at least one")
+    site, tiled = part in ("all", "site"), part in ("all", "tiled")
     pipeline = Pipeline()
     _add(pipeline, _load_data())
-    _add(pipeline, _image_quality(channels))
-    if objects:
+    if site:
+        _add(pipeline, _image_quality(channels))
+    if tiled and objects:
         _add(pipeline, _size_shape(objects, zernike))
         _add(pipeline, _intensity(channels, objects))
-    _add(pipeline, _texture(channels, objects))
+    if tiled:
+        _add(pipeline, _texture(channels, objects))
     if objects:
-        _add(pipeline, _granularity(channels, objects))
-        _add(pipeline, _radial(channels, objects))
-        if len(channels) > 1:
+        if site:
+            _add(pipeline, _granularity(channels, objects))
+        if site:
+            _add(pipeline, _radial(channels, objects))
+        if site and len(channels) > 1:
             _add(pipeline, _colocalization(channels, objects))
-        if "Nuclei" in objects:
+        if site and "Nuclei" in objects:
             _add(pipeline, _neighbors("Nuclei", "Within a specified distance",
                                       NUCLEI_NEIGHBOR_DISTANCE))
-        if "Cells" in objects:
+        if site and "Cells" in objects:
             _add(pipeline, _neighbors("Cells", "Adjacent", NEIGHBOR_DISTANCE))
     _add(pipeline, _export(objects))
     return pipeline
@@ -284,9 +305,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--channels", nargs="+", default=list(CHANNELS))
     parser.add_argument("--objects", nargs="*", default=list(OBJECTS))
     parser.add_argument("--zernike", action="store_true", help="also Zernike shape features")
+    parser.add_argument("--part", choices=PARTS, default="all",
+                        help="all modules, or the site-by-site or the tiled part (see build_pipeline)")
     args = parser.parse_args(argv)
-    save_pipeline(build_pipeline(args.channels, args.objects, args.zernike), args.out)
-    print(f"wrote {args.out}: channels {args.channels}, objects {args.objects}")
+    save_pipeline(build_pipeline(args.channels, args.objects, args.zernike, args.part), args.out)
+    print(f"wrote {args.out} ({args.part}): channels {args.channels}, objects {args.objects}")
     return 0
 
 

@@ -58,7 +58,14 @@ import tifffile
 REPO = Path(__file__).resolve().parents[2]
 CELLPROFILER = Path(os.environ.get("BRIGHTPAINT_CELLPROFILER",
                                    REPO / ".venv-cellprofiler" / "bin" / "cellprofiler"))
-PIPELINE = REPO / "resources" / "cellprofiler" / "features.cppipe"
+PIPELINE = REPO / "resources" / "cellprofiler" / "features.cppipe"  # every module, site by site
+SITE_PIPELINE = REPO / "resources" / "cellprofiler" / "features_site.cppipe"
+TILED_PIPELINE = REPO / "resources" / "cellprofiler" / "features_tiled.cppipe"
+# CellProfiler's cost per image set is mostly per measurement column (each goes through its HDF5
+# measurement store, ~1.6 ms a call, ~4,400 calls per site), so small sites are tiled into image
+# sets of up to this many pixels for the per-object modules that allow it.
+TILE_PIXELS = 2048 * 2048
+TILE_GAP = 8  # px of background between tiled sites
 PIPELINE_BUILDER = Path(__file__).with_name("cellprofiler_pipeline.py")
 CHANNELS = ("DNA", "CYTO", "DAMAGE")
 OBJECTS = ("Nuclei", "Cells", "Cytoplasm")
@@ -164,10 +171,11 @@ def thread_environment(threads: int = 1) -> dict[str, str]:
 
 def run_cellprofiler(pipeline: str | Path, loaddata_csv: str | Path, out_dir: str | Path,
                      cellprofiler: str | Path = CELLPROFILER, threads: int = 1,
-                     log: str | Path | None = None, timeout: float | None = None) -> Path:
+                     log: str | Path | None = None, timeout: float | None = None,
+                     append_log: bool = False) -> Path:
     """Run a pipeline headless on every row of a LoadData CSV, writing its CSVs into `out_dir`.
-    CellProfiler's output goes to `log` (if given); a non-zero exit, a timeout, or a missing
-    executable raises FeatureError quoting the end of that output."""
+    CellProfiler's output goes to `log` (if given; added to its end with `append_log`); a non-zero
+    exit, a timeout, or a missing executable raises FeatureError quoting the end of that output."""
     pipeline, loaddata_csv = Path(pipeline).resolve(), Path(loaddata_csv).resolve()
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +199,8 @@ def run_cellprofiler(pipeline: str | Path, loaddata_csv: str | Path, out_dir: st
             code = f"a timeout after {timeout} s"
     if log is not None:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
-        Path(log).write_text(" ".join(command) + "\n" + output)
+        with open(log, "a" if append_log else "w") as handle:
+            handle.write(" ".join(command) + "\n" + output)
     if code != 0:
         raise FeatureError(f"CellProfiler failed ({code if isinstance(code, str) else f'exit {code}'}) "
                            f"on {loaddata_csv}:\n...{output[-TAIL_CHARS:]}")
@@ -338,34 +347,138 @@ def concat_tables(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
     return table.sort_values(keys, kind="stable").reset_index(drop=True) if keys else table
 
 
+_IMAGES_SETTING = ("Select the images to measure:", "Select images to measure:")
+_OBJECTS_SETTING = ("Select object sets to measure:", "Select objects to measure:")
+
+
 def pipeline_names(pipeline: str | Path) -> tuple[list[str], list[str]]:
-    """(channels, objects) a saved feature pipeline measures: the images of MeasureImageQuality
-    and the objects of MeasureObjectSizeShape."""
+    """(channels, objects) a saved feature pipeline measures: the images of its first measurement
+    module that names images, and every object set any module measures (in order of appearance)."""
     channels, objects, module = [], [], None
     for line in Path(pipeline).read_text().splitlines():
         if line and not line[0].isspace() and ":[" in line:
             module = line.split(":", 1)[0]
-        elif module == "MeasureImageQuality" and line.strip().startswith("Select the images to measure:"):
-            channels += [n for n in line.split(":", 1)[1].split(", ") if n]
-        elif module == "MeasureObjectSizeShape" and line.strip().startswith("Select object sets to measure:"):
-            objects += [n for n in line.split(":", 1)[1].split(", ") if n]
+            continue
+        setting = line.strip()
+        if not (module or "").startswith("Measure"):
+            continue
+        if not channels and setting.startswith(_IMAGES_SETTING):
+            channels = [n for n in setting.split(":", 1)[1].split(", ") if n]
+        elif setting.startswith(_OBJECTS_SETTING):
+            objects += [n for n in setting.split(":", 1)[1].split(", ") if n and n not in objects]
     if not channels:
-        raise FeatureError(f"{pipeline}: no MeasureImageQuality images: not a feature pipeline")
+        raise FeatureError(f"{pipeline}: no measurement module names images: not a feature pipeline")
     return channels, objects
 
 
 def write_pipeline(path: str | Path, channels: Sequence[str] = CHANNELS,
-                   objects: Sequence[str] = OBJECTS, python: str | Path | None = None) -> Path:
-    """Build the feature pipeline with CellProfiler's API (cellprofiler_pipeline.py under the
-    CellProfiler environment's Python) and save it at `path`."""
+                   objects: Sequence[str] = OBJECTS, python: str | Path | None = None,
+                   part: str = "all") -> Path:
+    """Build the feature pipeline (`part`: all, site or tiled; see cellprofiler_pipeline.py) with
+    CellProfiler's API (cellprofiler_pipeline.py under the CellProfiler environment's Python) and
+    save it at `path`."""
     python = Path(python) if python is not None else Path(CELLPROFILER).with_name("python")
     command = [str(python), str(PIPELINE_BUILDER), str(path), "--channels", *channels,
-               "--objects", *objects]
+               "--objects", *objects, "--part", part]
     result = subprocess.run(command, capture_output=True, text=True, env=thread_environment(1))
     if result.returncode != 0:
         output = result.stdout + result.stderr
         raise FeatureError(f"building the pipeline failed:\n...{output[-TAIL_CHARS:]}")
     return Path(path)
+
+
+SiteKey = tuple[str, str, int, str]
+SiteInputs = tuple[SiteKey, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]
+
+
+def _top_label(labels: Mapping[str, np.ndarray]) -> int:
+    return max((int(np.max(label)) for label in labels.values() if np.size(label)), default=0)
+
+
+def _tile_area(images: Mapping[str, np.ndarray], gap: int = TILE_GAP) -> int:
+    height, width = np.shape(next(iter(images.values())))
+    return (height + gap) * (width + gap)
+
+
+def tile_sites(sites: Sequence[SiteInputs], gap: int = TILE_GAP
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], pd.DataFrame]:
+    """Lay sites ((key, images, labels) as `extract_features` reads them) side by side in a
+    near-square grid, row by row, `gap` px of background between them, as one set of images and
+    label images. A site's label values are shifted by the largest label of the sites before it
+    (the same shift in every compartment, so nucleus, cell and cytoplasm k stay one cell).
+    Returns (images, labels, placements): placements has one row per site, SITE_KEYS then `y0`,
+    `x0` (its top-left corner in the tile), `offset` (the shift) and `top` (its largest label)."""
+    if not sites:
+        raise ValueError("no sites to tile")
+    columns = int(np.ceil(np.sqrt(len(sites))))
+    cell_h = max(np.asarray(next(iter(images.values()))).shape[0] for _, images, _ in sites) + gap
+    cell_w = max(np.asarray(next(iter(images.values()))).shape[1] for _, images, _ in sites) + gap
+    rows = -(-len(sites) // columns)
+    shape = (rows * cell_h - gap, columns * cell_w - gap)
+    channels, objects = list(sites[0][1]), list(sites[0][2])
+    tiled_images = {c: np.zeros(shape, np.float32) for c in channels}
+    tiled_labels = {o: np.zeros(shape, np.int64) for o in objects}
+    placements, offset = [], 0
+    for i, (key, images, labels) in enumerate(sites):
+        y0, x0 = (i // columns) * cell_h, (i % columns) * cell_w
+        top = _top_label(labels)
+        for name in channels:
+            image = np.asarray(images[name])
+            tiled_images[name][y0:y0 + image.shape[0], x0:x0 + image.shape[1]] = image
+        for name in objects:
+            label = np.asarray(labels[name]).astype(np.int64)
+            tiled_labels[name][y0:y0 + label.shape[0], x0:x0 + label.shape[1]] = np.where(
+                label > 0, label + offset, 0)
+        placements.append(dict(zip(SITE_KEYS, key, strict=True), y0=y0, x0=x0, offset=offset, top=top))
+        offset += top
+    return tiled_images, tiled_labels, pd.DataFrame(placements)
+
+
+_TILED_POSITION = re.compile(
+    r"^Metadata_\w+_AreaShape_(Center|BoundingBoxMinimum|BoundingBoxMaximum)_([XY])$")
+
+
+def untile_cells(cells: pd.DataFrame, placements: pd.DataFrame) -> pd.DataFrame:
+    """Per-cell rows measured on tiles (`read_object_tables` of a tiled run, `Metadata_Site` = the
+    tile number) back to their sites: site keys, label values and positions relative to the site.
+    `placements` is `tile_sites`' table with a `tile` column."""
+    out = cells.copy()
+    for key in SITE_KEYS:
+        out[key] = out[key].astype(object)
+    placed = np.zeros(len(out), bool)
+    positions = {c: _TILED_POSITION.match(c).group(2) for c in out.columns if _TILED_POSITION.match(c)}
+    tiles, labels = out["Metadata_Site"].to_numpy(int), out[OBJECT_KEY].to_numpy(np.int64)
+    for row in placements.itertuples(index=False):
+        rows = (tiles == row.tile) & (labels > row.offset) & (labels <= row.offset + row.top)
+        if not rows.any():
+            continue
+        placed |= rows
+        for key in SITE_KEYS:
+            out.loc[rows, key] = getattr(row, key)
+        out.loc[rows, OBJECT_KEY] = labels[rows] - row.offset
+        for column, axis in positions.items():
+            out.loc[rows, column] = out.loc[rows, column] - (row.x0 if axis == "X" else row.y0)
+    if not placed.all():
+        raise FeatureError(f"{int((~placed).sum())} objects measured on tiles belong to no tiled site")
+    out["Metadata_Site"] = out["Metadata_Site"].astype(int)
+    out[OBJECT_KEY] = out[OBJECT_KEY].astype(np.int64)
+    return out.sort_values([*SITE_KEYS, OBJECT_KEY], kind="stable").reset_index(drop=True)
+
+
+def join_parts(site_cells: pd.DataFrame, tiled_cells: pd.DataFrame) -> pd.DataFrame:
+    """The per-cell tables of the site-by-site and the tiled run as one: joined on site and label
+    value, metadata columns first. The two pipelines must not measure the same feature."""
+    keys = [*SITE_KEYS, OBJECT_KEY]
+    shared = (set(site_cells.columns) & set(tiled_cells.columns)) - set(keys)
+    if shared:
+        raise FeatureError(f"the site and the tiled pipeline both measure {sorted(shared)[:5]} "
+                           f"({len(shared)} columns): with a whole pipeline of your own as "
+                           "features.pipeline, set features.tiled_pipeline to ''")
+    cells = tiled_cells.merge(site_cells, on=keys, how="outer")
+    metadata = [c for c in cells.columns if c.startswith("Metadata_") and c not in keys]
+    rest = [c for c in cells.columns if not c.startswith("Metadata_")]
+    return (cells[[*keys, *metadata, *rest]].sort_values(keys, kind="stable")
+            .reset_index(drop=True))
 
 
 def _qc(plate, well, site, source, status: str, reason: str, cells: int = 0) -> dict:
@@ -377,24 +490,47 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
                      read_images: Callable[[str, str, int, str], Mapping[str, np.ndarray]],
                      read_labels: Callable[[str, str, int, str], Mapping[str, np.ndarray]],
                      pipeline: str | Path = PIPELINE, work_dir: str | Path | None = None, *,
+                     tiled_pipeline: str | Path | None = None, tile_pixels: int = TILE_PIXELS,
                      cellprofiler: str | Path = CELLPROFILER, threads: int = 1,
                      log: str | Path | None = None, timeout: float | None = None
                      ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Features of a batch of sites with one CellProfiler run: returns (cells, images, qc).
+    """Features of a batch of sites with one CellProfiler run (two with a tiled pipeline): returns
+    (cells, images, qc).
 
     `sites` are (plate, well, site, source) tuples; `read_images(plate, well, site, source)` gives
     {channel: 2-D ADU array} and `read_labels(...)` {objects: 2-D int label image}, with the
-    pipeline's channel and object names (extra entries are ignored). A site whose inputs cannot be
+    pipelines' channel and object names (extra entries are ignored). A site whose inputs cannot be
     read or used is skipped (qc status `skipped`, with the reason); a site whose label images hold
     no object is measured (its image features are kept) but yields no cells (status `no_objects`);
     every other site has status `ok` and its number of cells. qc has one row per listed site:
-    plate, well, site, source, status, reason, cells. Inputs and outputs go into `work_dir`
-    (a new temporary folder if None); removing it is the caller's business. CellProfiler failing
-    on the batch raises FeatureError."""
+    plate, well, site, source, status, reason, cells.
+
+    `pipeline` runs site by site. A `tiled_pipeline` (e.g. SITE_PIPELINE with TILED_PIPELINE, the
+    two halves of PIPELINE) runs on tiles of up to `tile_pixels` pixels holding several sites side
+    by side (`tile_sites`; a larger site is a tile of its own): CellProfiler's per-image-set cost
+    is then paid once per tile. Its per-cell results are mapped back to the sites and joined to
+    the site-by-site ones. Only modules whose per-object results depend on the object's own pixels
+    alone belong in a tiled pipeline; tests/test_features.py checks the shipped halves against the
+    whole pipeline. Inputs and outputs go into `work_dir` (a new temporary folder if None); removing
+    it is the caller's business. CellProfiler failing on the batch raises FeatureError."""
     channels, objects = pipeline_names(pipeline)
+    if tiled_pipeline is not None:
+        tiled_channels, tiled_objects = pipeline_names(tiled_pipeline)
+        channels += [c for c in tiled_channels if c not in channels]
+        objects += [o for o in tiled_objects if o not in objects]
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="features-"))
     inputs, out_dir = work / "inputs", work / "cellprofiler"
     rows, qc, seen, empty = [], [], set(), set()
+    tile_rows, placements, pending = [], [], []
+
+    def write_tile() -> None:
+        tile = len(tile_rows) + 1
+        images, labels, placed = tile_sites(pending)
+        tile_rows.append(write_site_inputs(work / "tiles", "", f"tile{tile}", tile, images, labels,
+                                           source="tile"))
+        placements.append(placed.assign(tile=tile))
+        pending.clear()
+
     for plate, well, site, source in sites:
         key = (str(plate), str(well), int(site), str(source))
         where = _where(*key)
@@ -408,8 +544,8 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
                        + [f"objects {o!r}" for o in objects if o not in labels])
             if missing:
                 raise ValueError(f"{where}: no {', '.join(missing)}")
-            row = write_site_inputs(inputs, *key[:3], {c: images[c] for c in channels},
-                                    {o: labels[o] for o in objects}, source=key[3])
+            images, labels = {c: images[c] for c in channels}, {o: labels[o] for o in objects}
+            row = write_site_inputs(inputs, *key[:3], images, labels, source=key[3])
         except Exception as error:  # noqa: BLE001 -- any unreadable site is reported, not fatal
             reason = str(error) if where in str(error) else f"{where}: {type(error).__name__}: {error}"
             qc.append(_qc(*key, "skipped", reason))
@@ -417,13 +553,29 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
         if objects and all(not np.any(np.asarray(labels[o])) for o in objects):
             empty.add(key)
         rows.append(row)
+        if tiled_pipeline is not None:
+            area = sum(_tile_area(i) for _, i, _ in pending) + _tile_area(images)
+            top = sum(_top_label(lb) for _, _, lb in pending) + _top_label(labels)
+            if pending and (area > tile_pixels or top > ADU_MAX):
+                write_tile()
+            pending.append((key, images, labels))
+    if pending:
+        write_tile()
     if not rows:
         return (pd.DataFrame(columns=[*SITE_KEYS, OBJECT_KEY]), pd.DataFrame(columns=SITE_KEYS),
                 pd.DataFrame(qc, columns=QC_COLUMNS))
+    log = log if log is not None else work / "cellprofiler.log"
     loaddata = write_loaddata(rows, inputs / "loaddata.csv")
     run_cellprofiler(pipeline, loaddata, out_dir, cellprofiler=cellprofiler, threads=threads,
-                     log=log if log is not None else work / "cellprofiler.log", timeout=timeout)
+                     log=log, timeout=timeout)
     cells, images = read_object_tables(out_dir, loaddata, objects)
+    if tiled_pipeline is not None:
+        tiled_loaddata = write_loaddata(tile_rows, work / "tiles" / "loaddata.csv")
+        run_cellprofiler(tiled_pipeline, tiled_loaddata, work / "cellprofiler-tiled",
+                         cellprofiler=cellprofiler, threads=threads, log=log, timeout=timeout,
+                         append_log=True)
+        tiled, _ = read_object_tables(work / "cellprofiler-tiled", tiled_loaddata, objects)
+        cells = join_parts(cells, untile_cells(tiled, pd.concat(placements, ignore_index=True)))
     counts = cells.groupby(SITE_KEYS).size().to_dict() if len(cells) else {}
     for row in rows:
         key = tuple(row[k] for k in SITE_KEYS)
@@ -435,9 +587,6 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
             qc.append(_qc(*key, "ok", "", n))
     qc = pd.DataFrame(qc, columns=QC_COLUMNS).sort_values(QC_COLUMNS[:4], kind="stable")
     return cells, images, qc.reset_index(drop=True)
-
-
-SiteKey = tuple[str, str, int, str]
 
 
 def plate_site_readers(source, virtual_store: str | Path, labels_store: str | Path
