@@ -4,11 +4,13 @@ and profile / matching time per plate, on a finished run's plate.
     python bench/features.py --plate-dir results/plates/P1 --out bench/results/features.json [--sites 8]
 
 `ours` is `brightpaint.features.extract_features` as the workflow calls it (reading the stores,
-writing the TIFFs and the LoadData CSV, one CellProfiler process, reading its CSVs into the
-per-cell table); `bare` is the same `cellprofiler -c -r -p ... --data-file ...` command run by hand
-on the inputs `ours` wrote. CPU seconds are this process's plus its children's (CellProfiler is a
-child). The ratio ours / bare is what the orchestration adds (goal <= 1.1). Profiles and matching
-are timed on the plate's own cell table (`plate_profiles`, then `match_profiles`).
+writing the TIFFs and LoadData CSVs, the site-by-site half of the pipeline on each site and the
+tiled half on tiles of sites, reading the CSVs into the per-cell table); `whole` is the same with
+the whole pipeline site by site (no tiles); `bare` is the whole pipeline's
+`cellprofiler -c -r -p ... --data-file ...` command run by hand on the inputs `whole` wrote. CPU
+seconds are this process's plus its children's (CellProfiler is a child). whole / bare is what the
+orchestration adds (goal <= 1.1); whole / ours is what tiling gains. Profiles and matching are timed
+on the plate's own cell table (`plate_profiles`, then `match_profiles`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import pandas as pd
 from brightpaint.features import (
     CELLPROFILER,
     PIPELINE,
+    SITE_PIPELINE,
+    TILED_PIPELINE,
     extract_features,
     measurable_sites,
     plate_site_readers,
@@ -62,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plate-dir", type=Path, default=REPO / "results" / "plates" / "P1")
     parser.add_argument("--screen", type=Path, default=REPO / "results" / "demo" / "screen")
-    parser.add_argument("--sites", type=int, default=8, help="sites per stain source")
+    parser.add_argument("--sites", type=int, default=16, help="sites per stain source")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "features.json")
     args = parser.parse_args()
 
@@ -76,17 +80,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-features-") as work:
         work = Path(work)
         timed(extract_features, chosen[:1], *readers, PIPELINE, work / "warm")  # page cache, imports
-        (cells, _, qc), ours_cpu, ours_wall = timed(extract_features, chosen, *readers, PIPELINE,
-                                                    work / "ours")
-        loaddata = work / "ours" / "inputs" / "loaddata.csv"
+        (cells, _, qc), ours_cpu, ours_wall = timed(extract_features, chosen, *readers, SITE_PIPELINE,
+                                                    work / "ours", tiled_pipeline=TILED_PIPELINE)
+        _, whole_cpu, whole_wall = timed(extract_features, chosen, *readers, PIPELINE, work / "whole")
+        loaddata = work / "whole" / "inputs" / "loaddata.csv"
         (work / "bare").mkdir()
         _, bare_cpu, bare_wall = timed(bare_cellprofiler, loaddata, work / "bare")
     n = len(chosen)
     result = {"host": platform.node(), "plate": source.plate, "sites": n, "cells": len(cells),
-              "features_per_cell": cells.shape[1], "status": qc["status"].value_counts().to_dict(),
-              "ours_cpu_s_per_site": round(ours_cpu / n, 3), "ours_wall_s_per_site": round(ours_wall / n, 3),
-              "bare_cpu_s_per_site": round(bare_cpu / n, 3), "bare_wall_s_per_site": round(bare_wall / n, 3),
-              "ratio_cpu": round(ours_cpu / bare_cpu, 3), "ratio_wall": round(ours_wall / bare_wall, 3)}
+              "features_per_cell": cells.shape[1], "status": qc["status"].value_counts().to_dict()}
+    for name, cpu, wall in (("ours", ours_cpu, ours_wall), ("whole", whole_cpu, whole_wall),
+                            ("bare", bare_cpu, bare_wall)):
+        result[f"{name}_cpu_s_per_site"] = round(cpu / n, 3)
+        result[f"{name}_wall_s_per_site"] = round(wall / n, 3)
+    result.update({"orchestration_ratio_cpu": round(whole_cpu / bare_cpu, 3),
+                   "tiling_speedup_cpu": round(whole_cpu / ours_cpu, 3)})
     print(json.dumps(result), flush=True)
 
     plate_cells = pd.read_parquet(args.plate_dir / "features" / "cells.parquet")

@@ -16,6 +16,10 @@ brightpaint); this module talks to it through files only:
 4. `read_object_tables` turns ExportToSpreadsheet's `Image.csv`, `Nuclei.csv`, `Cells.csv`,
    `Cytoplasm.csv` into one row per cell and one row per site.
 5. `extract_features` does all of it for a list of sites and reports the sites it could not use.
+   With a tiled pipeline beside the site-by-site one (the workflow's default: SITE_PIPELINE and
+   TILED_PIPELINE, the two halves of PIPELINE), the per-object modules that see only the object's
+   own pixels run on tiles of several sites (`tile_sites`, `untile_cells`, `join_parts`), because
+   CellProfiler's cost is mostly per image set and measurement column, not per pixel.
 
 Tables (see `read_object_tables`):
 

@@ -201,6 +201,11 @@ def segment_outputs(plates):
 # pycytominer per plate and for the screen, kNN / mAP matching.
 FEATURES = config["features"]
 FEATURES_PIPELINE = workflow_file(FEATURES["pipeline"], workflow.basedir, "features.pipeline")
+FEATURES_TILED_PIPELINE = (
+    workflow_file(FEATURES["tiled_pipeline"], workflow.basedir, "features.tiled_pipeline")
+    if str(FEATURES.get("tiled_pipeline", "")).strip()
+    else None
+)
 CELLPROFILER = workflow_file(FEATURES["cellprofiler"], workflow.basedir, "features.cellprofiler")
 SCREEN_DIR = f"{RESULTS}/screen"
 
@@ -222,6 +227,8 @@ def features_inputs(wildcards):
         "segment_sites": f"{plate_dir(plate)}/segment/sites.csv",
         "pipeline": FEATURES_PIPELINE,
     }
+    if FEATURES_TILED_PIPELINE:
+        inputs["tiled_pipeline"] = FEATURES_TILED_PIPELINE
     if "real" in feature_sources(plate):
         inputs["sources"] = plate_stain_sources(plate)
     return inputs

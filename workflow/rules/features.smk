@@ -15,6 +15,7 @@ rule features_shard:
         channels=config["channels"]["fluorescence"],
         sources=lambda wildcards: feature_sources(wildcards.plate),
         cellprofiler=CELLPROFILER,
+        tile_pixels=FEATURES["tile_pixels"],
         n_shards=config["shards"],
     threads: config["threads"]["features"]
     conda:

@@ -20,6 +20,8 @@ sites, skipped = measurable_sites(source.plate, segment_sites, wells, params.sou
 read_images, read_labels = plate_site_readers(source, inp.virtual, inp.labels)
 with tempfile.TemporaryDirectory(prefix=f"features-{source.plate}-{shard}-") as work:
     cells, images, qc = extract_features(sites, read_images, read_labels, inp.pipeline, work,
+                                         tiled_pipeline=inp.get("tiled_pipeline"),
+                                         tile_pixels=params.tile_pixels,
                                          cellprofiler=params.cellprofiler, threads=snakemake.threads,  # noqa: F821
                                          log=snakemake.log.cellprofiler)  # noqa: F821
 qc = pd.concat([skipped, qc], ignore_index=True).sort_values(["source", "well", "site"])
