@@ -26,6 +26,7 @@ include: "workflow/rules/segment.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/profiles.smk"
 include: "workflow/rules/match.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -35,4 +36,5 @@ rule all:
         stain_outputs(PLATES),
         segment_outputs(PLATES),
         features_outputs(PLATES),
+        report_outputs(PLATES),
     default_target: True

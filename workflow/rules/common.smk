@@ -1,5 +1,6 @@
 # Path helpers and the screen's plates, resolved once when the workflow is parsed.
 import re
+from pathlib import Path
 
 from brightpaint.workflow import Screen, segment_weights_path, workflow_file
 
@@ -253,4 +254,43 @@ def features_outputs(plates):
         outputs += [*plate_profile_files(plate).values(), *match_files(plate_dir(plate)).values()]
     if not SCREEN.selection:
         outputs += [*match_files(SCREEN_DIR).values()]
+    return outputs
+
+
+# Reports: a plate's report reads every output the default run makes of it, the stain model cards and
+# its input files (checksums); the index reads every plate's summary and the screen's matching.
+def plate_outputs(plate):
+    return [
+        *ingest_outputs([plate]),
+        *preprocess_outputs([plate]),
+        *stain_outputs([plate]),
+        *segment_outputs([plate]),
+        f"{plate_dir(plate)}/features/cells.parquet",
+        f"{plate_dir(plate)}/features/sites.csv",
+        *plate_profile_files(plate).values(),
+        *match_files(plate_dir(plate)).values(),
+    ]
+
+
+def stain_cards():
+    """The model cards beside the stain models (a user's model may come without one)."""
+    if STAIN["weights"]:
+        card = Path(STAIN["weights"]).with_name("card.json")
+        return [str(card)] if card.exists() else []
+    return [f"{RESULTS}/models/stain/{model}/card.json" for model in STAIN_MODELS]
+
+
+def report_inputs(wildcards):
+    return {
+        "outputs": plate_outputs(wildcards.plate),
+        "models": stain_model_files(),
+        "cards": stain_cards(),
+        "sources": SCREEN.plate_inputs(wildcards.plate),
+    }
+
+
+def report_outputs(plates):
+    outputs = [f"{plate_dir(plate)}/report.html" for plate in plates]
+    if not SCREEN.selection:
+        outputs.append(f"{RESULTS}/index.html")
     return outputs

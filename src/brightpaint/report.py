@@ -1,0 +1,343 @@
+"""The per-plate audit report and the screen index (self-contained HTML: figures embedded, opens
+offline).
+
+Everything shown is read from the plate's result files; no number is typed by hand. The pieces:
+
+* `collect_flags` gathers every QC flag of a plate, one row per (stage, well, site, source): ingest
+  (sites left out or flagged), focus (blur QC), segmentation (sites skipped) and features (sites
+  skipped or without objects).
+* `plate_verdict` turns the flags into pass / review / fail with the rules that decided it
+  (thresholds from config `report`).
+* `provenance` lists the workflow's git commit, the package versions of both environments, the
+  config and its hash, the sha256 of models and pipelines, per-rule run times and peak memory (from
+  `benchmark:` files) and the host.
+* `plate_report` collects the sections that exist for a plate; `render_plate_report` and
+  `render_index` write HTML with jinja2 (templates in `templates/`). Figures are PNGs downsampled
+  to at most `FIGURE_MAX_PX` on their long side and embedded as base64.
+
+Tables carry `data-table="<name>"` so that tests (and scripts) can find them in the HTML.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import platform
+import re
+import subprocess
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+
+import jinja2
+import pandas as pd
+import yaml
+
+TEMPLATES = Path(__file__).with_name("templates")
+FIGURE_MAX_PX = 1200
+FLAG_COLUMNS = ["stage", "well", "site", "source", "flag", "reason"]
+MAIN_PACKAGES = ("brightpaint", "snakemake", "numpy", "scipy", "pandas", "torch", "cellpose", "zarr",
+                 "ome-zarr", "tifffile", "scikit-image", "pycytominer", "copairs", "basicpy")
+CELLPROFILER_PACKAGES = ("cellprofiler-nightly", "cellprofiler-core-nightly",
+                         "cellprofiler-library-nightly", "numpy", "scipy", "centriole", "mahotas")
+DEFAULT_RULES = {"review_flagged_fraction": 0.10, "fail_lost_fraction": 0.10}
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_csv(path: Path) -> pd.DataFrame | None:
+    return pd.read_csv(path, keep_default_na=False) if path.is_file() else None
+
+
+def _flag_rows(table: pd.DataFrame, stage: str, flag: pd.Series, reason: pd.Series) -> pd.DataFrame:
+    source = table["source"].astype(str) if "source" in table.columns else pd.Series("", index=table.index)
+    return pd.DataFrame({"stage": stage, "well": table["well"].astype(str),
+                         "site": table["site"].astype(int), "source": source,
+                         "flag": flag.astype(str), "reason": reason.astype(str)})
+
+
+def collect_flags(plate_dir: str | Path) -> pd.DataFrame:
+    """Every QC flag of a plate, from the result files that exist: ingest's site table (status other
+    than ok), focus (non-empty flag), segmentation and features (status skipped / no_objects)."""
+    plate_dir = Path(plate_dir)
+    parts = []
+    sites = _read_csv(plate_dir / "ingest" / "qc_sites.csv")
+    if sites is not None:
+        bad = sites[sites["status"].astype(str) != "ok"]
+        parts.append(_flag_rows(bad, "ingest", bad["status"], bad.get("reasons", bad["status"])))
+    if (plate_dir / "focus.parquet").is_file():
+        focus = pd.read_parquet(plate_dir / "focus.parquet", columns=["well", "site", "flag", "reason"])
+        bad = focus[focus["flag"].fillna("").astype(str) != ""]
+        parts.append(_flag_rows(bad, "focus", bad["flag"], bad["reason"].fillna("")))
+    for stage in ("segment", "features"):
+        table = _read_csv(plate_dir / stage / "sites.csv")
+        if table is not None:
+            bad = table[table["status"].isin(["skipped", "no_objects"])]
+            parts.append(_flag_rows(bad, stage, bad["status"], bad["reason"]))
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return pd.DataFrame(columns=FLAG_COLUMNS)
+    return pd.concat(parts, ignore_index=True).sort_values(["stage", "well", "site", "source"],
+                                                          kind="stable").reset_index(drop=True)
+
+
+def _distinct_sites(flags: pd.DataFrame) -> int:
+    return len(flags[["well", "site"]].astype(str).drop_duplicates()) if len(flags) else 0
+
+
+def plate_verdict(flags: pd.DataFrame, n_sites: int, rules: Mapping | None = None
+                  ) -> tuple[str, list[dict]]:
+    """pass / review / fail and the rules checked, each with its measured value, threshold and
+    outcome. `lost`: sites without any measurement (left out at ingest, or skipped by the
+    features); `flagged`: sites with any QC flag. fail if lost > fail_lost_fraction, review if
+    flagged > review_flagged_fraction."""
+    rules = {**DEFAULT_RULES, **(rules or {})}
+    n = max(int(n_sites), 1)
+    flagged = _distinct_sites(flags) / n
+    lost_rows = flags[((flags["stage"] == "ingest") & (flags["flag"] == "excluded"))
+                      | ((flags["stage"] == "features") & (flags["flag"] == "skipped"))]
+    lost = _distinct_sites(lost_rows) / n
+    checks = [
+        {"rule": "sites without any measurement (ingest excluded, features skipped)",
+         "value": round(lost, 4), "threshold": rules["fail_lost_fraction"], "outcome": "fail",
+         "triggered": bool(lost > rules["fail_lost_fraction"])},
+        {"rule": "sites with any QC flag", "value": round(flagged, 4),
+         "threshold": rules["review_flagged_fraction"], "outcome": "review",
+         "triggered": bool(flagged > rules["review_flagged_fraction"])},
+    ]
+    verdict = "pass"
+    if any(c["triggered"] and c["outcome"] == "review" for c in checks):
+        verdict = "review"
+    if any(c["triggered"] and c["outcome"] == "fail" for c in checks):
+        verdict = "fail"
+    return verdict, checks
+
+
+def png_data_uri(path: str | Path, max_px: int = FIGURE_MAX_PX) -> str:
+    """A PNG as a data: URI, downsampled (Lanczos) so its long side is at most `max_px`."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        if max(image.size) > max_px:
+            scale = max_px / max(image.size)
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def benchmark_table(bench_dir: str | Path) -> pd.DataFrame:
+    """Per-rule run time (s) and peak memory (max_rss, MB) from snakemake's `benchmark:` files."""
+    rows = []
+    for path in sorted(Path(bench_dir).glob("*.tsv")):
+        table = pd.read_csv(path, sep="\t")
+        if len(table):
+            last = table.iloc[-1]
+            rows.append({"job": path.stem, "seconds": float(last["s"]),
+                         "max_rss_mb": pd.to_numeric(last.get("max_rss"), errors="coerce"),
+                         "cpu_seconds": pd.to_numeric(last.get("cpu_time"), errors="coerce")})
+    return pd.DataFrame(rows, columns=["job", "seconds", "max_rss_mb", "cpu_seconds"])
+
+
+def environment_versions(site_packages: str | Path | None = None,
+                         names: Iterable[str] = MAIN_PACKAGES) -> dict[str, str]:
+    """Installed versions of `names`: this interpreter's (site_packages None) or those of another
+    environment's site-packages folder, read from its *.dist-info metadata (nothing is imported)."""
+    wanted = {_normal(n): n for n in names}
+    found = {}
+    if site_packages is None:
+        for name in wanted.values():
+            try:
+                found[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                continue
+        return found
+    for info in Path(site_packages).glob("*.dist-info"):
+        meta = info / "METADATA"
+        if not meta.is_file():
+            continue
+        fields = dict(line.split(": ", 1) for line in meta.read_text(errors="replace").splitlines()[:20]
+                      if ": " in line)
+        key = _normal(fields.get("Name", ""))
+        if key in wanted:
+            found[wanted[key]] = fields.get("Version", "?")
+    return dict(sorted(found.items()))
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def git_commit(repo: str | Path) -> str:
+    """The workflow's commit, with `+dirty` if tracked files changed; `unknown` outside git."""
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def provenance(config: Mapping, repo: str | Path, files: Mapping[str, str | Path],
+               bench_dir: str | Path, cellprofiler_site_packages: str | Path | None) -> dict:
+    """What produced a plate's results: commit, versions of both environments, config (YAML) and
+    its sha256, the sha256 of every named file that exists (models, pipelines, inputs), per-rule
+    benchmarks, host."""
+    text = yaml.safe_dump(dict(config), sort_keys=True)
+    return {
+        "git_commit": git_commit(repo),
+        "host": platform.node(), "python": platform.python_version(), "platform": platform.platform(),
+        "main_environment": environment_versions(None),
+        "cellprofiler_environment": (environment_versions(cellprofiler_site_packages, CELLPROFILER_PACKAGES)
+                                     if cellprofiler_site_packages else {}),
+        "config_yaml": text, "config_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "files": {name: {"path": str(path), "sha256": sha256_file(path)}
+                  for name, path in files.items() if path and Path(path).is_file()},
+        "benchmarks": benchmark_table(bench_dir),
+    }
+
+
+def _figure(path: Path, caption: str) -> dict | None:
+    return {"src": png_data_uri(path), "caption": caption, "file": path.name} if path.is_file() else None
+
+
+def plate_report(plate_dir: str | Path, plate_info: Mapping, prov: Mapping,
+                 rules: Mapping | None = None, stain_cards: Iterable[str | Path] = ()) -> dict:
+    """Everything the plate's report shows, read from its result folder: summary with verdict,
+    inputs, flags, figures and tables of each stage that ran, provenance."""
+    plate_dir = Path(plate_dir)
+    sites = _read_csv(plate_dir / "ingest" / "qc_sites.csv")
+    n_sites = 0 if sites is None else len(sites)
+    n_wells = 0 if sites is None else sites["well"].nunique()
+    flags = collect_flags(plate_dir)
+    verdict, checks = plate_verdict(flags, n_sites, rules)
+    counts = (flags.groupby(["stage", "flag"]).size().rename("sites").reset_index()
+              if len(flags) else pd.DataFrame(columns=["stage", "flag", "sites"]))
+    report = {"plate": str(plate_info.get("plate", plate_dir.name)),
+              "info": {k: str(v) for k, v in plate_info.items()},
+              "n_sites": n_sites, "n_wells": int(n_wells), "verdict": verdict, "checks": checks,
+              "flag_counts": counts, "flags": flags, "sections": [], "provenance": prov}
+    images = plate_dir / "ingest" / "qc_images.parquet"
+    inputs = {}
+    if images.is_file():
+        qc = pd.read_parquet(images, columns=["channel", "flag"])
+        qc["flagged"] = qc["flag"].fillna("").astype(str) != ""
+        inputs["images per channel"] = (qc.groupby("channel").agg(images=("flag", "size"),
+                                                                   flagged=("flagged", "sum"))
+                                        .reset_index())
+    report["inputs"] = inputs
+    sections = report["sections"]
+    illum = sorted((plate_dir / "illum").glob("*.png"))
+    if illum:
+        sections.append({"title": "Illumination functions", "figures": [
+            _figure(p, f"{p.stem}: estimated flat field (illum/{p.stem}.npy)") for p in illum], "tables": {}})
+    if (plate_dir / "focus.parquet").is_file():
+        focus = pd.read_parquet(plate_dir / "focus.parquet", columns=["well", "site", "plane", "flag"])
+        sections.append({"title": "Focus", "figures": [_figure(plate_dir / "focus.png",
+                                                                "chosen plane per site (plate heatmap)")],
+                         "tables": {"focus_planes": focus["plane"].value_counts().sort_index()
+                                    .rename_axis("plane").rename("sites").reset_index()}})
+    denoise = sorted((plate_dir / "denoise").glob("*.pt"))
+    if denoise:
+        sections.append({"title": "Denoising (Noise2Void)", "figures": [], "tables": {
+            "denoise_models": pd.DataFrame({"model": [p.name for p in denoise],
+                                            "sha256": [sha256_file(p) for p in denoise]})}})
+    stain_tables = {}
+    cards = [json.loads(Path(c).read_text()) for c in stain_cards if Path(c).is_file()]
+    if cards:
+        stain_tables["stain_models"] = pd.DataFrame(
+            [{"targets": ", ".join(card.get("targets", [])),
+              "architecture": json.dumps(card.get("architecture", {}), sort_keys=True),
+              "training plates": ", ".join(sorted(card.get("target_normalisation", {}).get("plates", {}))),
+              "training sites": card.get("n_sites", {}).get("train", ""),
+              "validation sites": card.get("n_sites", {}).get("validation", ""),
+              "sha256": card.get("sha256", "")} for card in cards])
+        stain_tables["stain_validation"] = pd.DataFrame(
+            [{"model": i + 1, "metric": k, "value": v} for i, card in enumerate(cards)
+             for k, v in sorted(card.get("metrics", {}).items())])
+    if (plate_dir / "stain" / "metrics.parquet").is_file():
+        metrics = pd.read_parquet(plate_dir / "stain" / "metrics.parquet")
+        stain_tables["stain_metrics"] = (metrics.groupby(["split", "channel"])
+                                         [["pcc", "ssim", "psnr", "nmae"]].mean().reset_index())
+    if stain_tables or (plate_dir / "stain" / "examples.png").is_file():
+        sections.append({"title": "Virtual staining", "tables": stain_tables, "figures": [
+            _figure(plate_dir / "stain" / "examples.png", "brightfield | real | virtual")]})
+    if (plate_dir / "segment" / "sites.csv").is_file():
+        segment = pd.read_csv(plate_dir / "segment" / "sites.csv", keep_default_na=False)
+        tables = {"segment_objects": segment.groupby(["source", "status"])["objects"].agg(["size", "sum"])
+                  .rename(columns={"size": "sites", "sum": "objects"}).reset_index()}
+        if (plate_dir / "segment" / "metrics.parquet").is_file():
+            seg = pd.read_parquet(plate_dir / "segment" / "metrics.parquet")
+            tables["segment_metrics"] = (seg.groupby(["objects", "comparison"])[["ap50", "f1_70"]]
+                                         .mean().reset_index())
+        sections.append({"title": "Segmentation", "tables": tables, "figures": [
+            _figure(plate_dir / "segment" / "overlay.png", "segmentation overlays")]})
+    if (plate_dir / "features" / "sites.csv").is_file():
+        feats = pd.read_csv(plate_dir / "features" / "sites.csv", keep_default_na=False)
+        tables = {"features_sites": feats.groupby(["source", "status"])["cells"].agg(["size", "sum"])
+                  .rename(columns={"size": "sites", "sum": "cells"}).reset_index()}
+        selected = plate_dir / "profiles" / "selected.parquet"
+        if selected.is_file():
+            columns = pd.read_parquet(selected).columns
+            tables["profiles_features"] = pd.DataFrame(
+                [{"features kept by selection": int(sum(not c.startswith("Metadata_") for c in columns))}])
+        sections.append({"title": "Features and profiles", "tables": tables, "figures": []})
+    if (plate_dir / "match" / "summary.parquet").is_file():
+        tables = {"match_summary": pd.read_parquet(plate_dir / "match" / "summary.parquet")}
+        if (plate_dir / "match" / "neighbours.parquet").is_file():
+            tables["match_neighbours"] = pd.read_parquet(plate_dir / "match" / "neighbours.parquet")
+        sections.append({"title": "Matching", "tables": tables, "figures": []})
+    for section in sections:
+        section["figures"] = [f for f in section["figures"] if f]
+    return report
+
+
+def report_summary(report: Mapping) -> dict:
+    """What the screen index shows of a plate (report.json)."""
+    info = report["info"]
+    return {"plate": report["plate"], "batch": info.get("batch", ""), "cell_type": info.get("cell_type", ""),
+            "role": info.get("role", ""), "n_sites": report["n_sites"], "n_wells": report["n_wells"],
+            "n_flags": len(report["flags"]), "verdict": report["verdict"], "checks": report["checks"]}
+
+
+def cellprofiler_site_packages(cellprofiler: str | Path) -> Path | None:
+    """The site-packages folder of the environment holding the `cellprofiler` executable."""
+    found = sorted(Path(cellprofiler).resolve().parent.parent.glob("lib/python3*/site-packages"))
+    return found[0] if found else None
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
+                             autoescape=jinja2.select_autoescape(["html", "j2"]),
+                             undefined=jinja2.StrictUndefined)
+    env.filters["table"] = html_table
+    return env
+
+
+def html_table(table: pd.DataFrame, name: str) -> str:
+    """A table as HTML with `data-table=name`; floats with 4 significant digits."""
+    html = table.to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:.4g}",
+                         classes="data", escape=True)
+    return jinja2.utils.markupsafe.Markup(html.replace("<table ", f'<table data-table="{name}" ', 1))
+
+
+def render_plate_report(report: Mapping) -> str:
+    return _environment().get_template("plate_report.html.j2").render(r=report)
+
+
+def render_index(plates: Iterable[Mapping], screen: Mapping | None = None) -> str:
+    """The screen's index page: one row per plate (its report link and verdict) and screen-level
+    tables (e.g. matching)."""
+    return _environment().get_template("index.html.j2").render(plates=list(plates), screen=screen or {})

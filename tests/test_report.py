@@ -1,0 +1,188 @@
+"""Audit report (brightpaint.report) on a small plate folder written here with known flags and
+tables: every flag collected, the verdict's rules, numbers in the HTML equal to the tables, figures
+embedded and downsampled, provenance read from the environments."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from brightpaint import report as R
+
+
+class Tables(HTMLParser):
+    """Tables with data-table=NAME as lists of rows (header first), images' src, data-* values."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.tables, self.images, self.data = {}, [], {}
+        self._table, self._row, self._cell, self._data_key = None, None, None, None
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table" and "data-table" in attrs:
+            self._table = attrs["data-table"]
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table:
+            self._row = []
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = ""
+        elif tag == "img":
+            self.images.append(attrs.get("src", ""))
+        for key in ("data-verdict", "data-count", "data-provenance", "data-info"):
+            if key in attrs:
+                self._data_key = (key, attrs[key])
+                self.data[self._data_key] = attrs[key] if key == "data-verdict" else ""
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+        if self._data_key and self._data_key[0] != "data-verdict":
+            self.data[self._data_key] += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self._row.append(self._cell.strip())
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.tables[self._table].append(self._row)
+            self._row = None
+        elif tag == "table":
+            self._table = None
+        elif tag == "span" or tag == "code":
+            self._data_key = None
+
+
+def frame(rows: list[list[str]]) -> pd.DataFrame:
+    return pd.DataFrame(rows[1:], columns=rows[0])
+
+
+@pytest.fixture
+def plate(tmp_path):
+    """A plate folder of 20 sites: site A01/1 left out at ingest, A02/1 blur-flagged, A03/1 skipped
+    by segmentation and features, A04/2 without objects; matching and figures present."""
+    folder = tmp_path / "plates" / "P9"
+    wells = [f"A{i:02d}" for i in range(1, 11)]
+    sites = pd.DataFrame([(w, s) for w in wells for s in (1, 2)], columns=["well", "site"])
+    (folder / "ingest").mkdir(parents=True)
+    ingest = sites.assign(n_images=8, status="ok", reasons="")
+    ingest.loc[0, ["status", "reasons"]] = ["excluded", "well A01, site 1, channel DNA: missing"]
+    ingest.to_csv(folder / "ingest" / "qc_sites.csv", index=False)
+    pd.DataFrame({"well": ["A01"] * 4, "site": 1, "channel": ["BF", "DNA", "CYTO", "CYTO"], "z": 0,
+                  "flag": ["", "", "saturated", ""]}).to_parquet(folder / "ingest" / "qc_images.parquet")
+    focus = sites.assign(plane=2, flag="", reason="")
+    focus.loc[2, ["flag", "reason"]] = ["out_of_focus", "no plane is sharp"]
+    focus.to_parquet(folder / "focus.parquet")
+    for stage, count in (("segment", "objects"), ("features", "cells")):
+        (folder / stage).mkdir()
+        table = pd.concat([sites.assign(source="real"), sites.assign(source="virtual")], ignore_index=True)
+        table = table.assign(status="ok", reason="", **{count: 9})
+        table.loc[(table.well == "A03") & (table.site == 1), ["status", "reason", count]] = [
+            "skipped", "site A03/1 has no focus plane", 0]
+        if stage == "features":
+            table.loc[(table.well == "A04") & (table.site == 2), ["status", "reason", count]] = [
+                "no_objects", "label images hold no objects", 0]
+        table.to_csv(folder / stage / "sites.csv", index=False)
+    (folder / "match").mkdir()
+    pd.DataFrame({"source": ["real", "virtual"], "metric": "cosine", "nsc_accuracy": [0.9375, 0.6875],
+                  "map_replicate": [0.84123, 0.5]}).to_parquet(folder / "match" / "summary.parquet")
+    (folder / "illum").mkdir()
+    Image.fromarray((np.random.default_rng(0).random((3000, 1500)) * 255).astype(np.uint8)).save(
+        folder / "illum" / "DNA.png")
+    Image.fromarray(np.zeros((40, 60), np.uint8)).save(folder / "focus.png")
+    bench = tmp_path / "benchmarks" / "P9"
+    bench.mkdir(parents=True)
+    (bench / "focus_plate.tsv").write_text("s\th:m:s\tmax_rss\tmax_vms\tcpu_time\n"
+                                           "12.5\t0:00:12\t321.5\t900\t11.0\n")
+    return folder
+
+
+def test_every_flag_is_collected_with_stage_site_and_reason(plate):
+    flags = R.collect_flags(plate)
+    got = set(map(tuple, flags[["stage", "well", "site", "source", "flag"]].astype(str).values))
+    both = [(stage, "A03", "1", source, "skipped") for stage in ("segment", "features")
+            for source in ("real", "virtual")]
+    both += [("features", "A04", "2", source, "no_objects") for source in ("real", "virtual")]
+    assert got == {("ingest", "A01", "1", "", "excluded"), ("focus", "A02", "1", "", "out_of_focus"),
+                   *both}
+    assert (flags["reason"] != "").all()
+
+
+@pytest.mark.parametrize("rules, verdict", [
+    ({}, "review"),  # 4 of 20 sites flagged (0.2 > 0.1); 2 lost (0.1, not above 0.1)
+    ({"review_flagged_fraction": 0.25}, "pass"),
+    ({"fail_lost_fraction": 0.05}, "fail"),
+])
+def test_verdict_follows_its_rules(plate, rules, verdict):
+    got, checks = R.plate_verdict(R.collect_flags(plate), 20, rules)
+    assert got == verdict
+    assert [c["value"] for c in checks] == [0.1, 0.2]
+
+
+def test_report_html_shows_the_tables_numbers_and_embeds_downsampled_figures(plate, tmp_path):
+    config = {"screen": "x.tsv", "report": {"review_flagged_fraction": 0.1}}
+    sheet = tmp_path / "plates.tsv"
+    sheet.write_text("plate\tmanifest\n")
+    prov = R.provenance(config, tmp_path, {"input: screen sheet": sheet, "absent": tmp_path / "nope"},
+                        tmp_path / "benchmarks" / "P9", None)
+    info = {"plate": "P9", "batch": "B1", "cell_type": "flat", "role": "train"}
+    report = R.plate_report(plate, info, prov)
+    html = R.render_plate_report(report)
+    page = Tables(html)
+    assert page.data[("data-verdict", "review")] == "review"
+    assert page.data[("data-count", "sites")] == "20" and page.data[("data-count", "wells")] == "10"
+    assert page.data[("data-count", "flags")] == str(len(R.collect_flags(plate)))
+    shown = frame(page.tables["flags"])
+    flags = R.collect_flags(plate)
+    assert shown[["stage", "well", "site", "flag"]].values.tolist() == flags[
+        ["stage", "well", "site", "flag"]].astype(str).values.tolist()
+    summary = frame(page.tables["match_summary"])
+    assert summary["nsc_accuracy"].astype(float).tolist() == [0.9375, 0.6875]
+    assert np.allclose(summary["map_replicate"].astype(float), [0.8412, 0.5])  # 4 significant digits
+    channels = frame(page.tables["images_per_channel"])
+    assert channels.set_index("channel")["flagged"].to_dict() == {"BF": "0", "CYTO": "1", "DNA": "0"}
+    bench = frame(page.tables["benchmarks"])
+    assert bench.iloc[0].tolist() == ["focus_plate", "12.5", "321.5", "11"]
+    # provenance: real versions of this environment, the config's hash, file checksums
+    versions = dict(page.tables["main_environment"][1:])
+    assert versions["pandas"] == pd.__version__ and versions["numpy"] == np.__version__
+    assert page.data[("data-provenance", "config_sha256")] == prov["config_sha256"]
+    assert yaml.safe_load(prov["config_yaml"]) == config
+    files = frame(page.tables["files"])
+    assert files["what"].tolist() == ["input: screen sheet"]
+    assert files["sha256"].tolist() == [R.sha256_file(sheet)]
+    # figures: embedded PNGs (no external reference), the large one downsampled
+    assert len(page.images) == 2 and all(src.startswith("data:image/png;base64,") for src in page.images)
+    sizes = [Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).size for src in page.images]
+    assert (R.FIGURE_MAX_PX // 2, R.FIGURE_MAX_PX) in sizes and (60, 40) in sizes
+    assert not re.search(r'(src|href)="(?!data:)', html)
+
+
+def test_index_links_each_plate_with_its_verdict(plate, tmp_path):
+    prov = R.provenance({}, tmp_path, {}, tmp_path / "benchmarks" / "P9", None)
+    summary = R.report_summary(R.plate_report(plate, {"plate": "P9", "batch": "B1"}, prov))
+    html = R.render_index([{**summary, "href": "plates/P9/report.html"}],
+                          {"screen matching": pd.DataFrame({"nsc": [0.75]})})
+    page = Tables(html)
+    rows = frame(page.tables["plates"])
+    assert rows.iloc[0][["plate", "verdict", "sites", "QC flags"]].tolist() == ["P9", "review", "20", "8"]
+    assert 'href="plates/P9/report.html"' in html
+    assert frame(page.tables["screen matching"])["nsc"].tolist() == ["0.75"]
+
+
+def test_versions_of_another_environment_are_read_from_its_metadata(tmp_path):
+    for name, version in (("cellprofiler_nightly", "5.0.0.dev784"), ("numpy", "1.26.4"), ("other", "1")):
+        info = tmp_path / f"{name}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    assert R.environment_versions(tmp_path, ["cellprofiler-nightly", "numpy"]) == {
+        "cellprofiler-nightly": "5.0.0.dev784", "numpy": "1.26.4"}

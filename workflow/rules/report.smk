@@ -1,0 +1,45 @@
+# Audit reports: one self-contained HTML page per plate (what went in, what came out, what was
+# flagged, what produced it) and the screen's index page linking them.
+
+
+rule report_plate:
+    input:
+        unpack(report_inputs),
+    output:
+        html=f"{RESULTS}/plates/{{plate}}/report.html",
+        summary=f"{RESULTS}/plates/{{plate}}/report.json",
+    params:
+        plate_dir=lambda wildcards: plate_dir(wildcards.plate),
+        info=lambda wildcards: SCREEN.plate_row(wildcards.plate),
+        rules=config["report"],
+        config=config,
+        repo=workflow.basedir,
+        cellprofiler=CELLPROFILER,
+        pipelines=[p for p in (FEATURES_PIPELINE, FEATURES_TILED_PIPELINE) if p],
+        benchmarks=lambda wildcards: f"{RESULTS}/benchmarks/{wildcards.plate}",
+    threads: 1
+    conda:
+        MAIN_ENV
+    log:
+        f"{RESULTS}/logs/{{plate}}/report_plate.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{plate}}/report_plate.tsv"
+    script:
+        "../scripts/report_plate.py"
+
+
+rule report_index:
+    input:
+        summaries=[f"{plate_dir(p)}/report.json" for p in SCREEN.plate_ids()],
+        screen=match_files(SCREEN_DIR)["summary"],
+    output:
+        f"{RESULTS}/index.html",
+    threads: 1
+    conda:
+        MAIN_ENV
+    log:
+        f"{RESULTS}/logs/screen/report_index.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/screen/report_index.tsv"
+    script:
+        "../scripts/report_index.py"
