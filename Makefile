@@ -36,6 +36,7 @@ bench: env
 	$(BIN)/python bench/segment.py --out bench/results/segment.json
 	test -d results/plates/P1/features || $(BIN)/snakemake --cores $(CORES) results/plates/P1/features/cells.parquet
 	$(BIN)/python bench/features.py --plate-dir results/plates/P1 --out bench/results/features.json
+	$(BIN)/python bench/report.py --out bench/results/report.json
 
 clean:
 	rm -rf results .snakemake

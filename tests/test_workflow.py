@@ -66,7 +66,7 @@ def test_dry_run_of_the_default_config_lists_every_job(tmp_path):
                       "stain_evaluate": n_stained, "segment_calibrate": n, "segment_shard": n * n_shards,
                       "segment_plate": n, "segment_evaluate": n, "features_shard": n * n_shards,
                       "features_plate": n, "profiles_plate": n, "profiles_screen": 1, "match_plate": n,
-                      "match_screen": 1, "all": 1}
+                      "match_screen": 1, "report_plate": n, "report_index": 1, "all": 1}
 
 
 def test_denoise_scope_screen_trains_one_model_per_channel(tmp_path):
@@ -98,6 +98,7 @@ def test_plates_filter_selects_one_plate(tmp_path):
     assert "results/plates/T1/virtual.zarr" not in result.stdout
     # the plate's features, profiles and matching; the screen's need every plate, so not with a selection
     assert counts["features_plate"] == 1 and counts["match_plate"] == 1 and "match_screen" not in counts
+    assert counts["report_plate"] == 1 and "report_index" not in counts
     # with a model file given, nothing of T1 is needed
     (tmp_path / "vs").mkdir()
     (tmp_path / "vs" / "model.safetensors").write_bytes(b"")
