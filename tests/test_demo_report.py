@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, run_snakemake
 from PIL import Image
 from test_report import Tables, frame
 
@@ -141,3 +141,13 @@ def test_report_renders_in_headless_chromium(demo, plates, tmp_path):
     assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("L"), float)
     assert pixels.shape == (2400, 1280) and pixels.std() > 10  # not a blank page
+
+
+def test_snakemake_report_collects_the_main_figures_with_captions(demo_run, tmp_path):
+    out = tmp_path / "snakemake-report.html"
+    result = run_snakemake(demo_run, "--report", str(out), timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    html = out.read_text(errors="replace")
+    for caption in ("Chosen brightfield plane per site", "Illumination function of channel",
+                    "brightfield | real stain | virtual stain", "The audit report of plate"):
+        assert caption in html, caption

@@ -28,7 +28,13 @@ rule focus_plate:
         tables=expand(f"{RESULTS}/plates/{{{{plate}}}}/focus/shards/{{shard}}.parquet", shard=SHARDS),
     output:
         table=f"{RESULTS}/plates/{{plate}}/focus.parquet",
-        figure=f"{RESULTS}/plates/{{plate}}/focus.png",
+        figure=report(
+            f"{RESULTS}/plates/{{plate}}/focus.png",
+            caption="../report/focus.rst",
+            category="Preprocessing",
+            subcategory="{plate}",
+            labels={"plate": "{plate}", "figure": "chosen plane"},
+        ),
     conda:
         MAIN_ENV
     log:

@@ -8,7 +8,13 @@ rule illumination:
         layout=f"{RESULTS}/plates/{{plate}}/ingest/layout.json",
     output:
         function=f"{RESULTS}/plates/{{plate}}/illum/{{channel}}.npy",
-        figure=f"{RESULTS}/plates/{{plate}}/illum/{{channel}}.png",
+        figure=report(
+            f"{RESULTS}/plates/{{plate}}/illum/{{channel}}.png",
+            caption="../report/illumination.rst",
+            category="Preprocessing",
+            subcategory="{plate}",
+            labels={"plate": "{plate}", "figure": "illumination {channel}"},
+        ),
     params:
         method=config["illumination"]["method"],
         max_sites=config["illumination"]["max_sites"],

@@ -6,7 +6,12 @@ rule report_plate:
     input:
         unpack(report_inputs),
     output:
-        html=f"{RESULTS}/plates/{{plate}}/report.html",
+        html=report(
+            f"{RESULTS}/plates/{{plate}}/report.html",
+            caption="../report/plate_report.rst",
+            category="Audit reports",
+            labels={"plate": "{plate}"},
+        ),
         summary=f"{RESULTS}/plates/{{plate}}/report.json",
     params:
         plate_dir=lambda wildcards: plate_dir(wildcards.plate),

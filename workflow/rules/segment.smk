@@ -90,7 +90,13 @@ rule segment_evaluate:
         sites=f"{RESULTS}/plates/{{plate}}/segment/sites.csv",
     output:
         metrics=f"{RESULTS}/plates/{{plate}}/segment/metrics.parquet",
-        figure=f"{RESULTS}/plates/{{plate}}/segment/overlay.png",
+        figure=report(
+            f"{RESULTS}/plates/{{plate}}/segment/overlay.png",
+            caption="../report/segmentation.rst",
+            category="Segmentation",
+            subcategory="{plate}",
+            labels={"plate": "{plate}", "figure": "overlays"},
+        ),
     params:
         **SEGMENT_PARAMS,
         truth_masks=lambda wildcards: SEGMENT["truth_masks"],

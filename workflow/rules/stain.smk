@@ -87,7 +87,13 @@ rule stain_evaluate:
         models=stain_model_files(),
     output:
         metrics=f"{RESULTS}/plates/{{plate}}/stain/metrics.parquet",
-        figure=f"{RESULTS}/plates/{{plate}}/stain/examples.png",
+        figure=report(
+            f"{RESULTS}/plates/{{plate}}/stain/examples.png",
+            caption="../report/stain.rst",
+            category="Virtual staining",
+            subcategory="{plate}",
+            labels={"plate": "{plate}", "figure": "examples"},
+        ),
     params:
         plate_dir=lambda wildcards: plate_dir(wildcards.plate),
         brightfield=config["channels"]["brightfield"],
