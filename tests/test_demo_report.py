@@ -83,6 +83,22 @@ def test_every_plate_has_a_report_whose_numbers_are_the_tables(demo, plates):
             assert np.allclose(got.loc[means.index], means, rtol=5e-4)
 
 
+def test_apply_plate_brightfield_is_checked_against_the_training_plates(demo, plates):
+    """P4 (apply only, a cell type the training plates include) gets the domain table, computed from
+    the stored statistics, and lies inside the training plates' distribution."""
+    sheet = pd.read_csv(demo / "demo" / "screen" / "plates.tsv", sep="\t")
+    training = [demo / "plates" / p for p in sheet[sheet["role"].isin(["train", "both"])]["plate"]]
+    for plate in sheet[sheet["role"] == "apply"]["plate"]:
+        page = shown(demo / "plates" / plate / "report.html")
+        table = frame(page.tables["brightfield_domain"]).set_index("statistic")
+        expected = R.brightfield_domain(
+            R.brightfield_statistics(demo / "plates" / plate),
+            pd.concat([R.brightfield_statistics(d) for d in training], ignore_index=True),
+            R.DEFAULT_RULES["domain_z"]).set_index("statistic")
+        assert np.allclose(table["z"].astype(float), expected["z"], rtol=5e-4, atol=1e-3)
+        assert (table["outside"] == "False").all(), table
+
+
 def test_provenance_lists_the_real_environments_and_files(demo, plates):
     page = shown(demo / "plates" / plates[0] / "report.html")
     versions = dict(page.tables["main_environment"][1:])

@@ -186,3 +186,31 @@ def test_versions_of_another_environment_are_read_from_its_metadata(tmp_path):
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
     assert R.environment_versions(tmp_path, ["cellprofiler-nightly", "numpy"]) == {
         "cellprofiler-nightly": "5.0.0.dev784", "numpy": "1.26.4"}
+
+
+def test_brightfield_statistics_are_those_of_the_chosen_plane(tmp_path):
+    (tmp_path / "ingest").mkdir()
+    pd.DataFrame({"well": "A01", "site": 1, "channel": ["BF", "BF", "DNA"], "z": [0, 1, 0],
+                  "mean": [100.0, 200.0, 5.0], "std": [10.0, 30.0, 1.0]}).to_parquet(
+        tmp_path / "ingest" / "qc_images.parquet")
+    pd.DataFrame({"well": ["A01"], "site": [1], "plane": [1], "var_laplacian_z0": [1.0],
+                  "var_laplacian_z1": [800.0], "plls_z0": [-3.0], "plls_z1": [-2.5]}).to_parquet(
+        tmp_path / "focus.parquet")
+    stats = R.brightfield_statistics(tmp_path)
+    assert stats.iloc[0][["bf_cv", "bf_sharpness", "bf_plls"]].tolist() == [0.15, 0.02, -2.5]
+
+
+def test_brightfield_domain_flags_a_shifted_plate_and_not_a_plate_like_training():
+    rng = np.random.default_rng(0)
+
+    def sites(n, cv, plls):
+        return pd.DataFrame({"bf_cv": rng.normal(cv, 0.005, n), "bf_sharpness": rng.normal(0.003, 3e-4, n),
+                             "bf_plls": rng.normal(plls, 0.1, n)})
+
+    training = sites(300, 0.08, -2.8)
+    same = R.brightfield_domain(sites(100, 0.08, -2.8), training, 4.0)
+    assert not same["outside"].any() and (same["z"].abs() < 1).all()
+    shifted = R.brightfield_domain(sites(100, 0.16, -2.8), training, 4.0).set_index("statistic")
+    assert shifted.loc["brightfield contrast (std / mean)", "outside"]
+    assert shifted.loc["brightfield contrast (std / mean)", "z"] > 10
+    assert not shifted.loc["power-spectrum slope", "outside"]

@@ -32,6 +32,7 @@ from importlib import metadata
 from pathlib import Path
 
 import jinja2
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -42,7 +43,12 @@ MAIN_PACKAGES = ("brightpaint", "snakemake", "numpy", "scipy", "pandas", "torch"
                  "ome-zarr", "tifffile", "scikit-image", "pycytominer", "copairs", "basicpy")
 CELLPROFILER_PACKAGES = ("cellprofiler-nightly", "cellprofiler-core-nightly",
                          "cellprofiler-library-nightly", "numpy", "scipy", "centriole", "mahotas")
-DEFAULT_RULES = {"review_flagged_fraction": 0.10, "fail_lost_fraction": 0.10}
+DEFAULT_RULES = {"review_flagged_fraction": 0.10, "fail_lost_fraction": 0.10, "domain_z": 4.0}
+# Brightfield statistics of the domain check: scale-free, as the stain model z-scores its input
+# (an exposure change alone is no domain shift for it), but a change of contrast, sharpness or
+# spatial spectrum (optics, magnification, cell type, density) is.
+DOMAIN_FEATURES = {"bf_cv": "brightfield contrast (std / mean)",
+                   "bf_sharpness": "variance of Laplacian / mean^2", "bf_plls": "power-spectrum slope"}
 
 
 def sha256_file(path: str | Path) -> str:
@@ -119,6 +125,49 @@ def plate_verdict(flags: pd.DataFrame, n_sites: int, rules: Mapping | None = Non
     if any(c["triggered"] and c["outcome"] == "fail" for c in checks):
         verdict = "fail"
     return verdict, checks
+
+
+def brightfield_statistics(plate_dir: str | Path, brightfield: str = "BF") -> pd.DataFrame:
+    """Per site, statistics of the brightfield plane focus chose: mean, contrast (std / mean),
+    sharpness (variance of Laplacian / mean^2) and power-spectrum log-log slope, from the ingest
+    QC table and the focus scores (no image is read again)."""
+    plate_dir = Path(plate_dir)
+    focus = pd.read_parquet(plate_dir / "focus.parquet")
+    images = pd.read_parquet(plate_dir / "ingest" / "qc_images.parquet",
+                             columns=["well", "site", "channel", "z", "mean", "std"])
+    images = images[images["channel"] == brightfield]
+    sites = focus.merge(images, left_on=["well", "site", "plane"], right_on=["well", "site", "z"])
+    plane = sites["plane"].astype(int).to_numpy()
+    pick = {}
+    for score in ("var_laplacian", "plls"):
+        columns = sorted((c for c in sites.columns if c.startswith(f"{score}_z")),
+                         key=lambda c: int(c.rsplit("_z", 1)[1]))
+        scores = sites[columns].to_numpy(float)
+        pick[score] = np.take_along_axis(scores, plane[:, None], axis=1)[:, 0]
+    mean = sites["mean"].to_numpy(float)
+    return pd.DataFrame({"well": sites["well"], "site": sites["site"], "bf_mean": mean,
+                         "bf_cv": sites["std"].to_numpy(float) / mean,
+                         "bf_sharpness": pick["var_laplacian"] / mean ** 2, "bf_plls": pick["plls"]})
+
+
+def brightfield_domain(plate: pd.DataFrame, training: pd.DataFrame, z_limit: float) -> pd.DataFrame:
+    """How far a plate's brightfield lies from the training plates': per statistic, the distance of
+    the plate's median from the training sites' median in units of their robust spread (1.4826 x
+    MAD), and whether it exceeds `z_limit`. A first guard of the model's domain (issue 9 builds the
+    full one)."""
+    rows = []
+    for name, label in DOMAIN_FEATURES.items():
+        train = training[name].dropna().to_numpy(float)
+        values = plate[name].dropna().to_numpy(float)
+        if not len(train) or not len(values):
+            continue
+        centre = float(np.median(train))
+        spread = 1.4826 * float(np.median(np.abs(train - centre))) or float(np.std(train)) or 1e-12
+        z = (float(np.median(values)) - centre) / spread
+        rows.append({"statistic": label, "training median": centre, "training spread": spread,
+                     "plate median": float(np.median(values)), "z": z, "outside": bool(abs(z) > z_limit)})
+    return pd.DataFrame(rows, columns=["statistic", "training median", "training spread", "plate median",
+                                       "z", "outside"])
 
 
 def png_data_uri(path: str | Path, max_px: int = FIGURE_MAX_PX) -> str:
@@ -214,10 +263,12 @@ def _figure(path: Path, caption: str) -> dict | None:
 
 
 def plate_report(plate_dir: str | Path, plate_info: Mapping, prov: Mapping,
-                 rules: Mapping | None = None, stain_cards: Iterable[str | Path] = ()) -> dict:
+                 rules: Mapping | None = None, stain_cards: Iterable[str | Path] = (),
+                 training_dirs: Iterable[str | Path] = (), brightfield: str = "BF") -> dict:
     """Everything the plate's report shows, read from its result folder: summary with verdict,
     inputs, flags, figures and tables of each stage that ran, provenance."""
     plate_dir = Path(plate_dir)
+    limits = {**DEFAULT_RULES, **(rules or {})}
     sites = _read_csv(plate_dir / "ingest" / "qc_sites.csv")
     n_sites = 0 if sites is None else len(sites)
     n_wells = 0 if sites is None else sites["well"].nunique()
@@ -271,6 +322,20 @@ def plate_report(plate_dir: str | Path, plate_info: Mapping, prov: Mapping,
         metrics = pd.read_parquet(plate_dir / "stain" / "metrics.parquet")
         stain_tables["stain_metrics"] = (metrics.groupby(["split", "channel"])
                                          [["pcc", "ssim", "psnr", "nmae"]].mean().reset_index())
+    training_dirs = [Path(d) for d in training_dirs if Path(d).resolve() != plate_dir.resolve()]
+    if training_dirs and (plate_dir / "focus.parquet").is_file():
+        training = pd.concat([brightfield_statistics(d, brightfield) for d in training_dirs],
+                             ignore_index=True)
+        statistics = brightfield_statistics(plate_dir, brightfield)
+        domain = brightfield_domain(statistics, training, limits["domain_z"])
+        stain_tables["brightfield_domain"] = domain
+        outside = domain[domain["outside"]]
+        report["checks"].append({"rule": "brightfield statistics outside the training plates' (|z| above)",
+                                 "value": round(float(domain["z"].abs().max()), 2) if len(domain) else 0.0,
+                                 "threshold": limits["domain_z"],
+                                 "outcome": "review", "triggered": bool(len(outside))})
+        if len(outside) and report["verdict"] == "pass":
+            report["verdict"] = "review"
     if stain_tables or (plate_dir / "stain" / "examples.png").is_file():
         sections.append({"title": "Virtual staining", "tables": stain_tables, "figures": [
             _figure(plate_dir / "stain" / "examples.png", "brightfield | real | virtual")]})

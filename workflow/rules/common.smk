@@ -286,6 +286,14 @@ def report_inputs(wildcards):
         "models": stain_model_files(),
         "cards": stain_cards(),
         "sources": SCREEN.plate_inputs(wildcards.plate),
+        # the training plates' brightfield statistics, for the domain check
+        "training": []
+        if STAIN["weights"]
+        else [
+            path
+            for p in STAIN_TRAINING_PLATES
+            for path in (f"{plate_dir(p)}/focus.parquet", f"{plate_dir(p)}/ingest/qc_images.parquet")
+        ],
     }
 
 
