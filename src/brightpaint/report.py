@@ -36,6 +36,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from .ingest import sha256_of as sha256_file
+
 TEMPLATES = Path(__file__).with_name("templates")
 FIGURE_MAX_PX = 1200
 FLAG_COLUMNS = ["stage", "well", "site", "source", "flag", "reason"]
@@ -49,14 +51,6 @@ DEFAULT_RULES = {"review_flagged_fraction": 0.10, "fail_lost_fraction": 0.10, "d
 # spatial spectrum (optics, magnification, cell type, density) is.
 DOMAIN_FEATURES = {"bf_cv": "brightfield contrast (std / mean)",
                    "bf_sharpness": "variance of Laplacian / mean^2", "bf_plls": "power-spectrum slope"}
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_csv(path: Path) -> pd.DataFrame | None:

@@ -22,7 +22,6 @@ without a cell are dropped and counted; objects touching the image border are dr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -38,6 +37,8 @@ import zarr
 from ome_zarr.format import FormatV05
 from ome_zarr.writer import write_well_metadata
 from scipy import ndimage
+
+from .ingest import sha256_of as sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -193,14 +194,6 @@ def load_cellpose_model(weights: str | Path, device: torch.device | str = "cpu")
     model.diam_labels = float(net.diam_labels.item())
     model.nbase = widths
     return model
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_card_path(weights: str | Path) -> Path:
