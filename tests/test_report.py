@@ -161,7 +161,8 @@ def test_report_html_shows_the_tables_numbers_and_embeds_downsampled_figures(pla
     assert files["what"].tolist() == ["input: screen sheet"]
     assert files["sha256"].tolist() == [R.sha256_file(sheet)]
     # figures: embedded PNGs (no external reference), the large one downsampled
-    assert len(page.images) == 2 and all(src.startswith("data:image/png;base64,") for src in page.images)
+    # illumination, focus and the cells-per-well maps of both stain sources
+    assert len(page.images) == 4 and all(src.startswith("data:image/png;base64,") for src in page.images)
     sizes = [Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).size for src in page.images]
     assert (R.FIGURE_MAX_PX // 2, R.FIGURE_MAX_PX) in sizes and (60, 40) in sizes
     assert not re.search(r'(src|href)="(?!data:)', html)

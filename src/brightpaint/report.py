@@ -164,6 +164,35 @@ def brightfield_domain(plate: pd.DataFrame, training: pd.DataFrame, z_limit: flo
                                        "z", "outside"])
 
 
+def well_heatmap(values: pd.Series, title: str, label: str) -> str:
+    """A plate map (rows x columns, cropped to the wells present) of one value per well, as a PNG
+    data URI; wells without a value are white."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .io import PLATE_ROWS
+
+    present_rows = [PLATE_ROWS.index(w[0]) for w in values.index]
+    present_columns = [int(w[1:]) for w in values.index]
+    rows = list(range(min(present_rows), max(present_rows) + 1))
+    columns = list(range(min(present_columns), max(present_columns) + 1))
+    grid = np.full((len(rows), len(columns)), np.nan)
+    for well, value in values.items():
+        grid[rows.index(PLATE_ROWS.index(well[0])), columns.index(int(well[1:]))] = value
+    fig = Figure(figsize=(min(2.5 + 0.4 * len(columns), 12), min(1.5 + 0.4 * len(rows), 8)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(columns)), [str(c) for c in columns], fontsize=7)
+    ax.set_yticks(range(len(rows)), [PLATE_ROWS[r] for r in rows], fontsize=7)
+    ax.tick_params(length=0)
+    fig.colorbar(image, ax=ax, label=label, fraction=0.04, pad=0.02)
+    ax.set_title(title, fontsize=9)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def png_data_uri(path: str | Path, max_px: int = FIGURE_MAX_PX) -> str:
     """A PNG as a data: URI, downsampled (Lanczos) so its long side is at most `max_px`."""
     from PIL import Image
@@ -341,8 +370,14 @@ def plate_report(plate_dir: str | Path, plate_info: Mapping, prov: Mapping,
             seg = pd.read_parquet(plate_dir / "segment" / "metrics.parquet")
             tables["segment_metrics"] = (seg.groupby(["objects", "comparison"])[["ap50", "f1_70"]]
                                          .mean().reset_index())
-        sections.append({"title": "Segmentation", "tables": tables, "figures": [
-            _figure(plate_dir / "segment" / "overlay.png", "segmentation overlays")]})
+        figures = [_figure(plate_dir / "segment" / "overlay.png", "segmentation overlays")]
+        for source, group in segment.groupby("source"):
+            per_well = group.groupby("well")["objects"].sum()
+            title = f"{report['plate']}: cells per well ({source} stains)"
+            figures.append({"src": well_heatmap(per_well, title, "cells"),
+                            "caption": f"cells per well, {source} stains (segment/sites.csv)",
+                            "file": f"objects_per_well_{source}"})
+        sections.append({"title": "Segmentation", "tables": tables, "figures": figures})
     if (plate_dir / "features" / "sites.csv").is_file():
         feats = pd.read_csv(plate_dir / "features" / "sites.csv", keep_default_na=False)
         tables = {"features_sites": feats.groupby(["source", "status"])["cells"].agg(["size", "sum"])
