@@ -95,6 +95,10 @@ def plate(tmp_path):
     (folder / "match").mkdir()
     pd.DataFrame({"source": ["real", "virtual"], "metric": "cosine", "nsc_accuracy": [0.9375, 0.6875],
                   "map_replicate": [0.84123, 0.5]}).to_parquet(folder / "match" / "summary.parquet")
+    pd.DataFrame({"feature": ["Cells_AreaShape_Area", "Nuclei_Intensity_MeanIntensity_DNA", "Cells_X_Y"],
+                  "compartment": ["Cells", "Nuclei", "Cells"], "group": ["AreaShape", "Intensity", "X"],
+                  "pearson": [0.5, 0.25, np.nan], "n_wells": 10}).to_parquet(
+        folder / "match" / "agreement.parquet")
     (folder / "illum").mkdir()
     Image.fromarray((np.random.default_rng(0).random((3000, 1500)) * 255).astype(np.uint8)).save(
         folder / "illum" / "DNA.png")
@@ -148,6 +152,9 @@ def test_report_html_shows_the_tables_numbers_and_embeds_downsampled_figures(pla
     summary = frame(page.tables["match_summary"])
     assert summary["nsc_accuracy"].astype(float).tolist() == [0.9375, 0.6875]
     assert np.allclose(summary["map_replicate"].astype(float), [0.8412, 0.5])  # 4 significant digits
+    level3 = frame(page.tables["level3_cpcor"]).set_index(["compartment", "group"])
+    assert level3.loc[("all", "all"), "median_pearson"] == "0.375"
+    assert level3.loc[("Cells", "all"), ["n_features", "n_undefined"]].tolist() == ["2", "1"]
     channels = frame(page.tables["images_per_channel"])
     assert channels.set_index("channel")["flagged"].to_dict() == {"BF": "0", "CYTO": "1", "DNA": "0"}
     bench = frame(page.tables["benchmarks"])

@@ -37,6 +37,7 @@ import pandas as pd
 import yaml
 
 from .ingest import sha256_of as sha256_file
+from .match import agreement_summary
 
 TEMPLATES = Path(__file__).with_name("templates")
 FIGURE_MAX_PX = 1200
@@ -390,6 +391,11 @@ def plate_report(plate_dir: str | Path, plate_info: Mapping, prov: Mapping,
         sections.append({"title": "Features and profiles", "tables": tables, "figures": []})
     if (plate_dir / "match" / "summary.parquet").is_file():
         tables = {"match_summary": pd.read_parquet(plate_dir / "match" / "summary.parquet")}
+        agreement = plate_dir / "match" / "agreement.parquet"
+        if agreement.is_file():
+            agreement = pd.read_parquet(agreement)
+            if len(agreement):
+                tables["level3_cpcor"] = agreement_summary(agreement)
         if (plate_dir / "match" / "neighbours.parquet").is_file():
             tables["match_neighbours"] = pd.read_parquet(plate_dir / "match" / "neighbours.parquet")
         sections.append({"title": "Matching", "tables": tables, "figures": []})
