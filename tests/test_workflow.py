@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,7 +14,9 @@ import pytest
 import tifffile
 import yaml
 from conftest import CHANNELS, REPO, TINY_SPEC, run_snakemake
+from PIL import Image
 
+from brightpaint import report
 from brightpaint.illumination import load_illumination
 from brightpaint.ingest import read_field
 
@@ -173,6 +177,8 @@ def test_tiny_demo_end_to_end(tmp_path):
             denoised = read_field(folder / "denoised.zarr", row.well, row.site)
             assert denoised.shape == (1, 3, 1, TINY_SPEC.size, TINY_SPEC.size)
             assert np.isfinite(denoised).all() and denoised.std() > 0
+            crops = report.denoise_crops(folder, "BF")  # the report's before / after figure
+            assert Image.open(io.BytesIO(base64.b64decode(crops.split(",", 1)[1]))).size[0] > 100
             metrics = pd.read_parquet(folder / "stain" / "metrics.parquet")
             assert set(metrics["channel"]) == set(CHANNELS["fluorescence"])
             assert len(metrics) >= 3 and len(metrics) % 3 == 0

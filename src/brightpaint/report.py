@@ -194,6 +194,39 @@ def well_heatmap(values: pd.Series, title: str, label: str) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def denoise_crops(plate_dir: str | Path, brightfield: str, size: int = 128) -> str:
+    """Before / after crops of Noise2Void for every denoised channel of a plate's first stored site
+    (the illumination-corrected raw plane and the denoised one, centre crop, same contrast), as a PNG
+    data URI."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .ingest import stored_sites
+    from .stain import fluorescence_plane, open_plate_source
+
+    denoised = open_plate_source(plate_dir, brightfield)
+    raw = open_plate_source(plate_dir, brightfield, use_denoised=False)
+    well, site = stored_sites(denoised.denoised)[0]
+    channels = list(denoised.denoised_layout.channels)
+    fig = Figure(figsize=(5, 2.5 * len(channels)), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, channel in enumerate(channels):
+        before = fluorescence_plane(raw, well, site, channel)
+        after = fluorescence_plane(denoised, well, site, channel)
+        y0, x0 = max(0, (before.shape[0] - size) // 2), max(0, (before.shape[1] - size) // 2)
+        crop = np.s_[y0:y0 + size, x0:x0 + size]
+        low, high = np.percentile(before[crop], [1, 99.5])
+        for j, (image, name) in enumerate(((before, "before"), (after, "after"))):
+            ax = fig.add_subplot(len(channels), 2, 2 * i + j + 1)
+            ax.imshow(image[crop], cmap="gray", vmin=low, vmax=high, interpolation="nearest")
+            ax.set_title(f"{channel} {name}", fontsize=8)
+            ax.set_axis_off()
+    fig.suptitle(f"{denoised.plate} {well} site {site}: Noise2Void", fontsize=9)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def png_data_uri(path: str | Path, max_px: int = FIGURE_MAX_PX) -> str:
     """A PNG as a data: URI, downsampled (Lanczos) so its long side is at most `max_px`."""
     from PIL import Image
@@ -325,8 +358,11 @@ def plate_report(plate_dir: str | Path, plate_info: Mapping, prov: Mapping,
                          "tables": {"focus_planes": focus["plane"].value_counts().sort_index()
                                     .rename_axis("plane").rename("sites").reset_index()}})
     denoise = sorted((plate_dir / "denoise").glob("*.pt"))
-    if denoise:
-        sections.append({"title": "Denoising (Noise2Void)", "figures": [], "tables": {
+    if denoise or (plate_dir / "denoised.zarr").is_dir():
+        figures = ([{"src": denoise_crops(plate_dir, brightfield), "file": "denoise_crops",
+                     "caption": "before / after Noise2Void, centre crop of the first site"}]
+                   if (plate_dir / "denoised.zarr").is_dir() else [])
+        sections.append({"title": "Denoising (Noise2Void)", "figures": figures, "tables": {
             "denoise_models": pd.DataFrame({"model": [p.name for p in denoise],
                                             "sha256": [sha256_file(p) for p in denoise]})}})
     stain_tables = {}
