@@ -282,3 +282,48 @@ def test_brightpaint_cli_simulate_and_validate(tmp_path):
     bad = subprocess.run([cli, "validate", str(out / "plates.tsv")], capture_output=True, text=True)
     assert bad.returncode == 1
     assert f"well {manifest['well'].iloc[0]}, site 1" in bad.stderr and "file not found" in bad.stderr
+
+
+def test_user_screen_bad_pixels_become_qc_flags_not_crashes(tmp_path, tiny_screen_source):
+    """Through the workflow (issue 3): all-zero DNA images at one site, a brightfield stack full of
+    NaN at another (the channel stored as float32 TIFFs: a mixed-dtype channel is an error naming
+    every file), and a plate whose brightfield stack has one plane. The run goes through the
+    preprocessing and each problem is a QC flag with its reason."""
+    config = user_screen(tmp_path, tiny_screen_source)
+    screen = tmp_path / "myscreen"
+    manifest = pd.read_csv(screen / "T1" / "manifest.csv")
+    sites = manifest[["well", "site"]].drop_duplicates().to_numpy()
+    (zero_well, zero_site), (nan_well, nan_site) = sites[0], sites[1]
+    dna = manifest[(manifest.well == zero_well) & (manifest.site == zero_site) & (manifest.channel == "DNA")]
+    path = screen / "T1" / dna.iloc[0].path
+    tifffile.imwrite(path, np.zeros_like(tifffile.imread(path)))
+    for row in manifest[manifest.channel == "BF"].itertuples():  # a float32 channel can hold NaN
+        image = tifffile.imread(screen / "T1" / row.path).astype(np.float32)
+        if (row.well, row.site) == (nan_well, nan_site):
+            image[:, :] = np.nan
+        tifffile.imwrite(screen / "T1" / row.path, image)
+    single = pd.read_csv(screen / "T2" / "manifest.csv")
+    single = single[(single.channel != "BF") | (single.z == 2)]
+    single = single.assign(z=np.where(single.channel == "BF", 0, single.z))
+    single.to_csv(screen / "T2" / "manifest.csv", index=False)
+    result = run_snakemake(tmp_path, "--cores", "2", "--configfile", str(config),
+                           "--until", "focus_plate", "illumination")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    t1 = tmp_path / "results" / "plates" / "T1"
+    qc = pd.read_csv(t1 / "ingest" / "qc_sites.csv", keep_default_na=False).set_index(["well", "site"])
+    assert qc.loc[(zero_well, zero_site), "status"] == "flagged"
+    assert "DNA" in qc.loc[(zero_well, zero_site), "reasons"]
+    assert qc.loc[(nan_well, nan_site), "status"] == "flagged"
+    assert "BF z0: NaN or infinite: 100.00% of pixels" in qc.loc[(nan_well, nan_site), "reasons"]
+    focus = pd.read_parquet(t1 / "focus.parquet").set_index(["well", "site"])
+    assert "nonfinite" in focus.loc[(nan_well, nan_site), "flag"] or "blank" in focus.loc[
+        (nan_well, nan_site), "flag"]
+    assert focus.loc[(nan_well, nan_site), "reason"] != ""
+    for channel in ("BF", "DNA"):
+        flat = load_illumination(t1 / "illum" / f"{channel}.npy").flat
+        assert np.isfinite(flat).all() and abs(float(flat.mean()) - 1) < 0.05
+    t2 = pd.read_parquet(tmp_path / "results" / "plates" / "T2" / "focus.parquet")
+    assert (t2["plane"] == 0).all() and t2["flag"].str.contains("single_plane").all()
+    flags = report.collect_flags(t1)
+    assert {("ingest", zero_well, str(zero_site)), ("focus", nan_well, str(nan_site))} <= set(
+        zip(flags.stage, flags.well, flags.site.astype(str), strict=True))

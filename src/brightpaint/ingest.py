@@ -39,7 +39,7 @@ AXES = [
 CHANNEL_COLOURS = {"brightfield": "FFFFFF", "nuclei": "0000FF", "cell": "00FF00"}
 OTHER_COLOURS = ["FF0000", "FF00FF", "FFFF00", "00FFFF"]
 QC_COLUMNS = ["well", "site", "channel", "z", "file", "min", "max", "mean", "std",
-              "saturated_fraction", "zero_fraction", "flag"]
+              "saturated_fraction", "zero_fraction", "nonfinite_fraction", "flag"]
 
 
 @dataclass(frozen=True)
@@ -106,13 +106,18 @@ def image_stats(pixels: np.ndarray) -> dict:
     saturated = (np.mean(pixels == np.iinfo(pixels.dtype).max)
                  if np.issubdtype(pixels.dtype, np.integer) else 0.0)
     data = pixels.astype(np.float64, copy=False)
+    finite = np.isfinite(data)
+    if not finite.all():  # float images only: the numbers describe the finite pixels
+        data = data[finite] if finite.any() else np.zeros(1)
     return {"min": float(data.min()), "max": float(data.max()), "mean": float(data.mean()),
             "std": float(data.std()), "saturated_fraction": float(saturated),
-            "zero_fraction": float(np.mean(pixels == 0))}
+            "zero_fraction": float(np.mean(pixels == 0)), "nonfinite_fraction": float(1 - finite.mean())}
 
 
 def image_flag(stats: dict, saturation_limit: float) -> str:
     reasons = []
+    if stats.get("nonfinite_fraction", 0) > 0:
+        reasons.append(f"NaN or infinite: {100 * stats['nonfinite_fraction']:.2f}% of pixels")
     if stats["std"] == 0:
         reasons.append(f"blank image (constant value {stats['min']:g})")
     if stats["saturated_fraction"] > saturation_limit:
