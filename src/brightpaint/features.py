@@ -526,6 +526,7 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
     inputs, out_dir = work / "inputs", work / "cellprofiler"
     rows, qc, seen, empty = [], [], set(), set()
     tile_rows, placements, pending = [], [], []
+    in_tile = {"area": 0, "top": 0}  # pixels and label values the pending tile holds
 
     def write_tile() -> None:
         tile = len(tile_rows) + 1
@@ -534,6 +535,7 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
                                            source="tile"))
         placements.append(placed.assign(tile=tile))
         pending.clear()
+        in_tile.update(area=0, top=0)
 
     for plate, well, site, source in sites:
         key = (str(plate), str(well), int(site), str(source))
@@ -558,11 +560,12 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
             empty.add(key)
         rows.append(row)
         if tiled_pipeline is not None:
-            area = sum(_tile_area(i) for _, i, _ in pending) + _tile_area(images)
-            top = sum(_top_label(lb) for _, _, lb in pending) + _top_label(labels)
-            if pending and (area > tile_pixels or top > ADU_MAX):
+            area, top = _tile_area(images), _top_label(labels)
+            if pending and (in_tile["area"] + area > tile_pixels or in_tile["top"] + top > ADU_MAX):
                 write_tile()
             pending.append((key, images, labels))
+            in_tile["area"] += area
+            in_tile["top"] += top
     if pending:
         write_tile()
     if not rows:
