@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +24,7 @@ from PIL import Image
 from brightpaint import report
 from brightpaint.illumination import load_illumination
 from brightpaint.ingest import read_field
+from brightpaint.simulate import describe_screen
 
 RULES = ["simulate_demo", "validate_plate", "ingest_shard", "assemble_plate"]
 
@@ -231,6 +237,26 @@ def test_user_screen_with_only_screen_and_channels(tmp_path, tiny_screen_source)
         assert len(pd.read_parquet(folder / "focus.parquet")) == TINY_SPEC.wells * TINY_SPEC.sites
         channels = ["BF", *CHANNELS["fluorescence"]] if plate.role != "apply" else ["BF"]
         assert sorted(p.stem for p in (folder / "illum").glob("*.npy")) == sorted(channels)
+    # A new plate on the sheet plans only its own jobs: the other plates stay done.
+    add_plate(tmp_path / "myscreen", "T2", "T3")
+    again = run_snakemake(tmp_path, "-n", "--configfile", str(config),
+                          "--until", "focus_plate", "illumination")
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, output[-3000:]
+    assert job_counts(output) == {"validate_plate": 1, "ingest_shard": 2, "assemble_plate": 1,
+                                  "focus_shard": 2, "focus_plate": 1, "illumination": 1}, output[-3000:]
+    assert not re.search(r"wildcards: .*plate=T[12]\b", output), output[-3000:]
+
+
+def add_plate(screen: Path, source: str, plate: str) -> None:
+    """Append `plate` to the screen sheet: a copy of plate `source`'s images, manifest and plate map."""
+    shutil.copytree(screen / source, screen / plate)
+    manifest = pd.read_csv(screen / plate / "manifest.csv")
+    manifest.assign(plate=plate).to_csv(screen / plate / "manifest.csv", index=False)
+    sheet = pd.read_csv(screen / "plates.tsv", sep="\t")
+    row = sheet[sheet["plate"] == source].iloc[0].to_dict()
+    row |= {"plate": plate, "manifest": f"{plate}/manifest.csv", "platemap": f"{plate}/platemap.csv"}
+    pd.concat([sheet, pd.DataFrame([row])]).to_csv(screen / "plates.tsv", sep="\t", index=False)
 
 
 def test_user_screen_bad_image_fails_naming_it_and_writes_nothing(tmp_path, tiny_screen_source):
@@ -327,3 +353,62 @@ def test_user_screen_bad_pixels_become_qc_flags_not_crashes(tmp_path, tiny_scree
     flags = report.collect_flags(t1)
     assert {("ingest", zero_well, str(zero_site)), ("focus", nan_well, str(nan_site))} <= set(
         zip(flags.stage, flags.well, flags.site.astype(str), strict=True))
+
+
+@pytest.mark.slow
+def test_run_killed_mid_write_resumes_cleanly(tmp_path, tiny_screen_source):
+    """kill -9 of the whole run while an output is being written (what a cancelled cluster job or a
+    lost node does): no half-written store or table is left at a final path, and the same command
+    with --unlock and --rerun-incomplete finishes the plate with the right pixels."""
+    config = user_screen(tmp_path, tiny_screen_source)
+    args = ["--cores", "2", "--configfile", str(config), "--until", "focus_plate", "illumination"]
+    snakemake = Path(sys.executable).with_name("snakemake")
+    process = subprocess.Popen([str(snakemake), "-s", str(REPO / "Snakefile"), *args], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    results = tmp_path / "results"
+    partial = []
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline and not partial:
+        partial = list(results.rglob("*.partial-*")) if results.exists() else []
+        time.sleep(0.01)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert partial, "the run ended before any output was being written"
+    assert process.returncode == -signal.SIGKILL
+    # what was cut short is at a temporary name; nothing downstream could have read it
+    for path in partial:
+        final = path.with_name(path.name.split(".partial-")[0].lstrip(".") + path.suffix)
+        assert not final.exists() or not path.exists()
+    # a killed snakemake leaves its lock: the documented recovery is --unlock, then --rerun-incomplete
+    assert run_snakemake(tmp_path, "--unlock", "--configfile", str(config)).returncode == 0
+    resumed = run_snakemake(tmp_path, *args, "--rerun-incomplete")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert not list(results.rglob("*.partial-*")), "partial outputs left behind"
+    for plate in TINY_SPEC.plates:
+        folder = results / "plates" / plate.plate
+        manifest = pd.read_csv(tmp_path / "myscreen" / plate.plate / "manifest.csv")
+        for row in manifest[manifest["channel"] == "BF"].itertuples():
+            np.testing.assert_array_equal(
+                read_field(folder / "images.zarr", row.well, row.site)[0, 0, row.z],
+                tifffile.imread(tmp_path / "myscreen" / plate.plate / row.path))
+        assert len(pd.read_parquet(folder / "focus.parquet")) == TINY_SPEC.wells * TINY_SPEC.sites
+
+
+@pytest.mark.parametrize("n_plates, shards", [(3, 2), (12, 5)])
+def test_plan_grows_with_plates_times_shards(tmp_path, n_plates, shards):
+    """A screen description (no pixels) plans per plate x shard of wells, never per image: every
+    per-site rule has plates x shards jobs, every per-plate rule one per plate."""
+    sheet = describe_screen(tmp_path / "screen", n_plates, wells=24, sites=9, train_every=3)
+    result = run_snakemake(tmp_path, "-n", "--config", f"screen={sheet}", f"shards={shards}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    train = len(range(0, n_plates, 3))
+    per_shard = ["ingest_shard", "focus_shard", "stain_shard", "segment_shard", "features_shard"]
+    per_plate = ["validate_plate", "assemble_plate", "focus_plate", "stain_plate", "segment_calibrate",
+                 "segment_plate", "segment_evaluate", "features_plate", "profiles_plate", "match_plate",
+                 "report_plate"]
+    expected = ({rule: n_plates * shards for rule in per_shard} | {rule: n_plates for rule in per_plate}
+                | {"illumination": n_plates + 3 * train, "stain_evaluate": train, "stain_train": 1,
+                   "profiles_screen": 1, "match_screen": 1, "report_index": 1, "all": 1})
+    assert job_counts(output) == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 from collections.abc import Iterator
@@ -29,7 +30,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = _partial(path)
-    _remove(partial)
+    # A writer killed with SIGKILL (a cancelled cluster job) never reached its cleanup: its partial
+    # sibling is removed here, when the job is rerun.
+    for leftover in path.parent.glob(f".{glob.escape(path.stem)}.partial-*{glob.escape(path.suffix)}"):
+        _remove(leftover)
     try:
         yield partial
         if path.exists():

@@ -1055,3 +1055,34 @@ def simulate_screen(outdir: str | os.PathLike, spec: ScreenSpec | None = None,
              p.cell_type, p.role) for p in spec.plates]
     _write_table(pd.DataFrame(rows, columns=SHEET_COLUMNS), sheet, sep="\t")
     return sheet
+
+
+def describe_screen(outdir: str | os.PathLike, n_plates: int, wells: int = MAX_WELLS, sites: int = 9,
+                    z_planes: int = 5, fluorescence: tuple[str, ...] = ("DNA", "CYTO", "DAMAGE"),
+                    brightfield: str = "BF", train_every: int = 10) -> Path:
+    """A screen's description without pixels: sheet, manifests and plate maps of `n_plates` plates
+    (every `train_every`-th has fluorescence and role train, the others apply), for planning a
+    workflow of that size (`snakemake -n`) without writing one image. Returns the sheet's path."""
+    out = Path(outdir)
+    platemap = plate_map(wells).drop(columns="dose_level")
+    well_ids = list(platemap["well"])
+    rows = []
+    for i in range(n_plates):
+        plate = f"S{i + 1:03d}"
+        role = "train" if i % train_every == 0 else "apply"
+        channels = [(brightfield, z) for z in range(z_planes)]
+        if role == "train":
+            channels += [(channel, 0) for channel in fluorescence]
+        manifest = pd.DataFrame(
+            [(plate, well, site, channel, z, f"images/{well}_s{site}_{channel}_z{z:02d}.tif")
+             for well in well_ids for site in range(1, sites + 1) for channel, z in channels],
+            columns=["plate", "well", "site", "channel", "z", "path"])
+        (out / plate).mkdir(parents=True, exist_ok=True)
+        manifest.to_csv(out / plate / "manifest.csv", index=False)
+        platemap.to_csv(out / plate / "platemap.csv", index=False)
+        rows.append((plate, f"{plate}/manifest.csv", f"{plate}/platemap.csv", f"B{i // 10 + 1}",
+                     "flat", role))
+    sheet = out / "plates.tsv"
+    pd.DataFrame(rows, columns=["plate", "manifest", "platemap", "batch", "cell_type", "role"]).to_csv(
+        sheet, sep="\t", index=False)
+    return sheet

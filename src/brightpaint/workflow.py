@@ -85,7 +85,15 @@ class Screen:
 
     def plate_inputs(self, plate: str) -> list[str]:
         row = self.plate_row(plate)
-        return [self.sheet, row["manifest"], row["platemap"]]
+        # Not the sheet itself: adding a plate to it must not rerun the others. A change to this
+        # plate's row reaches its jobs through their params (rule validate_plate, profiles, report).
+        return [row["manifest"], row["platemap"]]
+
+    @property
+    def sheet_folder(self) -> str:
+        """The sheet's folder as configured (relative stays relative, so a moved or copied results
+        folder does not look like a changed setting)."""
+        return os.path.dirname(self.sheet) or "."
 
     def plate_channels(self, plate: str) -> list[str]:
         """Channels a plate carries by its role: brightfield always, fluorescence on train/both."""
@@ -101,7 +109,8 @@ class Screen:
         return [c for c in self.plate_channels(plate) if c in wanted and c != self.brightfield]
 
     def plates_with_channel(self, channel: str) -> list[str]:
-        return [p for p in self.selected_plates() if channel in self.plate_channels(p)]
+        """Every plate of the sheet with this channel, selected or not (screen-level models)."""
+        return [p for p in self.plate_ids() if channel in self.plate_channels(p)]
 
     def has_real_stains(self, plate: str) -> bool:
         return self.plate_row(plate)["role"] in ("train", "both")

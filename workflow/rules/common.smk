@@ -23,7 +23,7 @@ def plate_dir(plate):
 
 
 def plate_inputs(wildcards):
-    """The screen sheet and the plate's manifest and plate map (and its images, via validation)."""
+    """The plate's manifest and plate map (its images are checked by validation)."""
     return SCREEN.plate_inputs(wildcards.plate)
 
 
@@ -61,16 +61,24 @@ def n2v_model(plate, channel):
     return f"{RESULTS}/plates/{plate}/denoise/{channel}.n2v.pt"
 
 
+def kept_model_input(path):
+    """A screen-level model's input from one plate. Marked ancient: rerunning one plate keeps the
+    screen's model (retraining would change every plate's results); retrain with
+    `--forcerun <rule>` or by deleting the model."""
+    return ancient(path)
+
+
 def n2v_training_inputs(wildcards):
-    plates = (
-        SCREEN.plates_with_channel(wildcards.channel)
-        if "plate" not in wildcards.keys()
-        else [wildcards.plate]
-    )
+    """A plate's own Noise2Void model reads that plate (and is retrained with it); the screen's model
+    reads every plate with the channel, selected or not, so a plate selection does not change it."""
+    if "plate" in wildcards.keys():
+        plates, keep = [wildcards.plate], str
+    else:
+        plates, keep = SCREEN.plates_with_channel(wildcards.channel), kept_model_input
     return {
-        "stores": [f"{RESULTS}/plates/{p}/images.zarr" for p in plates],
-        "layouts": [f"{RESULTS}/plates/{p}/ingest/layout.json" for p in plates],
-        "illum": [f"{RESULTS}/plates/{p}/illum/{wildcards.channel}.npy" for p in plates],
+        "stores": [keep(f"{RESULTS}/plates/{p}/images.zarr") for p in plates],
+        "layouts": [keep(f"{RESULTS}/plates/{p}/ingest/layout.json") for p in plates],
+        "illum": [keep(f"{RESULTS}/plates/{p}/illum/{wildcards.channel}.npy") for p in plates],
     }
 
 
@@ -130,8 +138,10 @@ def plate_stain_sources(plate, fluorescence=True):
 
 def stain_training_inputs(wildcards):
     return {
-        "sources": [path for plate in STAIN_TRAINING_PLATES for path in plate_stain_sources(plate)],
-        "platemaps": [SCREEN.plate_row(plate)["platemap"] for plate in STAIN_TRAINING_PLATES],
+        "sources": [
+            kept_model_input(path) for plate in STAIN_TRAINING_PLATES for path in plate_stain_sources(plate)
+        ],
+        "platemaps": [kept_model_input(SCREEN.plate_row(plate)["platemap"]) for plate in STAIN_TRAINING_PLATES],
     }
 
 
@@ -286,11 +296,12 @@ def report_inputs(wildcards):
         "models": stain_model_files(),
         "cards": stain_cards(),
         "sources": SCREEN.plate_inputs(wildcards.plate),
-        # the training plates' brightfield statistics, for the domain check
+        # the training plates' brightfield statistics, for the domain check (ancient like the model's
+        # own inputs: rerunning a training plate does not rerun the other plates' reports)
         "training": []
         if STAIN["weights"]
         else [
-            path
+            kept_model_input(path)
             for p in STAIN_TRAINING_PLATES
             for path in (f"{plate_dir(p)}/focus.parquet", f"{plate_dir(p)}/ingest/qc_images.parquet")
         ],

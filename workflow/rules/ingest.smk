@@ -13,7 +13,7 @@ rule validate_plate:
         manifest=plate_param("manifest"),
         platemap=plate_param("platemap"),
         role=plate_param("role"),
-        root=SCREEN.root,
+        screen_folder=SCREEN.sheet_folder,
         channels=config["channels"],
         on_missing=config["ingest"]["on_missing"],
     threads: config["threads"]["validate"]

@@ -17,7 +17,9 @@ rule report_plate:
         plate_dir=lambda wildcards: plate_dir(wildcards.plate),
         info=lambda wildcards: SCREEN.plate_row(wildcards.plate),
         rules=config["report"],
-        config=config,
+        # the settings (not the plate selection: running one plate must not make the others' reports stale)
+        config={key: value for key, value in config.items() if key != "plates"},
+        sheet=SCREEN.sheet,
         repo=workflow.basedir,
         cellprofiler=CELLPROFILER,
         pipelines=[p for p in (FEATURES_PIPELINE, FEATURES_TILED_PIPELINE) if p],

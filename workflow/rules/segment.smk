@@ -11,6 +11,8 @@ rule segment_train:
         kind="nuclei|cells",
     params:
         settings=SEGMENT["train"],
+    resources:
+        gpu=1 if SEGMENT["device"] == "cuda" else 0,
     threads: config["threads"]["segment"]
     conda:
         MAIN_ENV
@@ -29,6 +31,8 @@ rule segment_calibrate:
         f"{RESULTS}/plates/{{plate}}/segment/diameters.json",
     params:
         **SEGMENT_PARAMS,
+    resources:
+        gpu=1 if SEGMENT["device"] == "cuda" else 0,
     threads: config["threads"]["segment"]
     conda:
         MAIN_ENV

@@ -14,8 +14,8 @@ from brightpaint.report import (
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
-sheet, manifest, platemap = inp.sources
-files = {"input: screen sheet": sheet, "input: manifest": manifest, "input: plate map": platemap,
+manifest, platemap = inp.sources
+files = {"input: screen sheet": params.sheet, "input: manifest": manifest, "input: plate map": platemap,
          **{f"stain model {i + 1}": path for i, path in enumerate(inp.models)},
          **{f"CellProfiler pipeline {i + 1}": path for i, path in enumerate(params.pipelines)}}
 prov = provenance(params.config, params.repo, files, params.benchmarks,

@@ -1,5 +1,7 @@
 """Check a plate's manifest, plate map and image headers (rule validate_plate)."""
 
+from pathlib import Path
+
 from brightpaint.atomic import atomic_path
 from brightpaint.ingest import plan_layout
 from brightpaint.logs import log_to_rule
@@ -8,7 +10,10 @@ from brightpaint.validate import validate_plate
 log = log_to_rule(snakemake)  # noqa: F821
 p, out = snakemake.params, snakemake.output  # noqa: F821
 plate = snakemake.wildcards.plate  # noqa: F821
-images, flags = validate_plate(p.manifest, p.platemap, plate, p.role, dict(p.channels), p.root,
+# Image paths in a manifest are relative to the screen folder, resolved only here: an absolute path
+# in params would make a moved or copied results folder rerun every plate.
+root = str(Path(p.screen_folder).resolve())
+images, flags = validate_plate(p.manifest, p.platemap, plate, p.role, dict(p.channels), root,
                                p.on_missing, threads=snakemake.threads)  # noqa: F821
 layout = plan_layout(images, plate, dict(p.channels))
 with atomic_path(out.flags) as tmp:
