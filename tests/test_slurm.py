@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, run_snakemake
 from local_slurm import LocalSlurm, unavailable
 
 PLATE = "P4"
@@ -89,7 +89,7 @@ def test_the_profile_ran_the_plate_through_slurm(slurm_rerun):
     for rule in ("validate_plate", "ingest_shard", "focus_shard", "stain_shard", "segment_shard",
                  "features_shard", "report_plate", "match_screen"):
         assert f"rule_{rule}" in rules, sorted(rules)
-    assert any("plate_tail" in p.parts[-3] for p in logs), sorted(rules)
+    assert any("plate_tail" in str(p) for p in logs), sorted(rules)
 
 
 def test_other_plates_and_the_models_are_untouched(slurm_rerun):
@@ -127,3 +127,20 @@ def test_rerun_reproduces_the_local_run(slurm_rerun, demo_run):
 def test_the_cluster_is_gone_afterwards(slurm_rerun):
     from local_slurm import DEFAULT_CONF, MARKER
     assert not (DEFAULT_CONF.exists() and MARKER in DEFAULT_CONF.read_text(errors="replace"))
+
+
+def test_forcing_a_training_plate_plans_only_it_and_the_screen_outputs(demo_run):
+    """P2 trains the virtual-staining model: forcing P2 from its first step keeps the model (its inputs
+    are ancient) and plans no job of another plate; with a plate selection, no screen-level job."""
+    for selection, screen_jobs in (([], {"profiles_screen", "match_screen", "report_index"}),
+                                   (["--config", "plates=[P2]"], set())):
+        result = run_snakemake(demo_run, "-n", "--forcerun", "results/plates/P2/ingest/images.parquet",
+                               *selection)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-3000:]
+        planned = set(re.findall(r"wildcards: (?:.*, )?plate=(\w+)", output))
+        assert planned == {"P2"}, planned
+        rules = set(re.findall(r"^rule (\w+):", output, flags=re.M))
+        assert "stain_train" not in rules
+        assert rules & {"profiles_screen", "match_screen", "report_index"} == screen_jobs
+        assert {"validate_plate", "stain_shard", "features_shard", "report_plate"} <= rules

@@ -1,0 +1,101 @@
+"""Peak memory (RSS) of every rule on generated plates of different sizes.
+
+For each well count, the demo generator writes a screen of two plates (one train, one apply) with that
+many wells, and the workflow runs on it with the default settings (stain training shortened: its
+memory is set by `stain.model.max_sites` and the patch size, not by the epochs). Snakemake's
+benchmark files give each job's max RSS; the JSON lists the largest per rule and well count, so a
+rule whose memory grows with the plate shows it.
+
+    python bench/memory.py --wells 24 384 --out bench/results/memory.json
+    python bench/memory.py --wells 24 96 --until segment_plate     # quicker: up to segmentation
+
+Target (issue 8): every per-site job's memory is bounded independent of the plate size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_screen(workdir: Path, wells: int, sites: int, size: int, cores: int, until: list[str]) -> dict:
+    config = {
+        "simulate": {"outdir": "results/demo/screen", "wells": wells, "sites": sites, "size": size,
+                     "z_planes": 5, "seed": 0,
+                     "plates": [{"plate": "M1", "batch": "B1", "cell_type": "flat", "role": "train"},
+                                {"plate": "M2", "batch": "B1", "cell_type": "flat", "role": "apply"}]},
+        "stain": {"model": {"max_epochs": 1, "steps_per_epoch": 10}},
+    }
+    (workdir / "bench.yaml").write_text(yaml.safe_dump(config))
+    command = [str(Path(sys.executable).with_name("snakemake")), "-s", str(REPO / "Snakefile"),
+               "--cores", str(cores), "--configfile", "bench.yaml"]
+    if until:
+        command += ["--until", *until]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if result.returncode != 0:
+        raise SystemExit(result.stdout[-3000:] + result.stderr[-3000:])
+    peaks: dict[str, dict] = {}
+    for tsv in (workdir / "results" / "benchmarks").rglob("*.tsv"):
+        job = tsv.stem
+        rule = next((r for r in RULES if job == r or job.startswith(r + "_")), job)
+        row = pd.read_csv(tsv, sep="\t").iloc[-1]
+        entry = peaks.setdefault(rule, {"max_rss_mb": 0.0, "jobs": 0, "max_seconds": 0.0})
+        entry["max_rss_mb"] = round(max(entry["max_rss_mb"], float(row["max_rss"])), 1)
+        entry["max_seconds"] = round(max(entry["max_seconds"], float(row["s"])), 1)
+        entry["jobs"] += 1
+    return {"wells": wells, "sites_per_well": sites, "site_px": size,
+            "wall_seconds": round(time.perf_counter() - start, 1), "rules": dict(sorted(peaks.items()))}
+
+
+RULES = sorted(["validate_plate", "ingest_shard", "assemble_plate", "illumination", "focus_shard",
+                "focus_plate", "stain_train", "stain_shard", "stain_plate", "stain_evaluate",
+                "segment_calibrate", "segment_shard", "segment_plate", "segment_evaluate",
+                "features_shard", "features_plate", "profiles_plate", "profiles_screen", "match_plate",
+                "match_screen", "report_plate", "report_index", "simulate_demo"], key=len, reverse=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--wells", type=int, nargs="+", default=[24, 384])
+    parser.add_argument("--sites", type=int, default=1)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--until", nargs="*", default=[], help="rules to stop after (snakemake --until)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    runs = []
+    for wells in args.wells:
+        with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+            run = run_screen(Path(tmp), wells, args.sites, args.size, args.cores, args.until)
+            print(f"{wells} wells: {run['wall_seconds']} s", file=sys.stderr)
+            runs.append(run)
+    growth = {}
+    if len(runs) > 1:
+        small, large = runs[0]["rules"], runs[-1]["rules"]
+        growth = {rule: round(large[rule]["max_rss_mb"] / small[rule]["max_rss_mb"], 2)
+                  for rule in small if rule in large and small[rule]["max_rss_mb"] > 0}
+    report = {"benchmark": "memory", "machine": platform.node(), "until": args.until, "runs": runs,
+              "rss_ratio_largest_to_smallest_plate": growth}
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
