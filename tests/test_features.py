@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import tifffile
 from conftest import REPO, shared_data
@@ -139,6 +140,38 @@ def test_concat_tables_keeps_every_column_and_sorts_by_site():
     assert list(table.columns) == list(a.columns) and list(table.Metadata_Plate) == ["P1", "P2"]
     assert np.isnan(table.Nuclei_AreaShape_Area[0]) and table.Nuclei_AreaShape_Area[1] == 9.0
     assert F.concat_tables([empty]).empty and list(F.concat_tables([empty]).columns) == list(a.columns)
+
+
+def test_write_concatenated_streams_shards_into_what_concat_tables_makes(tmp_path):
+    """Shards as features_shard writes them (contiguous runs of the sorted wells; one without cells,
+    one lacking a column): the streamed file equals concat_tables' table, whatever the row groups."""
+    rng = np.random.default_rng(0)
+
+    def shard(wells, area=True):
+        rows = [("P1", w, s, src, o) for w in wells for s in (2, 1) for src in ("virtual", "real")
+                for o in (2, 1)]
+        table = pd.DataFrame(rows, columns=[*F.SITE_KEYS, F.OBJECT_KEY])
+        table["Cells_Intensity_Mean"] = rng.random(len(table)).astype(np.float32)
+        if area:
+            table["Nuclei_AreaShape_Area"] = rng.integers(10, 99, len(table))
+        return table
+
+    shards = [shard(["A01", "A02"]), shard([]).iloc[:0][F.SITE_KEYS], shard(["B01"], area=False),
+              shard(["C05", "D07"])]
+    # a nullable integer column one shard lacks; a text column that is all None in the first shard
+    shards[0]["Nuclei_Neighbors_FirstClosestObjectNumber"] = pd.array(
+        rng.integers(1, 9, len(shards[0])), dtype="Int64")
+    shards[0]["Metadata_Note"] = None
+    shards[3]["Metadata_Note"] = "refocused"
+    paths = []
+    for i, table in enumerate(shards):
+        paths.append(tmp_path / f"{i}.parquet")
+        table.to_parquet(paths[-1], index=False)
+    out = tmp_path / "cells.parquet"
+    assert F.write_concatenated(paths, out, row_group_rows=7) == sum(len(t) for t in shards)
+    expected = F.concat_tables(shards)
+    pd.testing.assert_frame_equal(pd.read_parquet(out), expected, check_exact=True)
+    assert pq.ParquetFile(out).metadata.num_row_groups > 3
 
 
 @pytest.mark.parametrize("pipeline", [F.PIPELINE, F.SITE_PIPELINE, F.TILED_PIPELINE])

@@ -14,6 +14,7 @@ from conftest import shared_data
 from scipy.stats import median_abs_deviation
 
 from brightpaint.profiles import (
+    aggregate_parquet_wells,
     aggregate_wells,
     annotate_wells,
     consensus_profiles,
@@ -56,6 +57,29 @@ def test_aggregate_wells_median_and_object_count():
     assert row.loc[("A01", "virtual"), "Cells_AreaShape_Area"] == 200.0
     mean = aggregate_wells(cells, operation="mean").set_index(["Metadata_Well", "Metadata_Source"])
     assert mean.loc[("A01", "real"), "Nuclei_Intensity_MeanIntensity_DNA"] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("batch_rows", [1, 5, 64, 10_000])
+def test_aggregate_parquet_wells_in_batches_equals_aggregate_wells(tmp_path, batch_rows):
+    rng = np.random.default_rng(1)
+    rows = [("P1", well, site, source, obj) for well in ("A01", "A02", "B07", "C03")
+            for site in (1, 2) for source in ("real", "virtual") for obj in range(1, int(rng.integers(1, 9)))]
+    cells = pd.DataFrame(rows, columns=["Metadata_Plate", "Metadata_Well", "Metadata_Site",
+                                        "Metadata_Source", "Metadata_ObjectNumber"])
+    cells["Cells_AreaShape_Area"] = rng.random(len(cells)) * 100
+    cells["Nuclei_Intensity_MeanIntensity_DNA"] = rng.random(len(cells))
+    path = tmp_path / "cells.parquet"
+    cells.to_parquet(path, index=False, row_group_size=7)
+    pd.testing.assert_frame_equal(aggregate_parquet_wells(path, batch_rows=batch_rows),
+                                  aggregate_wells(cells), check_exact=True)
+
+
+def test_aggregate_parquet_wells_refuses_a_well_split_in_two_runs(tmp_path):
+    cells = pd.DataFrame({"Metadata_Plate": "P1", "Metadata_Well": ["A01", "A01", "A02", "A01"],
+                          "Cells_AreaShape_Area": [1.0, 2.0, 3.0, 4.0]})
+    cells.to_parquet(tmp_path / "cells.parquet", index=False)
+    with pytest.raises(ValueError, match=r"A01.*grouped by well"):
+        aggregate_parquet_wells(tmp_path / "cells.parquet", batch_rows=2)
 
 
 def _platemap():

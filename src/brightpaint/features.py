@@ -57,6 +57,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import tifffile
 
 REPO = Path(__file__).resolve().parents[2]
@@ -349,6 +351,48 @@ def concat_tables(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
         columns=columns)
     keys = [k for k in [*SITE_KEYS, OBJECT_KEY] if k in table.columns]
     return table.sort_values(keys, kind="stable").reset_index(drop=True) if keys else table
+
+
+def write_concatenated(paths: Sequence[str | Path], out: str | Path, row_group_rows: int = 65536) -> int:
+    """concat_tables for parquet files, written as it reads: one file in memory at a time, so a plate's
+    whole cell table is never held. The files must be the shards of one plate in shard order
+    (contiguous runs of the sorted wells), which makes the output sorted like concat_tables'; columns
+    and dtypes are the ones pd.concat would give. Returns the number of rows written."""
+    schemas = {p: pq.read_schema(p) for p in paths}
+    filled = [p for p in paths if pq.ParquetFile(p).metadata.num_rows]
+    columns = list(dict.fromkeys(name for schema in schemas.values() for name in schema.names)) or SITE_KEYS
+    dtypes = {}
+    for name in columns:
+        # the pandas dtypes (nullable Int64 included) stored with each shard, from its schema alone
+        found = [schemas[p].empty_table().to_pandas()[name].dtype for p in filled if name in schemas[p].names]
+        dtype = found[0] if found and all(d == found[0] for d in found) else np.dtype(object)
+        if len(found) < len(filled) and isinstance(dtype, np.dtype) and dtype.kind in "iub":
+            dtype = np.dtype(np.float64)  # NaN where a shard lacks the column, as in pandas
+        dtypes[name] = dtype
+    # arrow types of object columns: a shard whose values are all None stores type null
+    unified = pa.unify_schemas([schemas[p].remove_metadata() for p in filled], promote_options="permissive"
+                               ) if filled else None
+    keys = [k for k in [*SITE_KEYS, OBJECT_KEY] if k in columns]
+    writer, written = None, 0
+    try:
+        for path in filled:
+            table = pd.read_parquet(path).reindex(columns=columns).astype(dtypes)
+            table = table.sort_values(keys, kind="stable") if keys else table
+            arrow = pa.Table.from_pandas(table, preserve_index=False)
+            if writer is None:
+                schema = arrow.schema
+                for i, field in enumerate(schema):
+                    if pa.types.is_null(field.type) and field.name in unified.names:
+                        schema = schema.set(i, pa.field(field.name, unified.field(field.name).type))
+                writer = pq.ParquetWriter(out, schema)
+            writer.write_table(arrow.cast(writer.schema), row_group_size=row_group_rows)
+            written += len(table)
+        if writer is None:  # no shard has a row: the columns only
+            pd.DataFrame(columns=columns).to_parquet(out, index=False)
+    finally:
+        if writer is not None:
+            writer.close()
+    return written
 
 
 _IMAGES_SETTING = ("Select the images to measure:", "Select images to measure:")

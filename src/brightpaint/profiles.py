@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pycytominer
 from pycytominer.operations import RobustMAD
 from scipy.stats import iqr, median_abs_deviation
@@ -119,6 +121,37 @@ def aggregate_wells(single_cells: pd.DataFrame, operation: str = "median",
     wells = pycytominer.aggregate(cells, strata=strata, features=features, operation=operation,
                                   compute_object_count=True, object_feature=OBJECT_NUMBER)
     return _metadata_first(wells.sort_values(strata).reset_index(drop=True))
+
+
+def aggregate_parquet_wells(path: str | Path, operation: str = "median",
+                            batch_rows: int = 65536) -> pd.DataFrame:
+    """aggregate_wells over a plate's cell table in a parquet file, a batch of rows at a time: memory
+    is one batch plus one well's cells, whatever the plate's size. The rows must come grouped by well
+    (features_plate writes them sorted by well); a well that comes back after others is an error,
+    since aggregating it in two pieces would be wrong."""
+    parts, carry, finished = [], None, set()
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+        cells = batch.to_pandas()
+        if carry is not None:
+            cells = pd.concat([carry, cells], ignore_index=True)
+        _require(cells, [PLATE, WELL], "aggregate_parquet_wells")
+        well = cells[WELL]
+        run_starts = well[well != well.shift()]
+        split = sorted(set(run_starts[run_starts.duplicated()]) | (set(run_starts) & finished))
+        if split:
+            raise ValueError(f"{path}: the cells of well(s) {split} are not in one run of rows; the "
+                             "table must be grouped by well")
+        last = well.iloc[-1]
+        complete, carry = cells[well != last], cells[well == last]
+        if len(complete):
+            finished |= set(complete[WELL])
+            parts.append(aggregate_wells(complete, operation))
+    if carry is not None and len(carry):
+        parts.append(aggregate_wells(carry, operation))
+    if not parts:
+        return pd.DataFrame(columns=[PLATE, WELL])
+    strata = [c for c in (PLATE, WELL, SOURCE) if c in parts[0].columns]
+    return _metadata_first(pd.concat(parts, ignore_index=True).sort_values(strata).reset_index(drop=True))
 
 
 def format_dose(dose) -> str:
@@ -400,9 +433,18 @@ def plate_profiles(cells: pd.DataFrame, platemap: pd.DataFrame, plate_info: Mapp
     feature_select, na_cutoff, freq_cut, unique_cut, correlation_threshold, consensus)."""
     s = {**PROFILE_DEFAULTS, **(settings or {})}
     if not len(cells) or not feature_columns(cells):
+        return profiles_from_wells(cells.iloc[:0], platemap, plate_info, settings)
+    return profiles_from_wells(aggregate_wells(cells, s["aggregate"]), platemap, plate_info, settings)
+
+
+def profiles_from_wells(wells: pd.DataFrame, platemap: pd.DataFrame, plate_info: Mapping,
+                        settings: Mapping | None = None) -> dict[str, pd.DataFrame]:
+    """plate_profiles from the plate's aggregated wells (aggregate_wells or aggregate_parquet_wells)."""
+    s = {**PROFILE_DEFAULTS, **(settings or {})}
+    if not len(wells) or not feature_columns(wells):
         raise ValueError(f"plate {plate_info.get('plate', '?')}: no cell was measured (see its "
                          "features/sites.csv for each site's status): no profiles can be made")
-    wells = annotate_wells(aggregate_wells(cells, s["aggregate"]), platemap, plate_info)
+    wells = annotate_wells(wells, platemap, plate_info)
     normalised = normalise_profiles(wells, s["normalise"], s["normalise_samples"])
     selected = select_features(normalised, s["feature_select"], **selection_thresholds(s))
     consensus = consensus_profiles(selected, operation=s["consensus"])
