@@ -163,6 +163,7 @@ def test_write_concatenated_streams_shards_into_what_concat_tables_makes(tmp_pat
         rng.integers(1, 9, len(shards[0])), dtype="Int64")
     shards[0]["Metadata_Note"] = None
     shards[3]["Metadata_Note"] = "refocused"
+    shards[3]["Nuclei_AreaShape_Area"] = shards[3]["Nuclei_AreaShape_Area"].astype(float) + 0.5
     paths = []
     for i, table in enumerate(shards):
         paths.append(tmp_path / f"{i}.parquet")

@@ -365,7 +365,12 @@ def write_concatenated(paths: Sequence[str | Path], out: str | Path, row_group_r
     for name in columns:
         # the pandas dtypes (nullable Int64 included) stored with each shard, from its schema alone
         found = [schemas[p].empty_table().to_pandas()[name].dtype for p in filled if name in schemas[p].names]
-        dtype = found[0] if found and all(d == found[0] for d in found) else np.dtype(object)
+        if found and all(d == found[0] for d in found):
+            dtype = found[0]
+        elif found and all(isinstance(d, np.dtype) and d.kind in "iuf" for d in found):
+            dtype = np.result_type(*found)  # int64 in one shard, float64 in another: float64
+        else:
+            dtype = np.dtype(object)
         if len(found) < len(filled) and isinstance(dtype, np.dtype) and dtype.kind in "iub":
             dtype = np.dtype(np.float64)  # NaN where a shard lacks the column, as in pandas
         dtypes[name] = dtype
