@@ -48,6 +48,13 @@ def run_screen(workdir: Path, wells: int, sites: int, size: int, cores: int, unt
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     if result.returncode != 0:
         raise SystemExit(result.stdout[-3000:] + result.stderr[-3000:])
+    return {"wells": wells, "sites_per_well": sites, "site_px": size,
+            "wall_seconds": round(time.perf_counter() - start, 1), "rules": rule_peaks(workdir)}
+
+
+def rule_peaks(workdir: Path) -> dict:
+    """Largest max RSS (MB) and seconds per rule over the jobs whose benchmark files are in
+    `workdir`/results/benchmarks (a finished run, or the part of a run that finished)."""
     peaks: dict[str, dict] = {}
     for tsv in (workdir / "results" / "benchmarks").rglob("*.tsv"):
         job = tsv.stem
@@ -57,8 +64,7 @@ def run_screen(workdir: Path, wells: int, sites: int, size: int, cores: int, unt
         entry["max_rss_mb"] = round(max(entry["max_rss_mb"], float(row["max_rss"])), 1)
         entry["max_seconds"] = round(max(entry["max_seconds"], float(row["s"])), 1)
         entry["jobs"] += 1
-    return {"wells": wells, "sites_per_well": sites, "site_px": size,
-            "wall_seconds": round(time.perf_counter() - start, 1), "rules": dict(sorted(peaks.items()))}
+    return dict(sorted(peaks.items()))
 
 
 RULES = sorted(["validate_plate", "ingest_shard", "assemble_plate", "illumination", "focus_shard",
@@ -75,10 +81,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--until", nargs="*", default=[], help="rules to stop after (snakemake --until)")
+    parser.add_argument("--from-run", type=Path, nargs="*", default=[],
+                        help="summarise these finished (or partly finished) run folders instead")
+    parser.add_argument("--note", default="", help="a line stored with the results")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    runs = []
-    for wells in args.wells:
+    runs = [{"run": str(folder), "wells": args.wells[i] if i < len(args.wells) else None,
+             "rules": rule_peaks(folder)} for i, folder in enumerate(args.from_run)]
+    for wells in [] if args.from_run else args.wells:
         with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
             run = run_screen(Path(tmp), wells, args.sites, args.size, args.cores, args.until)
             print(f"{wells} wells: {run['wall_seconds']} s", file=sys.stderr)
@@ -88,7 +98,8 @@ def main() -> None:
         small, large = runs[0]["rules"], runs[-1]["rules"]
         growth = {rule: round(large[rule]["max_rss_mb"] / small[rule]["max_rss_mb"], 2)
                   for rule in small if rule in large and small[rule]["max_rss_mb"] > 0}
-    report = {"benchmark": "memory", "machine": platform.node(), "until": args.until, "runs": runs,
+    report = {"benchmark": "memory", "machine": platform.node(), "note": args.note, "until": args.until,
+              "runs": runs,
               "rss_ratio_largest_to_smallest_plate": growth}
     text = json.dumps(report, indent=2)
     if args.out:
