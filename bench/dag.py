@@ -13,7 +13,6 @@ Target (issue 8): 100 plates plan in <= 30 s; the job count grows with plates x 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import re
 import subprocess
@@ -21,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from report_json import emit
 
 from brightpaint.simulate import describe_screen
 
@@ -67,11 +68,7 @@ def main() -> None:
                 runs.append(run)
     report = {"benchmark": "dag", "machine": platform.node(), "python": platform.python_version(),
               "target_seconds_100_plates": 30, "runs": runs}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

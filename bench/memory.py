@@ -15,7 +15,6 @@ Target (issue 8): every per-site job's memory is bounded independent of the plat
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from report_json import emit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,11 +101,7 @@ def main() -> None:
     report = {"benchmark": "memory", "machine": platform.node(), "note": args.note, "until": args.until,
               "runs": runs,
               "rss_ratio_largest_to_smallest_plate": growth}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
