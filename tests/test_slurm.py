@@ -69,7 +69,7 @@ def slurm_rerun(demo_run, tmp_path_factory):
     with LocalSlurm(tmp_path_factory.mktemp("cluster")) as cluster:
         env = {**cluster.env, "OMP_NUM_THREADS": "1"}
         result = subprocess.run(
-            ["timeout", "-k", "30", "2400", str(snakemake), "-s", str(REPO / "Snakefile"),
+            ["timeout", "-k", "30", "1500", str(snakemake), "-s", str(REPO / "Snakefile"),
              "--profile", str(REPO / "slurm"), "--forcerun", FIRST_OUTPUT,
              # a test cluster answers at once; the plugin's default first wait is 40 s per round
              "--slurm-init-seconds-before-status-checks", "3",
