@@ -23,7 +23,6 @@ class ConfigError(ValueError):
 @dataclass
 class Screen:
     sheet: str
-    root: str
     table: pd.DataFrame
     is_demo: bool
     brightfield: str = "BF"
@@ -53,8 +52,7 @@ class Screen:
             if not Path(sheet).is_file():
                 raise ConfigError(f"screen sheet {sheet!r} (config `screen`) not found")
             table = read_screen_sheet(sheet)
-        root = str(Path(sheet).parent.resolve())
-        screen = cls(sheet=sheet, root=root, table=table, is_demo=is_demo,
+        screen = cls(sheet=sheet, table=table, is_demo=is_demo,
                      brightfield=channels["brightfield"], fluorescence=list(channels["fluorescence"]),
                      selection=list(config.get("plates") or []),
                      denoise_selection=list((config.get("denoise") or {}).get("channels") or []),
