@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -196,29 +198,45 @@ def test_versions_of_another_environment_are_read_from_its_metadata(tmp_path):
         "cellprofiler-nightly": "5.0.0.dev784", "numpy": "1.26.4"}
 
 
-def test_brightfield_statistics_are_those_of_the_chosen_plane(tmp_path):
-    (tmp_path / "ingest").mkdir()
-    pd.DataFrame({"well": "A01", "site": 1, "channel": ["BF", "BF", "DNA"], "z": [0, 1, 0],
-                  "mean": [100.0, 200.0, 5.0], "std": [10.0, 30.0, 1.0]}).to_parquet(
-        tmp_path / "ingest" / "qc_images.parquet")
-    pd.DataFrame({"well": ["A01"], "site": [1], "plane": [1], "var_laplacian_z0": [1.0],
-                  "var_laplacian_z1": [800.0], "plls_z0": [-3.0], "plls_z1": [-2.5]}).to_parquet(
-        tmp_path / "focus.parquet")
-    stats = R.brightfield_statistics(tmp_path)
-    assert stats.iloc[0][["bf_cv", "bf_sharpness", "bf_plls"]].tolist() == [0.15, 0.02, -2.5]
+DOMAIN_CARD = {"domain": {"threshold": 3.0, "statistics": {
+    "bf_cv": {"label": "brightfield contrast (std / mean)", "median": 0.04, "spread": 0.01},
+    "bf_plls": {"label": "power-spectrum slope", "median": -1.8, "spread": 0.25}}}}
 
 
-def test_brightfield_domain_flags_a_shifted_plate_and_not_a_plate_like_training():
-    rng = np.random.default_rng(0)
+def stain_sites(plate: Path, outside: list[str]) -> pd.DataFrame:
+    """stain/sites.csv of the fixture plate: site 1 of the wells in `outside` has twice the
+    training contrast; A01/1 (left out at ingest) has no row, A02/2 was skipped."""
+    sites = pd.read_csv(plate / "ingest" / "qc_sites.csv")[["well", "site"]].iloc[1:]
+    table = sites.assign(status="ok", reason="", seconds=0.1, bf_cv=0.04, bf_plls=-1.8, domain_score=0.0,
+                         domain_outside=False, domain_reason="").reset_index(drop=True)
+    far = table["well"].isin(outside) & (table["site"] == 1)
+    table.loc[far, ["bf_cv", "domain_score", "domain_outside"]] = [0.08, 4.0, True]
+    table.loc[far, "domain_reason"] = "brightfield contrast (std / mean) 4.0 robust SD above"
+    skipped = (table["well"] == "A02") & (table["site"] == 2)
+    table.loc[skipped, ["status", "reason", "bf_cv", "bf_plls", "domain_score", "domain_outside"]] = [
+        "skipped", "no in-focus plane", np.nan, np.nan, np.nan, False]
+    (plate / "stain").mkdir(exist_ok=True)
+    table.to_csv(plate / "stain" / "sites.csv", index=False)
+    return table
 
-    def sites(n, cv, plls):
-        return pd.DataFrame({"bf_cv": rng.normal(cv, 0.005, n), "bf_sharpness": rng.normal(0.003, 3e-4, n),
-                             "bf_plls": rng.normal(plls, 0.1, n)})
 
-    training = sites(300, 0.08, -2.8)
-    same = R.brightfield_domain(sites(100, 0.08, -2.8), training, 4.0)
-    assert not same["outside"].any() and (same["z"].abs() < 1).all()
-    shifted = R.brightfield_domain(sites(100, 0.16, -2.8), training, 4.0).set_index("statistic")
-    assert shifted.loc["brightfield contrast (std / mean)", "outside"]
-    assert shifted.loc["brightfield contrast (std / mean)", "z"] > 10
-    assert not shifted.loc["power-spectrum slope", "outside"]
+@pytest.mark.parametrize("outside, triggered", [(["A05", "A06", "A07"], True), (["A05"], False)])
+def test_sites_outside_the_stain_domain_are_flagged_and_can_set_the_plate_to_review(
+        plate, tmp_path, outside, triggered):
+    stain_sites(plate, outside)
+    flags = R.collect_flags(plate)
+    domain_flags = flags[flags["stage"] == "stain"]
+    assert sorted(domain_flags["well"]) == outside and (domain_flags["flag"] == "outside_domain").all()
+    assert domain_flags["reason"].str.contains("robust SD above").all()
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps(DOMAIN_CARD))
+    report = R.plate_report(plate, {"plate": "P9"}, {}, {"review_flagged_fraction": 1.0}, stain_cards=[card])
+    check = next(c for c in report["checks"] if "stain model's domain" in c["rule"])
+    # 18 scored sites (A01/1 not ingested, A02/2 skipped)
+    assert check["value"] == pytest.approx(len(outside) / 18, abs=1e-4) and check["triggered"] == triggered
+    assert report["verdict"] == ("review" if triggered else "pass")
+    section = next(s for s in report["sections"] if s["title"] == "Virtual staining")
+    table = section["tables"]["brightfield_domain"].set_index("statistic")
+    expected_cv = float(np.median([0.08] * len(outside) + [0.04] * (18 - len(outside))))
+    assert table.loc["brightfield contrast (std / mean)", "plate median"] == pytest.approx(expected_cv)
+    assert table.loc["brightfield contrast (std / mean)", "z"] == pytest.approx((expected_cv - 0.04) / 0.01)

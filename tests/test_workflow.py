@@ -23,7 +23,7 @@ from PIL import Image
 
 from brightpaint import report
 from brightpaint.illumination import load_illumination
-from brightpaint.ingest import read_field
+from brightpaint.ingest import read_field, read_store_layout
 from brightpaint.simulate import describe_screen
 
 RULES = ["simulate_demo", "validate_plate", "ingest_shard", "assemble_plate"]
@@ -189,7 +189,15 @@ def test_tiny_demo_end_to_end(tmp_path):
             assert set(metrics["channel"]) == set(CHANNELS["fluorescence"])
             assert len(metrics) >= 3 and len(metrics) % 3 == 0
         virtual = read_field(folder / "virtual.zarr", truth.iloc[0].well, truth.iloc[0].site)
-        assert virtual.shape == (1, 3, 1, TINY_SPEC.size, TINY_SPEC.size) and np.isfinite(virtual).all()
+        assert virtual.shape == (1, 6, 1, TINY_SPEC.size, TINY_SPEC.size) and np.isfinite(virtual).all()
+        # virtual channels, then their uncertainty maps (test-time augmentation is on by default)
+        assert read_store_layout(folder / "virtual.zarr").channels == (
+            [f"VS_{c}" for c in CHANNELS["fluorescence"]] + [f"SD_{c}" for c in CHANNELS["fluorescence"]])
+        assert (virtual[0, 3:] >= 0).all() and virtual[0, 3:].max() > 0
+        stain_sites = pd.read_csv(folder / "stain" / "sites.csv", keep_default_na=False)
+        scored = stain_sites[stain_sites["status"] == "ok"]
+        assert len(scored) and scored["domain_score"].astype(float).notna().all()
+        assert scored[[f"uncertainty_{c}" for c in CHANNELS["fluorescence"]]].astype(float).gt(0).all().all()
         # segmentation ran on every site of both inputs, and nothing was dropped unannounced
         segmented = pd.read_csv(folder / "segment" / "sites.csv", keep_default_na=False)
         assert len(segmented) == len(truth) * (2 if stained else 1)

@@ -46,12 +46,7 @@ MAIN_PACKAGES = ("brightpaint", "snakemake", "numpy", "scipy", "pandas", "torch"
                  "ome-zarr", "tifffile", "scikit-image", "pycytominer", "copairs", "basicpy")
 CELLPROFILER_PACKAGES = ("cellprofiler-nightly", "cellprofiler-core-nightly",
                          "cellprofiler-library-nightly", "numpy", "scipy", "centriole", "mahotas")
-DEFAULT_RULES = {"review_flagged_fraction": 0.10, "fail_lost_fraction": 0.10, "domain_z": 4.0}
-# Brightfield statistics of the domain check: scale-free, as the stain model z-scores its input
-# (an exposure change alone is no domain shift for it), but a change of contrast, sharpness or
-# spatial spectrum (optics, magnification, cell type, density) is.
-DOMAIN_FEATURES = {"bf_cv": "brightfield contrast (std / mean)",
-                   "bf_sharpness": "variance of Laplacian / mean^2", "bf_plls": "power-spectrum slope"}
+DEFAULT_RULES = {"review_flagged_fraction": 0.10, "fail_lost_fraction": 0.10, "domain_fraction": 0.10}
 
 
 def _read_csv(path: Path) -> pd.DataFrame | None:
@@ -67,7 +62,8 @@ def _flag_rows(table: pd.DataFrame, stage: str, flag: pd.Series, reason: pd.Seri
 
 def collect_flags(plate_dir: str | Path) -> pd.DataFrame:
     """Every QC flag of a plate, from the result files that exist: ingest's site table (status other
-    than ok), focus (non-empty flag), segmentation and features (status skipped / no_objects)."""
+    than ok), focus (non-empty flag), virtual staining (sites outside the stain model's domain),
+    segmentation and features (status skipped / no_objects)."""
     plate_dir = Path(plate_dir)
     parts = []
     sites = _read_csv(plate_dir / "ingest" / "qc_sites.csv")
@@ -78,6 +74,11 @@ def collect_flags(plate_dir: str | Path) -> pd.DataFrame:
         focus = pd.read_parquet(plate_dir / "focus.parquet", columns=["well", "site", "flag", "reason"])
         bad = focus[focus["flag"].fillna("").astype(str) != ""]
         parts.append(_flag_rows(bad, "focus", bad["flag"], bad["reason"].fillna("")))
+    stain = _read_csv(plate_dir / "stain" / "sites.csv")
+    if stain is not None and "domain_outside" in stain.columns:
+        bad = stain[stain["domain_outside"].astype(str) == "True"]
+        parts.append(_flag_rows(bad, "stain", pd.Series("outside_domain", index=bad.index),
+                                bad["domain_reason"]))
     for stage in ("segment", "features"):
         table = _read_csv(plate_dir / stage / "sites.csv")
         if table is not None:
@@ -122,47 +123,26 @@ def plate_verdict(flags: pd.DataFrame, n_sites: int, rules: Mapping | None = Non
     return verdict, checks
 
 
-def brightfield_statistics(plate_dir: str | Path, brightfield: str = "BF") -> pd.DataFrame:
-    """Per site, statistics of the brightfield plane focus chose: mean, contrast (std / mean),
-    sharpness (variance of Laplacian / mean^2) and power-spectrum log-log slope, from the ingest
-    QC table and the focus scores (no image is read again)."""
-    plate_dir = Path(plate_dir)
-    focus = pd.read_parquet(plate_dir / "focus.parquet")
-    images = pd.read_parquet(plate_dir / "ingest" / "qc_images.parquet",
-                             columns=["well", "site", "channel", "z", "mean", "std"])
-    images = images[images["channel"] == brightfield]
-    sites = focus.merge(images, left_on=["well", "site", "plane"], right_on=["well", "site", "z"])
-    plane = sites["plane"].astype(int).to_numpy()
-    pick = {}
-    for score in ("var_laplacian", "plls"):
-        columns = sorted((c for c in sites.columns if c.startswith(f"{score}_z")),
-                         key=lambda c: int(c.rsplit("_z", 1)[1]))
-        scores = sites[columns].to_numpy(float)
-        pick[score] = np.take_along_axis(scores, plane[:, None], axis=1)[:, 0]
-    mean = sites["mean"].to_numpy(float)
-    return pd.DataFrame({"well": sites["well"], "site": sites["site"], "bf_mean": mean,
-                         "bf_cv": sites["std"].to_numpy(float) / mean,
-                         "bf_sharpness": pick["var_laplacian"] / mean ** 2, "bf_plls": pick["plls"]})
-
-
-def brightfield_domain(plate: pd.DataFrame, training: pd.DataFrame, z_limit: float) -> pd.DataFrame:
-    """How far a plate's brightfield lies from the training plates': per statistic, the distance of
-    the plate's median from the training sites' median in units of their robust spread (1.4826 x
-    MAD), and whether it exceeds `z_limit`. A first guard of the model's domain (issue 9 builds the
-    full one)."""
+def domain_table(sites: pd.DataFrame, cards: Iterable[Mapping]) -> pd.DataFrame:
+    """Per stain model and domain statistic: the training sites' median and robust spread (from the
+    model card), the plate's median, its robust z, and the share of the plate's sites outside
+    the model's domain (any statistic beyond the card's threshold)."""
     rows = []
-    for name, label in DOMAIN_FEATURES.items():
-        train = training[name].dropna().to_numpy(float)
-        values = plate[name].dropna().to_numpy(float)
-        if not len(train) or not len(values):
-            continue
-        centre = float(np.median(train))
-        spread = 1.4826 * float(np.median(np.abs(train - centre))) or float(np.std(train)) or 1e-12
-        z = (float(np.median(values)) - centre) / spread
-        rows.append({"statistic": label, "training median": centre, "training spread": spread,
-                     "plate median": float(np.median(values)), "z": z, "outside": bool(abs(z) > z_limit)})
-    return pd.DataFrame(rows, columns=["statistic", "training median", "training spread", "plate median",
-                                       "z", "outside"])
+    score = pd.to_numeric(sites["domain_score"], errors="coerce") if "domain_score" in sites else None
+    scored = sites[score.notna()] if score is not None else sites.iloc[:0]
+    outside = float(scored["domain_outside"].astype(str).eq("True").mean()) if len(scored) else 0.0
+    for i, card in enumerate(cards):
+        domain = card.get("domain") or {}
+        for name, stat in domain.get("statistics", {}).items():
+            if name not in scored:
+                continue
+            median = float(pd.to_numeric(scored[name], errors="coerce").median())
+            rows.append({"model": i + 1, "statistic": stat["label"], "training median": stat["median"],
+                         "training spread": stat["spread"], "plate median": median,
+                         "z": (median - stat["median"]) / stat["spread"], "threshold": domain["threshold"],
+                         "sites outside": round(outside, 4)})
+    return pd.DataFrame(rows, columns=["model", "statistic", "training median", "training spread",
+                                       "plate median", "z", "threshold", "sites outside"])
 
 
 def well_heatmap(values: pd.Series, title: str, label: str) -> str:
@@ -321,7 +301,7 @@ def _figure(path: Path, caption: str) -> dict | None:
 
 def plate_report(plate_dir: str | Path, plate_info: Mapping, prov: Mapping,
                  rules: Mapping | None = None, stain_cards: Iterable[str | Path] = (),
-                 training_dirs: Iterable[str | Path] = (), brightfield: str = "BF") -> dict:
+                 brightfield: str = "BF") -> dict:
     """Everything the plate's report shows, read from its result folder: summary with verdict,
     inputs, flags, figures and tables of each stage that ran, provenance."""
     plate_dir = Path(plate_dir)
@@ -382,20 +362,26 @@ def plate_report(plate_dir: str | Path, plate_info: Mapping, prov: Mapping,
         metrics = pd.read_parquet(plate_dir / "stain" / "metrics.parquet")
         stain_tables["stain_metrics"] = (metrics.groupby(["split", "channel"])
                                          [["pcc", "ssim", "psnr", "nmae"]].mean().reset_index())
-    training_dirs = [Path(d) for d in training_dirs if Path(d).resolve() != plate_dir.resolve()]
-    if training_dirs and (plate_dir / "focus.parquet").is_file():
-        training = pd.concat([brightfield_statistics(d, brightfield) for d in training_dirs],
-                             ignore_index=True)
-        statistics = brightfield_statistics(plate_dir, brightfield)
-        domain = brightfield_domain(statistics, training, limits["domain_z"])
+    stain_sites = _read_csv(plate_dir / "stain" / "sites.csv")
+    if stain_sites is not None and "domain_outside" in stain_sites.columns:
+        domain = domain_table(stain_sites, cards)
         stain_tables["brightfield_domain"] = domain
-        outside = domain[domain["outside"]]
-        report["checks"].append({"rule": "brightfield statistics outside the training plates' (|z| above)",
-                                 "value": round(float(domain["z"].abs().max()), 2) if len(domain) else 0.0,
-                                 "threshold": limits["domain_z"],
-                                 "outcome": "review", "triggered": bool(len(outside))})
-        if len(outside) and report["verdict"] == "pass":
+        outside = float(domain["sites outside"].max()) if len(domain) else 0.0
+        report["checks"].append({"rule": "sites whose brightfield lies outside the stain model's domain",
+                                 "value": outside, "threshold": limits["domain_fraction"],
+                                 "outcome": "review", "triggered": bool(outside > limits["domain_fraction"])})
+        if outside > limits["domain_fraction"] and report["verdict"] == "pass":
             report["verdict"] = "review"
+    if stain_sites is not None:
+        columns = [c for c in stain_sites.columns if c.startswith("uncertainty_")]
+        if columns:
+            scores = stain_sites[columns].apply(pd.to_numeric, errors="coerce")
+            stain_tables["stain_uncertainty"] = pd.DataFrame(
+                {"channel": [c.removeprefix("uncertainty_") for c in columns],
+                 "median": scores.median().to_numpy(), "q90": scores.quantile(0.9).to_numpy(),
+                 "max": scores.max().to_numpy()})
+    if (plate_dir / "stain" / "uncertainty.csv").is_file():
+        stain_tables["uncertainty_vs_error"] = pd.read_csv(plate_dir / "stain" / "uncertainty.csv")
     if stain_tables or (plate_dir / "stain" / "examples.png").is_file():
         sections.append({"title": "Virtual staining", "tables": stain_tables, "figures": [
             _figure(plate_dir / "stain" / "examples.png", "brightfield | real | virtual")]})

@@ -62,8 +62,15 @@ class PlateSpec:
     batch: str
     cell_type: str
     role: str  # "train" (real stains), "apply" (brightfield only) or "both"
+    # brightfield contrast relative to the demo's optics (another condenser aperture or objective):
+    # the in-focus transmission's deviation from 1 is scaled by it. Tests use it for a plate
+    # outside the stain model's domain.
+    bf_contrast: float = 1.0
 
     def __post_init__(self):
+        if not isinstance(self.bf_contrast, int | float) or not 0 < self.bf_contrast <= 10:
+            raise ValueError(f"bf_contrast: {self.bf_contrast!r} of plate {self.plate} must be a "
+                             "number in (0, 10]")
         for name in ("plate", "batch"):
             value = getattr(self, name)
             if not isinstance(value, str) or not _SAFE_ID.match(value):
@@ -134,10 +141,10 @@ def spec_from_config(cfg: dict) -> ScreenSpec:
                 parsed.append(entry)
                 continue
             keys = {"plate", "batch", "cell_type", "role"}
-            if not isinstance(entry, dict) or set(entry) != keys:
-                raise ValueError(f"plates[{i}]: needs exactly the keys {sorted(keys)}, "
-                                 f"got {entry!r}")
-            parsed.append(PlateSpec(**{k: str(v) for k, v in entry.items()}))
+            if not isinstance(entry, dict) or not keys <= set(entry) <= keys | {"bf_contrast"}:
+                raise ValueError(f"plates[{i}]: needs the keys {sorted(keys)} (and optionally "
+                                 f"bf_contrast), got {entry!r}")
+            parsed.append(PlateSpec(**{k: v if k == "bf_contrast" else str(v) for k, v in entry.items()}))
         cfg["plates"] = tuple(parsed)
     return ScreenSpec(**cfg)
 
@@ -851,6 +858,8 @@ def simulate_site(spec: ScreenSpec, plate: str, well: str, site: int,
     # the z planes plus the exact focus (dz = 0) in one pass over the Fourier transforms
     planes = defocus_series(absorption, phase,
                             [z - focus_position for z in range(spec.z_planes)] + [0.0])
+    if plate_spec.bf_contrast != 1.0:
+        planes = 1.0 + np.float32(plate_spec.bf_contrast) * (planes - 1.0)
     stack = planes[:-1]
     clean = {"DNA": dna, "CYTO": cyto, "DAMAGE": damage, "BF": planes[-1]}
 

@@ -65,12 +65,22 @@ from .ingest import (
     write_sites,
 )
 from .metrics import METRICS, image_metrics, pearson
+from .trust import (
+    DOMAIN_COLUMNS,
+    DOMAIN_STATISTICS,
+    brightfield_statistics,
+    describe_domain,
+    domain_scores,
+    predict_augmented,
+    site_uncertainty,
+)
 
 LOGGER = logging.getLogger("brightpaint")
 
 CODE_VERSION = "stain-1"
 FORMAT = "brightpaint-stain"
 VIRTUAL_PREFIX = "VS_"
+UNCERTAINTY_PREFIX = "SD_"  # per-pixel spread of the test-time augmented predictions
 TARGET_NORMS = ("plate", "fov")
 SPREAD_QUANTILE = 0.995
 MIN_SPREAD = 1e-6
@@ -196,9 +206,9 @@ def open_plate_source(plate_dir: str | Path, brightfield: str, *, platemap: pd.D
                        denoised_layout=read_store_layout(denoised) if use else None, platemap=platemap)
 
 
-def brightfield_input(source: PlateSource, well: str, site: int, half_width: int) -> np.ndarray:
+def brightfield_planes(source: PlateSource, well: str, site: int, half_width: int) -> np.ndarray:
     """(2 * half_width + 1, Y, X) float32: the in-focus plane and its neighbours (edge planes
-    repeated), illumination-corrected and z-scored by the centre plane."""
+    repeated), illumination-corrected."""
     layout, channel = source.layout, source.brightfield
     if channel not in layout.channels:
         raise StainError(f"plate {source.plate}: no brightfield channel {channel!r} "
@@ -210,12 +220,43 @@ def brightfield_input(source: PlateSource, well: str, site: int, half_width: int
     function = source.illumination[channel]
     stack = np.stack([correct_illumination(read_plane(source.store, well, site, index, z), function)
                       for z in window])
-    centre = stack[half_width]
-    mean, std = float(centre.mean()), float(centre.std())
     if not np.isfinite(stack).all():
         raise StainError(f"plate {source.plate} well {well} site {site}: brightfield has NaN or "
                          "infinite pixels")
+    return stack
+
+
+def normalise_brightfield(stack: np.ndarray) -> np.ndarray:
+    """The model's input: a brightfield window z-scored by its centre plane."""
+    centre = stack[len(stack) // 2]
+    mean, std = float(centre.mean()), float(centre.std())
     return ((stack - mean) / max(std, MIN_SPREAD)).astype(np.float32)
+
+
+def brightfield_input(source: PlateSource, well: str, site: int, half_width: int) -> np.ndarray:
+    """(2 * half_width + 1, Y, X) float32: `brightfield_planes` z-scored by the centre plane."""
+    return normalise_brightfield(brightfield_planes(source, well, site, half_width))
+
+
+def site_domain_statistics(sources: Sequence[PlateSource], sites: Sequence[StainSite | tuple[str, str, int]]
+                           ) -> pd.DataFrame:
+    """The domain statistics (trust.brightfield_statistics) of the in-focus brightfield plane of
+    each (plate, well, site)."""
+    by_plate = {source.plate: source for source in sources}
+    rows = []
+    for item in sites:
+        plate, well, site = (item.plate, item.well, item.site) if isinstance(item, StainSite) else item
+        plane = brightfield_planes(by_plate[plate], well, site, 0)[0]
+        rows.append({"plate": plate, "well": well, "site": int(site), **brightfield_statistics(plane)})
+    return pd.DataFrame(rows, columns=["plate", "well", "site", *DOMAIN_STATISTICS])
+
+
+def training_domain(sources: Sequence[PlateSource], data: TrainingSet, *, quantile: float = 0.99,
+                    floor: float = 3.0) -> dict:
+    """The card's description of the brightfield the model was trained on (trust.describe_domain),
+    calibrated on the validation wells' sites."""
+    return describe_domain(site_domain_statistics(sources, data.train),
+                           site_domain_statistics(sources, data.validation), quantile=quantile, floor=floor)
 
 
 def fluorescence_plane(source: PlateSource, well: str, site: int, channel: str) -> np.ndarray:
@@ -692,14 +733,28 @@ def predict_virtual(generator: torch.nn.Module, card: dict, source: PlateSource,
     return denormalise(predict_normalised(generator, card, inputs, **tiling), card)
 
 
+def virtual_channel_names(cards: Sequence[dict], augmentations: int = 1) -> list[str]:
+    """Channels of a plate's virtual.zarr: VS_<target> for every model's targets and, when test-time
+    augmentation gives an uncertainty map (augmentations > 1), SD_<target> after them."""
+    virtual = [VIRTUAL_PREFIX + c for card in cards for c in card["targets"]]
+    return virtual + ([UNCERTAINTY_PREFIX + c for card in cards for c in card["targets"]]
+                      if augmentations > 1 else [])
+
+
+def _virtual_role(layout: StoreLayout, channel: str) -> str:
+    if channel.startswith(UNCERTAINTY_PREFIX):
+        return "uncertainty"
+    return layout.roles.get(channel.removeprefix(VIRTUAL_PREFIX), "virtual")
+
+
 def virtual_layout(layout: StoreLayout, channels: Sequence[str]) -> StoreLayout:
     """Layout of a plate's virtual.zarr: float32 single planes of the virtual channels, each with
-    the role (nuclei, cell, ...) of the channel it stands for."""
+    the role (nuclei, cell, ...) of the channel it stands for; uncertainty maps have role
+    `uncertainty`."""
     return StoreLayout(plate=layout.plate, channels=list(channels), planes={c: [0] for c in channels},
                        n_z=1, shape=layout.shape, dtype="float32",
                        source_dtypes={c: "float32" for c in channels},
-                       roles={c: layout.roles.get(c.removeprefix(VIRTUAL_PREFIX), "virtual")
-                              for c in channels})
+                       roles={c: _virtual_role(layout, c) for c in channels})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -768,49 +823,94 @@ def evaluate_plate(source: PlateSource, virtual_store: str | Path, cards: Sequen
 # ---------------------------------------------------------------------------------------------
 
 
+SITE_COLUMNS = ["well", "site", "status", "reason", "seconds"]
+
+
 def predict_sites(source: PlateSource, sites: Sequence[tuple[str, int]],
                   models: Sequence[tuple[torch.nn.Module, dict]], out: str | Path, *,
                   device: torch.device | str = "cpu", tile: int = 512, overlap: int = 96, batch: int = 8,
-                  io_threads: int = 2) -> pd.DataFrame:
+                  augmentations: int = 1, domain: bool = True, io_threads: int = 2) -> pd.DataFrame:
     """Write the virtual channels of `sites` into a shard store at `out` (float32, one plane each, in
     the reference scale). Sites are read and written by `io_threads` workers, so reading the next
     site overlaps the network on the current one (torch releases the GIL); the network itself runs
     one site at a time, with the job's torch threads (no oversubscription). A site that cannot be
     predicted (no in-focus plane, NaN pixels) keeps zeros and gets status `skipped` with the reason.
-    Returns one row per site: well, site, status, reason, seconds."""
+
+    With `augmentations` > 1 each site is predicted under that many flips / rotations: the virtual
+    channel is their mean, SD_<target> their per-pixel standard deviation (reference scale) and
+    `uncertainty_<target>` the site's score (trust.site_uncertainty). With `domain`, every site's
+    brightfield statistics are scored against each card's training domain (cards without one are
+    skipped): the worst model's score, whether it is outside, and why.
+
+    Returns one row per site: well, site, status, reason, seconds, the domain statistics and
+    columns, and the uncertainty scores."""
     device = torch.device(device)
     network = threading.Lock()
-    channels = [VIRTUAL_PREFIX + c for _, card in models for c in card["targets"]]
+    channels = virtual_channel_names([card for _, card in models], augmentations)
     layout = virtual_layout(source.layout, channels)
     for generator, _ in models:
         generator.to(device).eval()
         if device.type == "cuda":
             generator.to(memory_format=torch.channels_last)
+    domains = [card["domain"] for _, card in models if domain and card.get("domain")]
+    targets = [c for _, card in models for c in card["targets"]]
+    scores = [f"uncertainty_{c}" for c in targets] if augmentations > 1 else []
 
     def fill(array, well, site):
         start = time.perf_counter()
+        row = {"well": well, "site": int(site), "status": "ok", "reason": ""}
         try:
-            inputs = {}
+            planes = {}
             for _, card in models:
                 half = card["inputs"]["half_width"]
-                if half not in inputs:
-                    inputs[half] = brightfield_input(source, well, site, half)
+                if half not in planes:
+                    planes[half] = brightfield_planes(source, well, site, half)
         except StainError as err:
-            return [{"well": well, "site": int(site), "status": "skipped", "reason": str(err),
+            return [{**row, "status": "skipped", "reason": str(err),
                      "seconds": time.perf_counter() - start}], {c: (0.0, 0.0) for c in channels}
+        if domains:
+            half, stack = next(iter(planes.items()))
+            row |= brightfield_statistics(stack[half])
         ranges = {}
         for generator, card in models:
+            inputs = normalise_brightfield(planes[card["inputs"]["half_width"]])
+
+            def predict(x, generator=generator, card=card):
+                return predict_normalised(generator, card, x, tile=tile, overlap=overlap, batch=batch,
+                                          device=device)
+
             with network:  # one forward pass at a time: the other worker reads and writes meanwhile
-                normalised = predict_normalised(generator, card, inputs[card["inputs"]["half_width"]],
-                                                tile=tile, overlap=overlap, batch=batch, device=device)
-            for name, image in denormalise(normalised, card).items():
+                mean, spread = predict_augmented(predict, inputs, augmentations)
+            for index, (name, image) in enumerate(denormalise(mean, card).items()):
                 array[0, channels.index(name), 0] = image
                 ranges[name] = (float(np.percentile(image, 0.1)), float(np.percentile(image, 99.9)))
-        return [{"well": well, "site": int(site), "status": "ok", "reason": "",
-                 "seconds": time.perf_counter() - start}], ranges
+                if augmentations > 1:
+                    target = card["targets"][index]
+                    reference = card["target_normalisation"]["reference"][target]
+                    scaled = spread[index] * np.float32(reference["spread"])
+                    array[0, channels.index(UNCERTAINTY_PREFIX + target), 0] = scaled
+                    ranges[UNCERTAINTY_PREFIX + target] = (0.0, float(np.percentile(scaled, 99.9)))
+                    row[f"uncertainty_{target}"] = site_uncertainty(mean[index], spread[index])
+        row["seconds"] = time.perf_counter() - start
+        return [row], ranges
 
     rows = write_sites(out, list(sites), layout, fill, io_threads)
-    return pd.DataFrame(rows, columns=["well", "site", "status", "reason", "seconds"])
+    table = pd.DataFrame(rows, columns=SITE_COLUMNS + (list(DOMAIN_STATISTICS) if domains else []) + scores)
+    if domains:
+        worst = None
+        for description in domains:
+            scored = domain_scores(table[list(DOMAIN_STATISTICS)], description)
+            if worst is None:
+                worst = scored
+            else:
+                further = scored["domain_score"] > worst["domain_score"]
+                worst.loc[further] = scored.loc[further]
+        skipped = table["status"] != "ok"  # no brightfield statistics: not scored, already flagged
+        worst.loc[skipped, "domain_score"] = np.nan
+        worst.loc[skipped, "domain_outside"] = False
+        worst.loc[skipped, "domain_reason"] = ""
+        table[DOMAIN_COLUMNS] = worst[DOMAIN_COLUMNS]
+    return table
 
 
 def examples_figure(source: PlateSource, virtual_store: str | Path, metrics: pd.DataFrame,

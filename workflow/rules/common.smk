@@ -151,7 +151,10 @@ def stain_outputs(plates):
     for plate in plates:
         outputs.append(f"{plate_dir(plate)}/virtual.zarr")
         if SCREEN.has_real_stains(plate):
-            outputs += [f"{plate_dir(plate)}/stain/metrics.parquet", f"{plate_dir(plate)}/stain/examples.png"]
+            outputs += [
+                f"{plate_dir(plate)}/stain/{name}"
+                for name in ("metrics.parquet", "uncertainty.csv", "examples.png")
+            ]
     return outputs
 
 
@@ -296,15 +299,6 @@ def report_inputs(wildcards):
         "models": stain_model_files(),
         "cards": stain_cards(),
         "sources": SCREEN.plate_inputs(wildcards.plate),
-        # the training plates' brightfield statistics, for the domain check (ancient like the model's
-        # own inputs: rerunning a training plate does not rerun the other plates' reports)
-        "training": []
-        if STAIN["weights"]
-        else [
-            kept_model_input(path)
-            for p in STAIN_TRAINING_PLATES
-            for path in (f"{plate_dir(p)}/focus.parquet", f"{plate_dir(p)}/ingest/qc_images.parquet")
-        ],
     }
 
 

@@ -24,7 +24,6 @@ rule report_plate:
         cellprofiler=CELLPROFILER,
         pipelines=[p for p in (FEATURES_PIPELINE, FEATURES_TILED_PIPELINE) if p],
         benchmarks=lambda wildcards: f"{RESULTS}/benchmarks/{wildcards.plate}",
-        training_dirs=[plate_dir(p) for p in STAIN_TRAINING_PLATES] if not STAIN["weights"] else [],
         brightfield=config["channels"]["brightfield"],
     threads: 1
     conda:

@@ -19,6 +19,7 @@ rule stain_train:
         brightfield=config["channels"]["brightfield"],
         settings=STAIN["model"],
         train_wells=STAIN["train_wells"],
+        domain=STAIN["domain"],
         device=STAIN["device"],
     resources:
         gpu=1 if STAIN["device"] == "cuda" else 0,
@@ -48,6 +49,8 @@ rule stain_shard:
         tile=STAIN["tile"],
         overlap=STAIN["overlap"],
         batch=STAIN["batch"],
+        augmentations=STAIN["augmentations"],
+        domain_check=STAIN["domain"]["check"],
     resources:
         gpu=1 if STAIN["device"] == "cuda" else 0,
     threads: config["threads"]["stain_predict"]
@@ -70,6 +73,8 @@ rule stain_plate:
     output:
         store=directory(f"{RESULTS}/plates/{{plate}}/virtual.zarr"),
         sites=f"{RESULTS}/plates/{{plate}}/stain/sites.csv",
+    params:
+        augmentations=STAIN["augmentations"],
     conda:
         MAIN_ENV
     log:
@@ -84,9 +89,11 @@ rule stain_evaluate:
     input:
         sources=lambda wildcards: plate_stain_sources(wildcards.plate),
         virtual=f"{RESULTS}/plates/{{plate}}/virtual.zarr",
+        sites=f"{RESULTS}/plates/{{plate}}/stain/sites.csv",
         models=stain_model_files(),
     output:
         metrics=f"{RESULTS}/plates/{{plate}}/stain/metrics.parquet",
+        uncertainty=f"{RESULTS}/plates/{{plate}}/stain/uncertainty.csv",
         figure=report(
             f"{RESULTS}/plates/{{plate}}/stain/examples.png",
             caption="../report/stain.rst",

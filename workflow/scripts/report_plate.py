@@ -21,7 +21,7 @@ files = {"input: screen sheet": params.sheet, "input: manifest": manifest, "inpu
 prov = provenance(params.config, params.repo, files, params.benchmarks,
                   cellprofiler_site_packages(params.cellprofiler))
 report = plate_report(params.plate_dir, params.info, prov, params.rules, stain_cards=inp.cards,
-                      training_dirs=params.training_dirs, brightfield=params.brightfield)
+                      brightfield=params.brightfield)
 with atomic_path(out.html) as tmp:
     tmp.write_text(render_plate_report(report))
 with atomic_path(out.summary) as tmp:

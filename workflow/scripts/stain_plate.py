@@ -7,12 +7,12 @@ import pandas as pd
 from brightpaint.atomic import atomic_path
 from brightpaint.ingest import StoreLayout, assemble_plate_store
 from brightpaint.logs import log_to_rule
-from brightpaint.stain import load_card, virtual_layout
+from brightpaint.stain import load_card, virtual_channel_names, virtual_layout
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 cards = [load_card(path) for path in inp.models]
-channels = [c for card in cards for c in card["virtual_channels"]]
+channels = virtual_channel_names(cards, snakemake.params.augmentations)  # noqa: F821
 layout = virtual_layout(StoreLayout.from_json(Path(inp.layout).read_text()), channels)
 assemble_plate_store(inp.stores, out.store, layout,
                      {"stage": "virtual staining", "models": [card["sha256"] for card in cards]})

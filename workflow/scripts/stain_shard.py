@@ -15,9 +15,12 @@ wells = shard_wells(sorted({w for w, _ in stored_sites(source.store)}), params.n
                     int(snakemake.wildcards.shard))  # noqa: F821
 with torch_threads(snakemake.threads):  # noqa: F821
     table = predict_sites(source, stored_sites(source.store, wells), models, out.store, device=device,
-                          tile=params.tile, overlap=params.overlap, batch=params.batch)
+                          tile=params.tile, overlap=params.overlap, batch=params.batch,
+                          augmentations=params.augmentations, domain=params.domain_check)
 with atomic_path(out.sites) as tmp:
     table.to_csv(tmp, index=False)
-log.info("plate %s shard %s: %d sites on %s, %.2f s per site; %d skipped", source.plate,
-         snakemake.wildcards.shard, len(table), device, table["seconds"].mean() if len(table) else 0,  # noqa: F821
-         int((table["status"] != "ok").sum()))
+log.info("plate %s shard %s: %d sites on %s (%d augmentations), %.2f s per site; %d skipped, %d outside "
+         "the models' domain", source.plate, snakemake.wildcards.shard, len(table), device,  # noqa: F821
+         params.augmentations, table["seconds"].mean() if len(table) else 0,
+         int((table["status"] != "ok").sum()),
+         int(table["domain_outside"].sum()) if "domain_outside" in table else 0)

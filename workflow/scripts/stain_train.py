@@ -10,6 +10,7 @@ from brightpaint.stain import (
     open_plate_source,
     save_stain_model,
     train_stain_model,
+    training_domain,
 )
 
 log = log_to_rule(snakemake)  # noqa: F821
@@ -25,6 +26,11 @@ generator, history = train_stain_model(data, targets, settings, device=params.de
                                        threads=snakemake.threads)  # noqa: F821
 card = model_card(settings, data, targets, params.brightfield, history,
                   [{k: str(v) for k, v in row.items()} for row in params.plates], params.train_wells)
+card["domain"] = training_domain(sources, data, quantile=params.domain["quantile"],
+                                 floor=params.domain["floor"])
+log.info("domain: %s, threshold %.2f robust SD (validation sites' max %.2f)",
+         {k: round(v["median"], 4) for k, v in card["domain"]["statistics"].items()},
+         card["domain"]["threshold"], card["domain"]["validation_score_max"])
 card = save_stain_model(generator, card, out.model)
 with atomic_path(out.history) as tmp:
     history.to_csv(tmp, index=False)
