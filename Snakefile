@@ -25,6 +25,7 @@ include: "workflow/rules/illumination.smk"
 include: "workflow/rules/focus.smk"
 include: "workflow/rules/denoise.smk"
 include: "workflow/rules/stain.smk"
+include: "workflow/rules/generalisation.smk"
 include: "workflow/rules/segment.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/profiles.smk"
@@ -40,4 +41,5 @@ rule all:
         segment_outputs(PLATES),
         features_outputs(PLATES),
         report_outputs(PLATES),
+        generalisation_outputs(),
     default_target: True

@@ -62,6 +62,12 @@ def tiny_demo_config(workdir: Path) -> Path:
     return path
 
 
+def matrix_groups(config: dict, cell_types: set[str]) -> int:
+    """Groups of the generalisation matrix: cell types of the training plates x phenotype groups."""
+    settings = config["generalisation"]
+    return (len(cell_types) if settings["cell_types"] else 1) * max(1, len(settings["phenotypes"]))
+
+
 def test_dry_run_of_the_default_config_lists_every_job(tmp_path):
     result = run_snakemake(tmp_path, "-n")
     assert result.returncode == 0, result.stderr
@@ -70,7 +76,10 @@ def test_dry_run_of_the_default_config_lists_every_job(tmp_path):
     plates, n_shards = default["simulate"]["plates"], default["shards"]
     n, n_stained = len(plates), sum(p["role"] in ("train", "both") for p in plates)
     channels = n + n_stained * len(default["channels"]["fluorescence"])
-    assert counts == {"simulate_demo": 1, "validate_plate": n, "ingest_shard": n * n_shards,
+    groups = matrix_groups(default, {p["cell_type"] for p in plates if p["role"] in ("train", "both")})
+    assert counts == {"generalisation_train": groups, "generalisation_evaluate": groups,
+                      "generalisation_matrix": 1, "simulate_demo": 1, "validate_plate": n,
+                      "ingest_shard": n * n_shards,
                       "assemble_plate": n, "illumination": channels, "focus_shard": n * n_shards,
                       "focus_plate": n, "stain_train": 1, "stain_shard": n * n_shards, "stain_plate": n,
                       "stain_evaluate": n_stained, "segment_calibrate": n, "segment_shard": n * n_shards,
@@ -419,4 +428,7 @@ def test_plan_grows_with_plates_times_shards(tmp_path, n_plates, shards):
     expected = ({rule: n_plates * shards for rule in per_shard} | {rule: n_plates for rule in per_plate}
                 | {"illumination": n_plates + 3 * train, "stain_evaluate": train, "stain_train": 1,
                    "profiles_screen": 1, "match_screen": 1, "report_index": 1, "all": 1})
+    groups = matrix_groups(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), {"flat"})
+    expected |= {"generalisation_train": groups, "generalisation_evaluate": groups,
+                 "generalisation_matrix": 1}
     assert job_counts(output) == expected

@@ -459,7 +459,9 @@ def render_plate_report(report: Mapping) -> str:
     return _environment().get_template("plate_report.html.j2").render(r=report)
 
 
-def render_index(plates: Iterable[Mapping], screen: Mapping | None = None) -> str:
-    """The screen's index page: one row per plate (its report link and verdict) and screen-level
-    tables (e.g. matching)."""
-    return _environment().get_template("index.html.j2").render(plates=list(plates), screen=screen or {})
+def render_index(plates: Iterable[Mapping], screen: Mapping | None = None,
+                 figures: Iterable[Mapping] = ()) -> str:
+    """The screen's index page: one row per plate (its report link and verdict), screen-level
+    tables (e.g. matching) and figures (src, caption, file)."""
+    return _environment().get_template("index.html.j2").render(plates=list(plates), screen=screen or {},
+                                                               figures=list(figures))

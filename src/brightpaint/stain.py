@@ -698,6 +698,24 @@ def model_card(settings: StainSettings, data: TrainingSet, targets: Sequence[str
     }
 
 
+def fit_stain_model(sources: Sequence[PlateSource], targets: Sequence[str], settings: StainSettings, *,
+                    brightfield: str, plates: Sequence[dict], well_query: str | None = None,
+                    device: torch.device | str = "cpu", threads: int = 1, domain_quantile: float = 0.99,
+                    domain_floor: float = 3.0) -> tuple[torch.nn.Module, dict, pd.DataFrame]:
+    """Training set, training, and the model card with its training domain: what rule stain_train
+    (and the generalisation matrix's per-group training) does. Returns generator, card, history."""
+    data = build_training_set(sources, targets, settings, well_query)
+    LOGGER.info("training on %d sites (%d validation) of plates %s", len(data.train), len(data.validation),
+                [s.plate for s in sources])
+    generator, history = train_stain_model(data, targets, settings, device=device, threads=threads)
+    card = model_card(settings, data, targets, brightfield, history, plates, well_query)
+    card["domain"] = training_domain(sources, data, quantile=domain_quantile, floor=domain_floor)
+    LOGGER.info("domain: %s, threshold %.2f robust SD (validation sites' max %.2f)",
+                {k: round(v["median"], 4) for k, v in card["domain"]["statistics"].items()},
+                card["domain"]["threshold"], card["domain"]["validation_score_max"])
+    return generator, card, history
+
+
 # ---------------------------------------------------------------------------------------------
 # Prediction
 # ---------------------------------------------------------------------------------------------

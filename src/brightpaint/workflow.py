@@ -8,11 +8,12 @@ validated at once, so a duplicated plate id or a missing manifest stops the run 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from .groups import screen_groups
 from .io import SHEET_COLUMNS, read_screen_sheet
 
 
@@ -124,6 +125,24 @@ class Screen:
         if self.stain.get("per_channel"):
             return {channel: [channel] for channel in targets}
         return {"all": targets}
+
+    def generalisation_groups(self, settings: dict, training_plates: list[str]) -> dict[str, dict]:
+        """Groups of the generalisation matrix (config `generalisation`), name -> Group fields: every
+        cell type among the training plates (with `cell_types`) x every phenotype group. Empty when
+        it is off, or when the training plates give fewer than two groups and no phenotype groups
+        were asked for (a matrix of one cell is no matrix)."""
+        if not settings.get("enabled"):
+            return {}
+        types = (sorted({str(self.plate_row(p)["cell_type"]) for p in training_plates})
+                 if settings.get("cell_types") else [])
+        phenotypes = settings.get("phenotypes") or {}
+        if len(types) < 2 and not phenotypes:
+            return {}
+        try:
+            groups = screen_groups(types, phenotypes)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        return {group.name: asdict(group) for group in groups}
 
     def stain_training_plates(self) -> list[str]:
         """Plates that train virtual staining: role train or both, of the cell types in

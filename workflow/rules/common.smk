@@ -136,6 +136,37 @@ def plate_stain_sources(plate, fluorescence=True):
     return inputs
 
 
+# Generalisation matrix: groups of the training plates' wells (cell type x phenotype), each with a model.
+GENERALISATION = config["generalisation"]
+GENERALISATION_GROUPS = SCREEN.generalisation_groups(GENERALISATION, STAIN_TRAINING_PLATES)
+# the per-group models train like the screen's model, with the matrix's (smaller) budget on top
+GENERALISATION_SETTINGS = {**STAIN["model"], **GENERALISATION["model"]}
+
+
+def generalisation_outputs():
+    """The matrix and its figure: screen-level, so not made for a plate selection."""
+    if not GENERALISATION_GROUPS or SCREEN.selection:
+        return []
+    return [f"{RESULTS}/generalisation/matrix.parquet", f"{RESULTS}/generalisation/matrix.png"]
+
+
+def generalisation_evaluation_inputs(wildcards):
+    """The group's model, every group's card (their held-out wells are the test sites), and of each
+    training plate its sources, plate map, real-stain labels and Cellpose diameters (ancient, like
+    a screen model's inputs), and the Cellpose weights."""
+    plates = STAIN_TRAINING_PLATES
+    return {
+        "model": f"{RESULTS}/generalisation/{wildcards.group}/model.safetensors",
+        "cards": [f"{RESULTS}/generalisation/{group}/card.json" for group in GENERALISATION_GROUPS],
+        "sources": [kept_model_input(path) for plate in plates for path in plate_stain_sources(plate)],
+        "platemaps": [kept_model_input(SCREEN.plate_row(plate)["platemap"]) for plate in plates],
+        "labels": [kept_model_input(f"{plate_dir(plate)}/labels.zarr") for plate in plates],
+        "diameters": [kept_model_input(f"{plate_dir(plate)}/segment/diameters.json") for plate in plates],
+        "nuclei_weights": SEGMENT_WEIGHTS["nuclei"],
+        "cell_weights": SEGMENT_WEIGHTS["cells"],
+    }
+
+
 def stain_training_inputs(wildcards):
     return {
         "sources": [

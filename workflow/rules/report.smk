@@ -40,6 +40,7 @@ rule report_index:
     input:
         summaries=[f"{plate_dir(p)}/report.json" for p in SCREEN.plate_ids()],
         screen=match_files(SCREEN_DIR)["summary"],
+        generalisation=generalisation_outputs(),
     output:
         f"{RESULTS}/index.html",
     threads: 1

@@ -7,8 +7,9 @@ from pathlib import Path
 import pandas as pd
 
 from brightpaint.atomic import atomic_path
+from brightpaint.generalisation import generalisation_table
 from brightpaint.logs import log_to_rule
-from brightpaint.report import render_index
+from brightpaint.report import png_data_uri, render_index
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out = snakemake.input, snakemake.output  # noqa: F821
@@ -18,7 +19,15 @@ for path in inp.summaries:
     summary = json.loads(Path(path).read_text())
     summary["href"] = str(Path(path).resolve().with_name("report.html").relative_to(index_dir))
     plates.append(summary)
-html = render_index(plates, {"screen matching": pd.read_parquet(inp.screen)})
+tables = {"screen matching": pd.read_parquet(inp.screen)}
+figures = []
+if inp.generalisation:  # the matrix table and its figure
+    matrix_table, matrix_png = inp.generalisation
+    tables["generalisation matrix"] = generalisation_table(pd.read_parquet(matrix_table))
+    figures.append({"src": png_data_uri(matrix_png), "file": "generalisation_matrix",
+                    "caption": "virtual staining trained on one group (rows), tested on another (columns): "
+                               "difference to the in-distribution model"})
+html = render_index(plates, tables, figures)
 with atomic_path(out[0]) as tmp:
     tmp.write_text(html)
 log.info("index of %d plates: %s", len(plates), {p["plate"]: p["verdict"] for p in plates})

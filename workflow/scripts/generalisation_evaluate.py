@@ -1,0 +1,38 @@
+"""One group's model on every group's held-out wells, at the three levels (rule
+generalisation_evaluate)."""
+
+import json
+from pathlib import Path
+
+from brightpaint.atomic import atomic_path
+from brightpaint.generalisation import evaluate_model, held_out_sites
+from brightpaint.inference import resolve_device, torch_threads
+from brightpaint.io import read_platemap
+from brightpaint.logs import log_to_rule
+from brightpaint.segment import Segmenter, SegmentSettings, load_cellpose_model
+from brightpaint.stain import load_card, load_stain_model, open_plate_source
+
+log = log_to_rule(snakemake)  # noqa: F821
+inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
+device = resolve_device(params.device, what="generalisation matrix")
+generator, card = load_stain_model(inp.model)
+sources = [open_plate_source(folder, params.brightfield, platemap=read_platemap(platemap))
+           for folder, platemap in zip(params.plate_dirs, inp.platemaps, strict=True)]
+tests = {group: held_out_sites(load_card(path), sources)
+         for group, path in zip(params.groups, inp.cards, strict=True)}
+settings = SegmentSettings.from_config(params.segment)
+networks = (load_cellpose_model(inp.nuclei_weights, device), load_cellpose_model(inp.cell_weights, device))
+segmenters, labels = {}, {}
+for source, diameters, store in zip(sources, inp.diameters, inp.labels, strict=True):
+    virtual = json.loads(Path(diameters).read_text())["inputs"]["virtual"]
+    segmenters[source.plate] = Segmenter(*networks, settings, virtual["nuclei_diameter"],
+                                         virtual["cell_diameter"])
+    labels[source.plate] = store
+with torch_threads(snakemake.threads):  # noqa: F821
+    table = evaluate_model(generator, card, snakemake.wildcards.group, tests, segmenters, labels,  # noqa: F821
+                           params.nuclei, params.cell, tile=params.tile, overlap=params.overlap,
+                           device=device)
+with atomic_path(out[0]) as tmp:
+    table.to_parquet(tmp, index=False)
+log.info("model of %s on %s:\n%s", snakemake.wildcards.group, {g: len(s) for g, s in tests.items()},  # noqa: F821
+         table.groupby(["test_group", "metric"])["value"].mean().unstack().round(3).to_string())

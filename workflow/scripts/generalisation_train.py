@@ -1,0 +1,31 @@
+"""Train the generalisation matrix's model of one group of wells (rule generalisation_train)."""
+
+from dataclasses import asdict
+
+from brightpaint.atomic import atomic_path
+from brightpaint.generalisation import group_sources
+from brightpaint.groups import Group
+from brightpaint.io import read_platemap
+from brightpaint.logs import log_to_rule
+from brightpaint.stain import StainError, StainSettings, fit_stain_model, open_plate_source, save_stain_model
+
+log = log_to_rule(snakemake)  # noqa: F821
+inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
+group = Group(**params.group)
+plates = [(open_plate_source(folder, params.brightfield, platemap=read_platemap(platemap)), row)
+          for folder, platemap, row in zip(params.plate_dirs, inp.platemaps, params.plates, strict=True)]
+sources = group_sources(group, [(source, str(row["cell_type"])) for source, row in plates])
+if not sources:
+    raise StainError(f"generalisation group {group.name}: no training plate has wells of cell type "
+                     f"{group.cell_type or 'any'} matching {group.query or 'all wells'!r}")
+rows = [{k: str(v) for k, v in row.items()} for source, row in plates if source in sources]
+generator, card, history = fit_stain_model(
+    sources, list(params.targets), StainSettings.from_config(dict(params.settings)),
+    brightfield=params.brightfield, plates=rows, well_query=group.query, device=params.device,
+    threads=snakemake.threads, domain_quantile=params.domain["quantile"],  # noqa: F821
+    domain_floor=params.domain["floor"])
+card = save_stain_model(generator, {**card, "group": asdict(group)}, out.model)
+with atomic_path(out.history) as tmp:
+    history.to_csv(tmp, index=False)
+log.info("group %s: trained on %s sites of plates %s, best epoch %d, %s", group.name, card["n_sites"],
+         [s.plate for s in sources], card["metrics"]["best_epoch"], card["metrics"])
