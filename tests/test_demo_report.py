@@ -83,20 +83,22 @@ def test_every_plate_has_a_report_whose_numbers_are_the_tables(demo, plates):
             assert np.allclose(got.loc[means.index], means, rtol=5e-4)
 
 
-def test_apply_plate_brightfield_is_checked_against_the_training_plates(demo, plates):
-    """P4 (apply only, a cell type the training plates include) gets the domain table, computed from
-    the stored statistics, and lies inside the training plates' distribution."""
-    sheet = pd.read_csv(demo / "demo" / "screen" / "plates.tsv", sep="\t")
-    training = [demo / "plates" / p for p in sheet[sheet["role"].isin(["train", "both"])]["plate"]]
-    for plate in sheet[sheet["role"] == "apply"]["plate"]:
-        page = shown(demo / "plates" / plate / "report.html")
+def test_every_plate_shows_its_domain_check_from_the_stored_site_table(demo, plates):
+    """The domain table of each plate's page is the one the stored stain/sites.csv and the model
+    card give, and the uncertainty table matches the stored scores."""
+    card = json.loads((demo / "models" / "stain" / "all" / "card.json").read_text())
+    for plate in plates:
+        folder = demo / "plates" / plate
+        page = shown(folder / "report.html")
+        sites = pd.read_csv(folder / "stain" / "sites.csv", keep_default_na=False)
         table = frame(page.tables["brightfield_domain"]).set_index("statistic")
-        expected = R.brightfield_domain(
-            R.brightfield_statistics(demo / "plates" / plate),
-            pd.concat([R.brightfield_statistics(d) for d in training], ignore_index=True),
-            R.DEFAULT_RULES["domain_z"]).set_index("statistic")
+        expected = R.domain_table(sites, [card]).set_index("statistic")
         assert np.allclose(table["z"].astype(float), expected["z"], rtol=5e-4, atol=1e-3)
-        assert (table["outside"] == "False").all(), table
+        assert np.allclose(table["sites outside"].astype(float), expected["sites outside"])
+        uncertainty = frame(page.tables["stain_uncertainty"]).set_index("channel")["median"].astype(float)
+        for channel in card["targets"]:
+            stored = pd.to_numeric(sites[f"uncertainty_{channel}"], errors="coerce").median()
+            assert uncertainty[channel] == pytest.approx(stored, rel=5e-4)
 
 
 def test_provenance_lists_the_real_environments_and_files(demo, plates):

@@ -79,7 +79,9 @@ def test_virtual_dna_on_the_apply_plate_matches_the_generators_truth(demo):
     sites = pd.read_csv(truth / "sites.csv")
     store = demo / "plates" / "P4" / "virtual.zarr"
     layout = read_store_layout(store)
-    assert layout.channels == ["VS_DNA", "VS_CYTO", "VS_DAMAGE"]
+    # virtual channels, then their test-time-augmentation uncertainty maps
+    assert layout.channels == ["VS_DNA", "VS_CYTO", "VS_DAMAGE", "SD_DNA", "SD_CYTO", "SD_DAMAGE"]
+    assert layout.roles["SD_DNA"] == "uncertainty"
     pccs = []
     for row in sites.itertuples():
         virtual = read_plane(store, row.well, row.site, layout.channels.index("VS_DNA"), 0)

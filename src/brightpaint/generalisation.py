@@ -5,8 +5,9 @@ in-distribution baseline (the model trained on the test group itself).
 
 Levels, per test site:
 1. pixels: PCC, SSIM, PSNR of each target channel (both images in plate-normalised units);
-2. instances: AP@0.5 and F1@0.7 of Cellpose nuclei on the virtual nuclei channel against the
-   plate's real-stain nuclei (labels.zarr, from the main run's segmentation);
+2. instances: AP@0.5 and F1@0.7 of Cellpose nuclei on the virtual nuclei channel (nuclei model
+   alone, size-filtered, border objects dropped) against the plate's real-stain nuclei
+   (labels.zarr, from the main run's segmentation);
 3. features: N-MAE, over the real nuclei of the site, of their mean intensity in each target
    channel (virtual against real, relative to the real values' robust range). A per-nucleus
    intensity feature set, not CellProfiler's (the main run's level 3 is CellProfiler's).
@@ -24,7 +25,7 @@ import pandas as pd
 
 from .groups import Group
 from .labels import label_name, read_labels
-from .metrics import image_metrics, nmae
+from .metrics import image_metrics, robust_range
 from .segment import Segmenter, instance_metrics
 from .stain import (
     PlateSource,
@@ -49,11 +50,14 @@ def group_sources(group: Group, sources: Sequence[tuple[PlateSource, str]]) -> l
             if (not group.cell_type or cell_type == group.cell_type) and select_wells(source, group.query)]
 
 
-def held_out_sites(card: Mapping, sources: Sequence[PlateSource]) -> list[tuple[PlateSource, str, int]]:
-    """A group's test sites: the usable sites of its model's validation wells."""
+def held_out_sites(card: Mapping, sources: Sequence[PlateSource], limit: int = 0
+                   ) -> list[tuple[PlateSource, str, int]]:
+    """A group's test sites: the usable sites of its model's validation wells; at most `limit`
+    of them (0: all), drawn with a fixed seed so that every model gets the same ones."""
     by_plate = {s.plate: s for s in sources}
-    return [(by_plate[plate], well, site) for plate, split in card["wells"].items() if plate in by_plate
-            for well, site in by_plate[plate].usable_sites(split["validation"])]
+    sites = [(by_plate[plate], well, site) for plate, split in card["wells"].items() if plate in by_plate
+             for well, site in by_plate[plate].usable_sites(split["validation"])]
+    return _sample(np.random.default_rng(0), sites, limit) if limit else sites
 
 
 def nuclei_features(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -69,7 +73,7 @@ def nuclei_features(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def evaluate_site(generator, card: Mapping, source: PlateSource, well: str, site: int,
                   scales: Mapping[str, tuple[float, float]], segmenter: Segmenter, labels_store,
-                  nuclei: str, cell: str, **tiling) -> list[dict]:
+                  nuclei: str, **tiling) -> list[dict]:
     """Every level's metrics of one model on one site: rows of (level, metric, channel, value)."""
     virtual = predict_normalised(generator, card, brightfield_input(source, well, site,
                                                                     card["inputs"]["half_width"]), **tiling)
@@ -83,10 +87,9 @@ def evaluate_site(generator, card: Mapping, source: PlateSource, well: str, site
         rows += [{"level": LEVELS[m], "metric": m, "channel": channel, "value": scores[m]}
                  for m in ("pcc", "ssim", "psnr")]
     truth = read_labels(labels_store, well, site, label_name("nuclei", "real"))
-    if nuclei in card["targets"] and cell in card["targets"]:
-        objects = segmenter.segment([(virtual[card["targets"].index(nuclei)],
-                                      virtual[card["targets"].index(cell)])])[0]
-        instances = instance_metrics(truth, objects.nuclei)
+    if nuclei in card["targets"]:
+        found = segmenter.segment_nuclei([virtual[card["targets"].index(nuclei)]])[0]
+        instances = instance_metrics(truth, found)
         rows += [{"level": "instances", "metric": m, "channel": nuclei, "value": instances[m]}
                  for m in ("ap50", "f1_70")]
     if truth.max() >= 3:
@@ -95,14 +98,15 @@ def evaluate_site(generator, card: Mapping, source: PlateSource, well: str, site
                 real_features = nuclei_features(real[channel], truth)
                 keep = np.isfinite(real_features)
                 virtual_features = nuclei_features(virtual[index], truth)[keep]
+                error = np.mean(np.abs(virtual_features - real_features[keep]))
                 rows.append({"level": "features", "metric": "feature_nmae", "channel": channel,
-                             "value": nmae(real_features[keep], virtual_features)})
+                             "value": float(error / robust_range(real_features[keep]))})
     return rows
 
 
 def evaluate_model(generator, card: Mapping, group: str, tests: Mapping[str, Sequence[tuple]],
                    segmenters: Mapping[str, Segmenter], labels_stores: Mapping[str, str], nuclei: str,
-                   cell: str, **tiling) -> pd.DataFrame:
+                   **tiling) -> pd.DataFrame:
     """Metrics of the model of `group` on every group's test sites ({test group: [(source, well,
     site)]}), leaving out sites of the model's own training wells; `segmenters` and
     `labels_stores` by plate (Cellpose with the plate's diameters for its virtual stains, and the
@@ -121,7 +125,7 @@ def evaluate_model(generator, card: Mapping, group: str, tests: Mapping[str, Seq
                 scales[source.plate] = plate_scales(source, _sample(np.random.default_rng(0), usable, 64),
                                                     channels, "plate")
             for row in evaluate_site(generator, card, source, well, site, scales[source.plate],
-                                     segmenters[source.plate], labels_stores[source.plate], nuclei, cell,
+                                     segmenters[source.plate], labels_stores[source.plate], nuclei,
                                      **tiling):
                 rows.append({"train_group": group, "test_group": test_group, "plate": source.plate,
                              "well": well, "site": int(site), **row})

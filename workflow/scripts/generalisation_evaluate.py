@@ -10,7 +10,7 @@ from brightpaint.inference import resolve_device, torch_threads
 from brightpaint.io import read_platemap
 from brightpaint.logs import log_to_rule
 from brightpaint.segment import Segmenter, SegmentSettings, load_cellpose_model
-from brightpaint.stain import load_card, load_stain_model, open_plate_source
+from brightpaint.stain import load_stain_model, open_plate_source
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
@@ -18,7 +18,7 @@ device = resolve_device(params.device, what="generalisation matrix")
 generator, card = load_stain_model(inp.model)
 sources = [open_plate_source(folder, params.brightfield, platemap=read_platemap(platemap))
            for folder, platemap in zip(params.plate_dirs, inp.platemaps, strict=True)]
-tests = {group: held_out_sites(load_card(path), sources)
+tests = {group: held_out_sites(json.loads(Path(path).read_text()), sources, params.test_sites)
          for group, path in zip(params.groups, inp.cards, strict=True)}
 settings = SegmentSettings.from_config(params.segment)
 networks = (load_cellpose_model(inp.nuclei_weights, device), load_cellpose_model(inp.cell_weights, device))
@@ -30,8 +30,7 @@ for source, diameters, store in zip(sources, inp.diameters, inp.labels, strict=T
     labels[source.plate] = store
 with torch_threads(snakemake.threads):  # noqa: F821
     table = evaluate_model(generator, card, snakemake.wildcards.group, tests, segmenters, labels,  # noqa: F821
-                           params.nuclei, params.cell, tile=params.tile, overlap=params.overlap,
-                           device=device)
+                           params.nuclei, tile=params.tile, overlap=params.overlap, device=device)
 with atomic_path(out[0]) as tmp:
     table.to_parquet(tmp, index=False)
 log.info("model of %s on %s:\n%s", snakemake.wildcards.group, {g: len(s) for g, s in tests.items()},  # noqa: F821
