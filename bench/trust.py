@@ -6,7 +6,8 @@ and how well the uncertainty ranks held-out sites by error (Spearman, 1 - PCC).
     python bench/trust.py --run results/.. --out bench/results/trust.json [--threads 2]
 
 `--run` is the working directory of a demo run (the folder holding results/). Every usable site of
-the plates with real stains is predicted once per augmentation count, in memory (no store I/O).
+the held-out wells (with --all-sites, of every well) of the plates with real stains is predicted
+once per augmentation count, in memory (no store I/O).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--all-sites", action="store_true", help="training wells' sites too")
     args = parser.parse_args()
     results = args.run / "results"
     generator, card = load_stain_model(results / "models" / "stain" / "all" / "model.safetensors")
@@ -63,6 +65,8 @@ def main() -> None:
             scales = plate_scales(source, _sample(np.random.default_rng(0), sites, 64), card["targets"],
                                   "plate")
             for well, site in sites:
+                if site_split(card, plate, well) == "train" and not args.all_sites:
+                    continue
                 planes = brightfield_planes(source, well, site, card["inputs"]["half_width"])
                 start = time.perf_counter()
                 statistics = pd.DataFrame([brightfield_statistics(planes[len(planes) // 2])])

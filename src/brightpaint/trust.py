@@ -61,7 +61,8 @@ def describe_domain(train: pd.DataFrame, validation: pd.DataFrame, *, quantile: 
                     floor: float = 3.0) -> dict:
     """The training brightfield's domain, for a model card: per statistic the training sites'
     median and robust spread (1.4826 x MAD), and the score threshold: the `quantile` of the
-    validation (held-out wells) sites' scores, at least `floor` robust spreads."""
+    validation (held-out wells) sites' scores (an observed score: the smallest at or above the
+    quantile), at least `floor` robust spreads."""
     if train.empty or validation.empty:
         raise ValueError("describe_domain: needs training and validation sites")
     statistics = {}
@@ -76,7 +77,9 @@ def describe_domain(train: pd.DataFrame, validation: pd.DataFrame, *, quantile: 
               "n_train": int(len(train)), "n_validation": int(len(validation))}
     held_out = _scores(validation, domain)
     domain["validation_score_max"] = float(held_out.max())
-    domain["threshold"] = max(float(floor), float(np.quantile(held_out, quantile)))
+    # "higher": an observed score, never one interpolated below it (with the few dozen held-out
+    # sites of a small screen, the 0.99 quantile is their largest score)
+    domain["threshold"] = max(float(floor), float(np.quantile(held_out, quantile, method="higher")))
     return domain
 
 
