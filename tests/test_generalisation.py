@@ -82,7 +82,7 @@ def stored(demo):
 def test_demo_matrix_is_computed_from_the_stored_metrics(stored):
     folder, groups, metrics, _ = stored
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["generalisation"]
-    assert groups == sorted(f"{t}__{p}" for t in ("flat", "dense") for p in config["phenotypes"])
+    assert groups == sorted(f"{t}__{p}" for t in ("flat", "dense") for p in config["demo_phenotypes"])
     matrix = pd.read_parquet(folder / "matrix.parquet")
     pd.testing.assert_frame_equal(matrix, generalisation_matrix(metrics))
     # every metric of every level, for every training x test group pair
@@ -112,7 +112,8 @@ def test_every_model_is_scored_on_the_same_held_out_sites_and_never_on_its_train
 
 @pytest.mark.slow
 def test_demo_toxic_group_query_selects_exactly_the_generators_toxic_wells(demo):
-    phenotypes = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["generalisation"]["phenotypes"]
+    settings = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["generalisation"]
+    phenotypes = settings["demo_phenotypes"]
     for plate in ("P1", "P2", "P3"):
         truth = pd.read_csv(demo / "demo" / "screen" / "truth" / plate / "platemap_truth.csv")
         platemap = pd.read_csv(demo / "demo" / "screen" / plate / "platemap.csv")

@@ -62,10 +62,13 @@ def tiny_demo_config(workdir: Path) -> Path:
     return path
 
 
-def matrix_groups(config: dict, cell_types: set[str]) -> int:
-    """Groups of the generalisation matrix: cell types of the training plates x phenotype groups."""
+def matrix_groups(config: dict, cell_types: set[str], demo: bool) -> int:
+    """Groups of the generalisation matrix: cell types of the training plates x phenotype groups
+    (the demo's own when none are configured); none when that makes fewer than two."""
     settings = config["generalisation"]
-    return (len(cell_types) if settings["cell_types"] else 1) * max(1, len(settings["phenotypes"]))
+    phenotypes = settings["phenotypes"] or (settings["demo_phenotypes"] if demo else {})
+    groups = (len(cell_types) if settings["cell_types"] else 1) * max(1, len(phenotypes))
+    return groups if groups >= 2 else 0
 
 
 def test_dry_run_of_the_default_config_lists_every_job(tmp_path):
@@ -76,7 +79,7 @@ def test_dry_run_of_the_default_config_lists_every_job(tmp_path):
     plates, n_shards = default["simulate"]["plates"], default["shards"]
     n, n_stained = len(plates), sum(p["role"] in ("train", "both") for p in plates)
     channels = n + n_stained * len(default["channels"]["fluorescence"])
-    groups = matrix_groups(default, {p["cell_type"] for p in plates if p["role"] in ("train", "both")})
+    groups = matrix_groups(default, {p["cell_type"] for p in plates if p["role"] in ("train", "both")}, True)
     assert counts == {"generalisation_train": groups, "generalisation_evaluate": groups,
                       "generalisation_matrix": 1, "simulate_demo": 1, "validate_plate": n,
                       "ingest_shard": n * n_shards,
@@ -428,7 +431,6 @@ def test_plan_grows_with_plates_times_shards(tmp_path, n_plates, shards):
     expected = ({rule: n_plates * shards for rule in per_shard} | {rule: n_plates for rule in per_plate}
                 | {"illumination": n_plates + 3 * train, "stain_evaluate": train, "stain_train": 1,
                    "profiles_screen": 1, "match_screen": 1, "report_index": 1, "all": 1})
-    groups = matrix_groups(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), {"flat"})
-    expected |= {"generalisation_train": groups, "generalisation_evaluate": groups,
-                 "generalisation_matrix": 1}
+    # every plate is flat and a user's screen gets no phenotype groups by default: no matrix
+    assert matrix_groups(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), {"flat"}, False) == 0
     assert job_counts(output) == expected

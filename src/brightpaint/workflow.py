@@ -135,7 +135,10 @@ class Screen:
             return {}
         types = (sorted({str(self.plate_row(p)["cell_type"]) for p in training_plates})
                  if settings.get("cell_types") else [])
+        # the demo's plate maps have the columns its phenotype queries use; a user's may not
         phenotypes = settings.get("phenotypes") or {}
+        if not phenotypes and self.is_demo:
+            phenotypes = settings.get("demo_phenotypes") or {}
         if len(types) < 2 and not phenotypes:
             return {}
         try:
