@@ -153,7 +153,7 @@ def generalisation_outputs():
 def generalisation_evaluation_inputs(wildcards):
     """The group's model, every group's card (their held-out wells are the test sites), and of each
     training plate its sources, plate map, real-stain labels and Cellpose diameters (ancient, like
-    a screen model's inputs), and the Cellpose weights."""
+    a screen model's inputs), and the Cellpose nuclei weights."""
     plates = STAIN_TRAINING_PLATES
     return {
         "model": f"{RESULTS}/generalisation/{wildcards.group}/model.safetensors",
@@ -163,7 +163,6 @@ def generalisation_evaluation_inputs(wildcards):
         "labels": [kept_model_input(f"{plate_dir(plate)}/labels.zarr") for plate in plates],
         "diameters": [kept_model_input(f"{plate_dir(plate)}/segment/diameters.json") for plate in plates],
         "nuclei_weights": SEGMENT_WEIGHTS["nuclei"],
-        "cell_weights": SEGMENT_WEIGHTS["cells"],
     }
 
 

@@ -21,12 +21,11 @@ sources = [open_plate_source(folder, params.brightfield, platemap=read_platemap(
 tests = {group: held_out_sites(json.loads(Path(path).read_text()), sources, params.test_sites)
          for group, path in zip(params.groups, inp.cards, strict=True)}
 settings = SegmentSettings.from_config(params.segment)
-networks = (load_cellpose_model(inp.nuclei_weights, device), load_cellpose_model(inp.cell_weights, device))
+nuclei_network = load_cellpose_model(inp.nuclei_weights, device)  # level 2 segments nuclei only
 segmenters, labels = {}, {}
 for source, diameters, store in zip(sources, inp.diameters, inp.labels, strict=True):
     virtual = json.loads(Path(diameters).read_text())["inputs"]["virtual"]
-    segmenters[source.plate] = Segmenter(*networks, settings, virtual["nuclei_diameter"],
-                                         virtual["cell_diameter"])
+    segmenters[source.plate] = Segmenter(nuclei_network, None, settings, virtual["nuclei_diameter"])
     labels[source.plate] = store
 with torch_threads(snakemake.threads):  # noqa: F821
     table = evaluate_model(generator, card, snakemake.wildcards.group, tests, segmenters, labels,  # noqa: F821
