@@ -285,9 +285,14 @@ def test_masks_match_clean_images(small):
             clean = {ch: _read(truth / "clean" / f"{stem}_{ch}.tif") for ch in sim.FLUORESCENCE}
             if n == 0:
                 continue
-            assert clean["DNA"][nuclei > 0].sum() > 0.95 * clean["DNA"].sum()
-            assert clean["DAMAGE"][nuclei > 0].sum() > 0.95 * clean["DAMAGE"].sum()
-            assert clean["CYTO"][bodies > 0].sum() > 0.95 * clean["CYTO"].sum()
+            # the stains lie in their objects, up to the PSF's blur (3 sigma around the masks)
+            reach = int(np.ceil(3 * sim.FLUORESCENCE_PSF))
+            in_nuclei = ndimage.binary_dilation(nuclei > 0, iterations=reach)
+            in_cells = ndimage.binary_dilation(bodies > 0, iterations=reach)
+            assert clean["DNA"][in_nuclei].sum() > 0.99 * clean["DNA"].sum()
+            assert clean["DAMAGE"][in_nuclei].sum() > 0.99 * clean["DAMAGE"].sum()
+            assert clean["CYTO"][in_cells].sum() > 0.99 * clean["CYTO"].sum()
+            assert clean["DNA"][nuclei > 0].sum() > 0.8 * clean["DNA"].sum()
             assert np.median(clean["DNA"][nuclei > 0]) > 0.3
             assert np.median(clean["CYTO"][bodies > 0]) > 0.1
             for k in range(1, n + 1):
@@ -303,7 +308,9 @@ def test_noisy_fluorescence_shows_the_nuclei(small):
     s = sites.loc[sites["n_cells"].idxmax()]
     nuclei = _read(truth / "masks" / f"{s['well']}_s{s['site']}_nuclei.tif")
     dna = _read(small / "T1" / "images" / f"{s['well']}_s{s['site']}_DNA_z00.tif").astype(float)
-    assert dna[nuclei > 0].mean() > dna[nuclei == 0].mean() + 10 * dna[nuclei == 0].std()
+    # dim stains over an autofluorescence background: the nuclei still stand out by several
+    # background SDs (the SD holds shot noise, the PSF's spill and the flat field)
+    assert dna[nuclei > 0].mean() > dna[nuclei == 0].mean() + 5 * dna[nuclei == 0].std()
 
 
 # --- brightfield focus -----------------------------------------------------------------------
@@ -422,8 +429,8 @@ def test_saved_flat_fields_are_the_ones_applied(small):
 
 
 def test_noise_model_matches_truth(small):
-    """noisy = Poisson(gain * clean * flat * batch) + N(0, read^2) + dark, from a re-rendered site,
-    which must also equal the files written."""
+    """noisy = Poisson(gain * (clean + background) * flat * batch) + N(0, read^2) + dark, from a
+    re-rendered site, which must also equal the files written."""
     plate, well = "T3", sim.plate_wells(SMALL.wells)[0]
     s = sim.simulate_site(SMALL, plate, well, 1)
     optics = sim.plate_optics(SMALL, plate)
@@ -435,7 +442,7 @@ def test_noise_model_matches_truth(small):
     for channel, z, clean in [("BF", 0, s.brightfield_clean[0]), ("BF", 4, s.brightfield_clean[4]),
                               ("DNA", 0, s.clean["DNA"]), ("CYTO", 0, s.clean["CYTO"])]:
         o = optics[channel]
-        expected = o.gain * o.batch_factor * clean.astype(np.float64) * o.flat
+        expected = o.gain * o.batch_factor * (clean.astype(np.float64) + o.background) * o.flat
         residual = s.images[(channel, z)].astype(np.float64) - o.dark - expected
         assert abs(residual.mean()) < 0.01 * expected.mean() + 0.1
         # variance: shot noise (= expected photons) + read noise + rounding

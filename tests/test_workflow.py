@@ -430,6 +430,8 @@ def test_plan_grows_with_plates_times_shards(tmp_path, n_plates, shards):
                  "report_plate"]
     expected = ({rule: n_plates * shards for rule in per_shard} | {rule: n_plates for rule in per_plate}
                 | {"illumination": n_plates + 3 * train, "stain_evaluate": train, "stain_train": 1,
+                   # Noise2Void (on by default): a model per train plate and stain, a job per shard
+                   "denoise_train_plate": 3 * train, "denoise_shard": train * shards, "denoise_plate": train,
                    "profiles_screen": 1, "match_screen": 1, "report_index": 1, "all": 1})
     # every plate is flat and a user's screen gets no phenotype groups by default: no matrix
     assert matrix_groups(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), {"flat"}, False) == 0

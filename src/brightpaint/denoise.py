@@ -19,11 +19,12 @@ Models are saved with `save_n2v` as a plain `torch.save` dictionary (tensors, nu
 `torch.load(path, weights_only=True)` reads: no pickled code is executed on load.
 
 When not to use it: a blind-spot network never sees the pixel it predicts, so where the noise is
-smaller than the pixel-scale structure it is worse than the input. Measured on the demo screen at its
-default exposure (16 sites, 128 px, 300 steps): DNA 47.5 dB noisy -> 34.7 dB, CYTO 33.0 -> 30.6 dB;
-even the best linear predictor from the neighbours, fitted on the clean truth, reaches only 34.4 /
-30.8 dB. At 1/50 of the photons it wins: DNA 20.8 -> 30.5 dB (best Gaussian 28.6), CYTO 8.7 -> 22.6
-dB (best Gaussian 22.0). Denoise channels that are noisy.
+smaller than the pixel-scale structure it is worse than the input. Measured on a bright, unblurred
+earlier version of the demo stains (DNA 47.5 dB noisy -> 34.7 dB). On the demo's stains as they are
+now (a short exposure: tens of photons per clean unit, an autofluorescence background, the
+widefield PSF; 16 sites, 128 px, 300 steps) it wins: DNA 29.5 -> 39.2 dB (best Gaussian, tuned on
+the truth, 36.8), CYTO 20.8 -> 31.5 dB (best Gaussian 31.4: a smooth cell-body stain is what a
+blur suits best). Denoise channels that are noisy.
 
 Determinism: on CPU, the same images, parameters and seed give bit-identical weights. On CUDA the
 convolution kernels are not guaranteed to be deterministic.

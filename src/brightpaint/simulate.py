@@ -5,9 +5,10 @@ Physical model of one site (every number is recorded in the truth files):
 * Cells: seeds are dart-thrown at a density set by cell type and treatment. Nuclei are ellipses
   with a wavy rim; cell bodies grow from them by a distance-limited Voronoi competition in each
   cell's own shape-normalised distance, so cell k always contains nucleus k (same label id).
-* Fluorescence (clean, arbitrary units ~0..1, zero outside objects): DNA = nuclear thickness
-  profile x band-pass chromatin texture, darker nucleoli; CYTO = cell-body dome; DAMAGE = dim
-  nuclear background + Poisson(rate) diffraction-limited foci per nucleus (rate set by the MoA).
+* Fluorescence (clean, arbitrary units ~0..1): DNA = nuclear thickness profile x band-pass
+  chromatin texture, darker nucleoli; CYTO = cell-body dome; DAMAGE = dim nuclear background +
+  Poisson(rate) diffraction-limited foci per nucleus (rate set by the MoA); each seen through the
+  widefield PSF (Gaussian, FLUORESCENCE_PSF px), so zero outside objects but for that blur.
 * Brightfield: cells are thin, nearly transparent phase objects. Following the transport-of-
   intensity approximation, the intensity at defocus dz (in planes) is
       I(dz) = G_s * [1 - A - kappa * dz * Laplacian(phi)],   s^2 = s0^2 + (beta * dz)^2
@@ -15,9 +16,14 @@ Physical model of one site (every number is recorded in the truth files):
   and phi a smooth optical-thickness map (cell dome, denser nucleus, nucleoli). Contrast inverts
   through focus; fine detail exists only near focus, so variance-of-Laplacian peaks there while
   the (larger, blurred) phase contrast peaks off focus, as on real data.
-* Acquisition, per plate and channel: ADU = Poisson(gain * clean * flat * batch) + N(0, read^2)
-  + dark, rounded and clipped to uint16. `flat` is a smooth off-centre vignetting field (mean 1,
-  corner/centre 0.6-0.8); `batch` is a per-batch, per-channel multiplicative factor.
+* Acquisition, per plate and channel: ADU = Poisson(gain * (clean + background) * flat * batch)
+  + N(0, read^2) + dark, rounded and clipped to uint16. `background` is a uniform
+  autofluorescence / unbound-dye level (fluorescence only, not in the clean truth), lit by the same
+  field as the cells; `flat` is a smooth off-centre vignetting field (mean 1, corner/centre
+  0.6-0.8); `batch` is a per-batch, per-channel multiplicative factor; `dark` is the camera's
+  offset (DARK_OFFSET, the same for every plate and channel: one camera). The fluorescence is dim
+  (tens of photons per clean unit, a short HTS exposure), so its shot noise is what Noise2Void is
+  for.
 
 Every random draw comes from a numpy SeedSequence keyed by (seed, plate, well, site) (or by plate,
 batch, channel for plate-level fields), so output is byte-identical for any number of workers.
@@ -343,10 +349,14 @@ def well_phenotype(perturbation: str, dose: float, dose_level: float,
 # Acquisition: illumination, batch, noise
 # ---------------------------------------------------------------------------------------------
 
-# photons per clean unit, read noise (ADU) and mean dark offset (ADU) per channel
-GAIN = {"BF": 3000.0, "DNA": 800.0, "CYTO": 500.0, "DAMAGE": 600.0}
+# photons per clean unit, read noise (ADU), uniform background (clean units: autofluorescence
+# and unbound dye) per channel, and the camera's offset (ADU). Fluorescence at 1/8 of a bright
+# exposure: noisy input (DNA ~30 dB, CYTO ~19 dB PSNR) on which Noise2Void gains 8-11 dB.
+GAIN = {"BF": 3000.0, "DNA": 100.0, "CYTO": 62.5, "DAMAGE": 75.0}
 READ_NOISE = {"BF": 4.0, "DNA": 3.0, "CYTO": 3.0, "DAMAGE": 3.0}
+BACKGROUND = {"BF": 0.0, "DNA": 0.3, "CYTO": 0.3, "DAMAGE": 0.3}
 DARK_OFFSET = 100.0
+FLUORESCENCE_PSF = 1.0  # px, Gaussian sigma of the widefield fluorescence PSF
 
 
 def _key(*parts) -> list[int]:
@@ -392,6 +402,7 @@ class ChannelOptics:
     dark: float  # ADU added to every pixel
     gain: float  # photons per clean unit
     read_noise: float  # ADU, Gaussian
+    background: float  # clean units added everywhere before illumination (autofluorescence)
     batch_factor: float  # multiplicative batch effect
     centre: tuple[float, float]  # optical axis (y, x), fraction of the image
     corner_ratio: float  # mean corner / image centre of the flat field
@@ -414,18 +425,18 @@ def plate_optics(spec: ScreenSpec, plate: str) -> dict[str, ChannelOptics]:
         centre = (0.5 + rng.uniform(-0.12, 0.12), 0.5 + rng.uniform(-0.12, 0.12))
         ratio = rng.uniform(0.6, 0.8)
         tilt = (rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05))
-        dark = float(np.round(DARK_OFFSET + rng.uniform(-20, 20), 1))
         flat = flat_field(spec.size, centre, ratio, tilt)
         flat.setflags(write=False)  # cached and shared: nobody may change the truth in place
-        optics[ch] = ChannelOptics(flat, dark, GAIN[ch], READ_NOISE[ch], batch[ch], centre,
-                                   float(ratio))
+        optics[ch] = ChannelOptics(flat, DARK_OFFSET, GAIN[ch], READ_NOISE[ch], BACKGROUND[ch],
+                                   batch[ch], centre, float(ratio))
     return optics
 
 
 def add_noise(rng: np.random.Generator, clean: np.ndarray, optics: ChannelOptics) -> np.ndarray:
-    """Camera image: Poisson photons of gain * clean * flat * batch, Gaussian read noise, dark
-    offset; rounded and clipped to uint16."""
-    expected = np.clip(clean, 0, None) * (optics.gain * optics.batch_factor) * optics.flat
+    """Camera image: Poisson photons of gain * (clean + background) * flat * batch, Gaussian read
+    noise, dark offset; rounded and clipped to uint16."""
+    signal = np.clip(clean, 0, None) + np.float32(optics.background)
+    expected = signal * np.float32(optics.gain * optics.batch_factor) * optics.flat
     counts = rng.poisson(expected).astype(np.float32)
     counts += rng.standard_normal(clean.shape, dtype=np.float32) * np.float32(optics.read_noise)
     counts += np.float32(optics.dark)
@@ -851,6 +862,8 @@ def simulate_site(spec: ScreenSpec, plate: str, well: str, site: int,
     dna = render_nuclei(cells, labels, dna_texture, nucleoli)
     cyto = render_cell_bodies(cells, labels, cyto_texture)
     damage, foci_counts = render_foci(rng, cells, labels, phenotype.foci_rate)
+    dna, cyto, damage = (ndimage.gaussian_filter(image, FLUORESCENCE_PSF)
+                         for image in (dna, cyto, damage))
     phase = optical_thickness(cells, labels, nucleoli)
     absorption = absorption_map(rng, labels, phase, dna_texture, nucleoli)
     focal_plane = int(rng.integers(1, spec.z_planes - 1))  # >= 1 plane on each side of focus
@@ -953,13 +966,15 @@ TRUTH_FILES = {
                                   "nucleus, pheno_pyknotic_fraction), batch, cell_type and the "
                                   "per-channel batch factors (batch_factor_*)",
     "{plate}/illumination.json": "per channel: dark offset (ADU), gain (photons per clean "
-                                 "unit), read noise (ADU), batch factor, flat-field centre and "
-                                 "corner/centre ratio; ADU = Poisson(gain*clean*flat*batch) + "
+                                 "unit), read noise (ADU), background (clean units), batch "
+                                 "factor, flat-field centre and corner/centre ratio; ADU = "
+                                 "Poisson(gain*(clean+background)*flat*batch) + "
                                  "N(0, read_noise^2) + dark, rounded, clipped to uint16",
     "{plate}/flatfield_{channel}.npy": "float32, mean 1: the exact multiplicative illumination "
                                        "field applied to that channel (all channels, all plates)",
-    "{plate}/clean/{well}_s{site}_{channel}.tif": "float32 clean image before illumination, "
-                                                  "batch and noise (DNA, CYTO, DAMAGE; BF = "
+    "{plate}/clean/{well}_s{site}_{channel}.tif": "float32 clean image before background, "
+                                                  "illumination, batch and noise (DNA, CYTO, "
+                                                  "DAMAGE, through the PSF; BF = "
                                                   "exactly in focus, background 1); zlib TIFF",
     "{plate}/masks/{well}_s{site}_nuclei.tif": "uint16 nucleus instance labels (0 background)",
     "{plate}/masks/{well}_s{site}_cells.tif": "uint16 cell instance labels; cell k contains "
@@ -1037,7 +1052,8 @@ def simulate_screen(outdir: str | os.PathLike, spec: ScreenSpec | None = None,
         for ch, o in optics.items():
             np.save(truth_dir / f"flatfield_{ch}.npy", o.flat)
             illumination[ch] = {"dark_offset": o.dark, "gain": o.gain,
-                                "read_noise": o.read_noise, "batch_factor": o.batch_factor,
+                                "read_noise": o.read_noise, "background": o.background,
+                                "batch_factor": o.batch_factor,
                                 "flatfield": f"flatfield_{ch}.npy",
                                 "optical_centre_yx": [round(c, 4) for c in o.centre],
                                 "corner_centre_ratio": round(o.corner_ratio, 4)}
@@ -1051,6 +1067,7 @@ def simulate_screen(outdir: str | os.PathLike, spec: ScreenSpec | None = None,
         "channels": {"brightfield": BRIGHTFIELD, "fluorescence": list(FLUORESCENCE)},
         "wells": wells,
         "dose_unit": "uM",
+        "fluorescence": {"psf_sigma_px": FLUORESCENCE_PSF},
         "brightfield": {"psf_sigma_px": PSF_SIGMA, "defocus_blur_px_per_plane": DEFOCUS_BLUR,
                         "phase_contrast_kappa": PHASE_CONTRAST, "focus_jitter": FOCUS_JITTER},
         "cell_types": {k: asdict(v) for k, v in CELL_TYPES.items()},

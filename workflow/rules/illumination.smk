@@ -19,6 +19,7 @@ rule illumination:
         method=config["illumination"]["method"],
         max_sites=config["illumination"]["max_sites"],
         dark=config["illumination"]["dark"],
+        fluorescence_average=config["illumination"]["fluorescence_average"],
     threads: config["threads"]["illumination"]
     conda:
         MAIN_ENV
