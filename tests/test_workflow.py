@@ -88,7 +88,10 @@ def test_dry_run_of_the_default_config_lists_every_job(tmp_path):
                       "stain_evaluate": n_stained, "segment_calibrate": n, "segment_shard": n * n_shards,
                       "segment_plate": n, "segment_evaluate": n, "features_shard": n * n_shards,
                       "features_plate": n, "profiles_plate": n, "profiles_screen": 1, "match_plate": n,
-                      "match_screen": 1, "report_plate": n, "report_index": 1, "all": 1}
+                      "match_screen": 1, "report_plate": n, "report_index": 1, "all": 1,
+                      # Noise2Void, on by default: a model per stained plate and stain
+                      "denoise_train_plate": n_stained * len(default["channels"]["fluorescence"]),
+                      "denoise_shard": n_stained * n_shards, "denoise_plate": n_stained}
 
 
 def test_denoise_scope_screen_trains_one_model_per_channel(tmp_path):
