@@ -410,8 +410,8 @@ def test_demo_run_denoised_stains_beat_their_noisy_input(demo_run):
                 raw = read_plane(plate_dir / "images.zarr", well, site, layout.channels.index(channel), 0)
                 denoised = read_plane(plate_dir / "denoised.zarr", well, site,
                                       denoised_layout.channels.index(channel), 0)
-                scores["noisy"].append((psnr(correct_illumination(raw, function) / scale, reference),
-                                        pcc(correct_illumination(raw, function), reference)))
+                corrected = correct_illumination(raw, function)
+                scores["noisy"].append((psnr(corrected / scale, reference), pcc(corrected, reference)))
                 scores["n2v"].append((psnr(denoised.astype(np.float32) / scale, reference),
                                       pcc(denoised, reference)))
             (noisy_db, noisy_r), (n2v_db, n2v_r) = (np.mean(scores[k], axis=0) for k in ("noisy", "n2v"))
