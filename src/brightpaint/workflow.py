@@ -1,8 +1,8 @@
 """What the Snakefile needs to know about a screen when it is parsed: plates, their files, roles.
 
-The demo screen does not exist before its rule runs, so its plates come from the generator's spec
-(the same `screen_layout` the generator writes with); a user's screen is read from its sheet and
-validated at once, so a duplicated plate id or a missing manifest stops the run before any job.
+The screen is read from its sheet and validated at once, so a duplicated plate id or a missing
+manifest stops the run before any job. Every screen is read the same way, the demo's included (its
+generator writes it first: `brightpaint simulate --config config/demo.yaml`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .groups import screen_groups
-from .io import SHEET_COLUMNS, read_screen_sheet
+from .io import read_screen_sheet
 
 
 class ConfigError(ValueError):
@@ -25,7 +25,6 @@ class ConfigError(ValueError):
 class Screen:
     sheet: str
     table: pd.DataFrame
-    is_demo: bool
     brightfield: str = "BF"
     fluorescence: list[str] = field(default_factory=list)
     selection: list[str] = field(default_factory=list)
@@ -44,16 +43,10 @@ class Screen:
             raise ConfigError(f"channels.brightfield {channels['brightfield']!r} is also listed "
                               "in channels.fluorescence")
         sheet = config["screen"]
-        simulate = config.get("simulate") or {}
-        demo_sheet = os.path.join(simulate.get("outdir", ""), "plates.tsv")
-        is_demo = bool(simulate) and os.path.normpath(sheet) == os.path.normpath(demo_sheet)
-        if is_demo:
-            table = demo_table(simulate)
-        else:
-            if not Path(sheet).is_file():
-                raise ConfigError(f"screen sheet {sheet!r} (config `screen`) not found")
-            table = read_screen_sheet(sheet)
-        screen = cls(sheet=sheet, table=table, is_demo=is_demo,
+        if not Path(sheet).is_file():
+            raise ConfigError(f"screen sheet {sheet!r} (config `screen`) not found in {Path.cwd()}")
+        table = read_screen_sheet(sheet)
+        screen = cls(sheet=sheet, table=table,
                      brightfield=channels["brightfield"], fluorescence=list(channels["fluorescence"]),
                      selection=list(config.get("plates") or []),
                      denoise_selection=list((config.get("denoise") or {}).get("channels") or []),
@@ -135,10 +128,7 @@ class Screen:
             return {}
         types = (sorted({str(self.plate_row(p)["cell_type"]) for p in training_plates})
                  if settings.get("cell_types") else [])
-        # the demo's plate maps have the columns its phenotype queries use; a user's may not
         phenotypes = settings.get("phenotypes") or {}
-        if not phenotypes and self.is_demo:
-            phenotypes = settings.get("demo_phenotypes") or {}
         if len(types) < 2 and not phenotypes:
             return {}
         try:
@@ -160,27 +150,6 @@ class Screen:
                                  if cell_types else "")
                               + "; add one, or give a model file in stain.weights")
         return plates
-
-    def demo_tables(self) -> list[str]:
-        return [p for column in ("manifest", "platemap") for p in self.table[column]]
-
-
-def demo_table(simulate: dict) -> pd.DataFrame:
-    """The sheet the generator will write for this spec, with paths as the workflow sees them."""
-    from .simulate import screen_layout, spec_from_config
-
-    spec = spec_from_config(demo_spec_config(simulate))
-    layout = screen_layout(spec)
-    outdir = simulate["outdir"]
-    rows = [{"plate": p.plate, "manifest": os.path.join(outdir, layout[p.plate]["manifest"]),
-             "platemap": os.path.join(outdir, layout[p.plate]["platemap"]), "batch": p.batch,
-             "cell_type": p.cell_type, "role": p.role} for p in spec.plates]
-    return pd.DataFrame(rows, columns=SHEET_COLUMNS)
-
-
-def demo_spec_config(simulate: dict) -> dict:
-    """The generator's spec keys of config `simulate` (all but where to write)."""
-    return {key: value for key, value in simulate.items() if key != "outdir"}
 
 
 def segment_weights_path(weights: str, results: str, basedir: str | Path) -> str:
