@@ -13,7 +13,18 @@ import pytest
 import tifffile
 from conftest import REPO, shared_data
 
-from brightpaint import features as F
+from brightpaint.features.extract import extract_features
+from brightpaint.features.pipelines import (
+    PIPELINE,
+    SITE_PIPELINE,
+    TILED_PIPELINE,
+    pipeline_names,
+    write_pipeline,
+)
+from brightpaint.features.runner import CELLPROFILER, run_cellprofiler, write_loaddata, write_site_inputs
+from brightpaint.features.schema import CHANNELS, OBJECT_KEY, OBJECTS, SITE_KEYS, FeatureError
+from brightpaint.features.tables import concat_tables, write_concatenated
+from brightpaint.features.tiles import tile_sites, untile_cells
 
 CP_PYTHON = REPO / ".venv-cellprofiler" / "bin" / "python"
 CPG0043 = "cytotable-cp-outputs/tests/data/cellprofiler/cpg0043-segmentation/BR00116991-A01-1"
@@ -23,7 +34,7 @@ ADU = 65535.0
 
 
 def needs_cellprofiler():
-    if not CP_PYTHON.exists() or not F.CELLPROFILER.exists():
+    if not CP_PYTHON.exists() or not CELLPROFILER.exists():
         pytest.skip(f"{CP_PYTHON.parent.parent} absent: build it with `make env-cellprofiler`")
 
 
@@ -93,7 +104,7 @@ def extracted(tmp_path_factory):
     needs_cellprofiler()
     work = tmp_path_factory.mktemp("features")
     sites = [*SITES, *BAD, ("P1", "A01", 1, "real")]  # the last one is listed twice
-    cells, images, qc = F.extract_features(sites, read_images, read_labels, F.PIPELINE, work)
+    cells, images, qc = extract_features(sites, read_images, read_labels, PIPELINE, work)
     return cells, images, qc, work
 
 
@@ -105,7 +116,7 @@ def extracted(tmp_path_factory):
 def test_site_inputs_are_clipped_rounded_uint16_and_rows_name_them(tmp_path):
     image = np.array([[-5.0, 1.4], [1.6, 70000.0]])
     labels = np.array([[0, 2], [2, 7]])
-    row = F.write_site_inputs(tmp_path, "P1", "A01", 3, {"DNA": image}, {"Nuclei": labels}, "real")
+    row = write_site_inputs(tmp_path, "P1", "A01", 3, {"DNA": image}, {"Nuclei": labels}, "real")
     assert row["Metadata_Plate"] == "P1" and row["Metadata_Site"] == 3
     assert row["Metadata_Source"] == "real"
     written = tifffile.imread(tmp_path / row["FileName_DNA"])
@@ -113,7 +124,7 @@ def test_site_inputs_are_clipped_rounded_uint16_and_rows_name_them(tmp_path):
     written = tifffile.imread(tmp_path / row["ObjectsFileName_Nuclei"])
     assert written.dtype == np.uint16 and written.tolist() == labels.tolist()
     assert row["PathName_DNA"] == row["ObjectsPathName_Nuclei"] == str(tmp_path.resolve())
-    F.write_loaddata([row, row], tmp_path / "load.csv")
+    write_loaddata([row, row], tmp_path / "load.csv")
     table = pd.read_csv(tmp_path / "load.csv")
     assert len(table) == 2 and "ObjectsFileName_Nuclei" in table.columns
 
@@ -127,7 +138,7 @@ def test_site_inputs_are_clipped_rounded_uint16_and_rows_name_them(tmp_path):
 ])
 def test_unusable_site_inputs_are_errors_naming_the_site(tmp_path, images, labels, message):
     with pytest.raises(ValueError, match=rf"plate P9 well H12 site 4.*{message}"):
-        F.write_site_inputs(tmp_path, "P9", "H12", 4, images, labels)
+        write_site_inputs(tmp_path, "P9", "H12", 4, images, labels)
 
 
 def test_concat_tables_keeps_every_column_and_sorts_by_site():
@@ -136,10 +147,10 @@ def test_concat_tables_keeps_every_column_and_sorts_by_site():
                       "Nuclei_AreaShape_Area": [9.0]})
     b = a.assign(Metadata_Plate="P1", Metadata_ObjectNumber=1).drop(columns="Nuclei_AreaShape_Area")
     empty = a.iloc[:0]
-    table = F.concat_tables([a, empty, b])
+    table = concat_tables([a, empty, b])
     assert list(table.columns) == list(a.columns) and list(table.Metadata_Plate) == ["P1", "P2"]
     assert np.isnan(table.Nuclei_AreaShape_Area[0]) and table.Nuclei_AreaShape_Area[1] == 9.0
-    assert F.concat_tables([empty]).empty and list(F.concat_tables([empty]).columns) == list(a.columns)
+    assert concat_tables([empty]).empty and list(concat_tables([empty]).columns) == list(a.columns)
 
 
 def test_write_concatenated_streams_shards_into_what_concat_tables_makes(tmp_path):
@@ -150,13 +161,13 @@ def test_write_concatenated_streams_shards_into_what_concat_tables_makes(tmp_pat
     def shard(wells, area=True):
         rows = [("P1", w, s, src, o) for w in wells for s in (2, 1) for src in ("virtual", "real")
                 for o in (2, 1)]
-        table = pd.DataFrame(rows, columns=[*F.SITE_KEYS, F.OBJECT_KEY])
+        table = pd.DataFrame(rows, columns=[*SITE_KEYS, OBJECT_KEY])
         table["Cells_Intensity_Mean"] = rng.random(len(table)).astype(np.float32)
         if area:
             table["Nuclei_AreaShape_Area"] = rng.integers(10, 99, len(table))
         return table
 
-    shards = [shard(["A01", "A02"]), shard([]).iloc[:0][F.SITE_KEYS], shard(["B01"], area=False),
+    shards = [shard(["A01", "A02"]), shard([]).iloc[:0][SITE_KEYS], shard(["B01"], area=False),
               shard(["C05", "D07"])]
     # a nullable integer column one shard lacks; a text column that is all None in the first shard
     shards[0]["Nuclei_Neighbors_FirstClosestObjectNumber"] = pd.array(
@@ -169,15 +180,15 @@ def test_write_concatenated_streams_shards_into_what_concat_tables_makes(tmp_pat
         paths.append(tmp_path / f"{i}.parquet")
         table.to_parquet(paths[-1], index=False)
     out = tmp_path / "cells.parquet"
-    assert F.write_concatenated(paths, out, row_group_rows=7) == sum(len(t) for t in shards)
-    expected = F.concat_tables(shards)
+    assert write_concatenated(paths, out, row_group_rows=7) == sum(len(t) for t in shards)
+    expected = concat_tables(shards)
     pd.testing.assert_frame_equal(pd.read_parquet(out), expected, check_exact=True)
     assert pq.ParquetFile(out).metadata.num_row_groups > 3
 
 
-@pytest.mark.parametrize("pipeline", [F.PIPELINE, F.SITE_PIPELINE, F.TILED_PIPELINE])
+@pytest.mark.parametrize("pipeline", [PIPELINE, SITE_PIPELINE, TILED_PIPELINE])
 def test_pipeline_names_are_read_from_the_shipped_pipelines(pipeline):
-    assert F.pipeline_names(pipeline) == (list(F.CHANNELS), list(F.OBJECTS))
+    assert pipeline_names(pipeline) == (list(CHANNELS), list(OBJECTS))
 
 
 def crowded_site(seed: int, size: int = 112) -> tuple[dict, dict]:
@@ -201,31 +212,31 @@ def crowded_site(seed: int, size: int = 112) -> tuple[dict, dict]:
 def test_tiles_keep_every_site_and_untiling_restores_keys_labels_and_positions():
     keys = [("P1", "A01", s, "real") for s in (1, 2, 3)]
     sites = [(k, *crowded_site(i, size=40)) for i, k in enumerate(keys)]
-    images, labels, placed = F.tile_sites(sites, gap=8)
+    images, labels, placed = tile_sites(sites, gap=8)
     assert images["DNA"].shape == labels["Cells"].shape == (88, 88)  # 2 x 2 grid, one cell empty
     assert list(placed["y0"]) == [0, 0, 48] and list(placed["x0"]) == [0, 48, 0]
     for (_, site_images, site_labels), row in zip(sites, placed.itertuples(), strict=True):
         window = np.s_[row.y0:row.y0 + 40, row.x0:row.x0 + 40]
         np.testing.assert_array_equal(images["CYTO"][window], site_images["CYTO"].astype(np.float32))
-        for name in F.OBJECTS:
+        for name in OBJECTS:
             np.testing.assert_array_equal(labels[name][window],
                                           np.where(site_labels[name] > 0, site_labels[name] + row.offset, 0))
         assert row.top == site_labels["Cells"].max()
     assert labels["Nuclei"][:, 40:48].max() == 0 and images["DNA"][:, 40:48].max() == 0  # the gap
     # a tiled run's per-cell table: tile numbers as sites, tile label values, tile positions
     tiled = pd.DataFrame({"Metadata_Plate": "", "Metadata_Well": "tile1", "Metadata_Site": 1,
-                          "Metadata_Source": "tile", F.OBJECT_KEY: [placed.offset[1] + 2, 1],
+                          "Metadata_Source": "tile", OBJECT_KEY: [placed.offset[1] + 2, 1],
                           "Metadata_Cells_AreaShape_Center_X": [50.5, 3.0],
                           "Metadata_Cells_AreaShape_Center_Y": [7.0, 9.0],
                           "Cells_AreaShape_Area": [10.0, 20.0]})
-    back = F.untile_cells(tiled, placed.assign(tile=1))
-    assert back[[*F.SITE_KEYS, F.OBJECT_KEY]].values.tolist() == [["P1", "A01", 1, "real", 1],
-                                                                 ["P1", "A01", 2, "real", 2]]
+    back = untile_cells(tiled, placed.assign(tile=1))
+    assert back[[*SITE_KEYS, OBJECT_KEY]].values.tolist() == [["P1", "A01", 1, "real", 1],
+                                                               ["P1", "A01", 2, "real", 2]]
     assert back["Metadata_Cells_AreaShape_Center_X"].tolist() == [3.0, 2.5]
     assert back["Metadata_Cells_AreaShape_Center_Y"].tolist() == [9.0, 7.0]
     assert back["Cells_AreaShape_Area"].tolist() == [20.0, 10.0]
-    with pytest.raises(F.FeatureError, match="belong to no tiled site"):
-        F.untile_cells(tiled.assign(**{F.OBJECT_KEY: 999}), placed.assign(tile=1))
+    with pytest.raises(FeatureError, match="belong to no tiled site"):
+        untile_cells(tiled.assign(**{OBJECT_KEY: 999}), placed.assign(tile=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,12 +245,12 @@ def test_tiles_keep_every_site_and_untiling_restores_keys_labels_and_positions()
 
 
 @pytest.mark.cellprofiler
-@pytest.mark.parametrize("part, shipped", [("all", F.PIPELINE), ("site", F.SITE_PIPELINE),
-                                           ("tiled", F.TILED_PIPELINE)])
+@pytest.mark.parametrize("part, shipped", [("all", PIPELINE), ("site", SITE_PIPELINE),
+                                           ("tiled", TILED_PIPELINE)])
 def test_building_the_pipeline_reproduces_the_shipped_file(tmp_path, part, shipped):
     needs_cellprofiler()
-    built = F.write_pipeline(tmp_path / "features.cppipe", F.CHANNELS, F.OBJECTS, python=CP_PYTHON,
-                             part=part)
+    built = write_pipeline(tmp_path / "features.cppipe", CHANNELS, OBJECTS, python=CP_PYTHON,
+                           part=part)
     # the header (Version:5, DateRevision:500, GitHash:) carries no date: the bytes must agree
     assert built.read_bytes() == shipped.read_bytes()
 
@@ -257,26 +268,26 @@ def test_tiled_half_and_site_half_give_the_whole_pipelines_features(tmp_path):
     needs_cellprofiler()
     sites = {("P1", "A01", s, "real"): crowded_site(s) for s in range(1, 6)}
     sites[("P1", "A02", 1, "virtual")] = (sites[("P1", "A01", 1, "real")][0],
-                                          {o: np.zeros((112, 112), int) for o in F.OBJECTS})
+                                          {o: np.zeros((112, 112), int) for o in OBJECTS})
     def read_images(*key):
         return sites[key][0]
 
     def read_labels(*key):
         return sites[key][1]
 
-    whole, whole_images, whole_qc = F.extract_features(list(sites), read_images, read_labels,
-                                                       F.PIPELINE, tmp_path / "whole")
-    split, split_images, split_qc = F.extract_features(
-        list(sites), read_images, read_labels, F.SITE_PIPELINE, tmp_path / "split",
-        tiled_pipeline=F.TILED_PIPELINE, tile_pixels=4 * 120 * 120)  # tiles of 4 sites and of 2
+    whole, whole_images, whole_qc = extract_features(list(sites), read_images, read_labels,
+                                                     PIPELINE, tmp_path / "whole")
+    split, split_images, split_qc = extract_features(
+        list(sites), read_images, read_labels, SITE_PIPELINE, tmp_path / "split",
+        tiled_pipeline=TILED_PIPELINE, tile_pixels=4 * 120 * 120)  # tiles of 4 sites and of 2
     assert len(pd.read_csv(tmp_path / "split" / "tiles" / "loaddata.csv")) == 2
     pd.testing.assert_frame_equal(split_qc, whole_qc)
     pd.testing.assert_frame_equal(split_images, whole_images[split_images.columns], check_like=True)
     assert sorted(split.columns) == sorted(whole.columns) and len(whole) == 50
     split = split[whole.columns]
-    keys = [*F.SITE_KEYS, F.OBJECT_KEY]
+    keys = [*SITE_KEYS, OBJECT_KEY]
     pd.testing.assert_frame_equal(split[keys], whole[keys])
-    border = np.array([any(_touches_border(sites[tuple(r[:4])][1][o] == r[4]) for o in F.OBJECTS)
+    border = np.array([any(_touches_border(sites[tuple(r[:4])][1][o] == r[4]) for o in OBJECTS)
                        for r in whole[keys].itertuples(index=False)])
     assert 0 < border.sum() < len(whole)
     differing = set()
@@ -324,12 +335,12 @@ def test_known_areas_and_intensities(extracted):
 @pytest.mark.cellprofiler
 def test_tables_keys_and_bookkeeping(extracted):
     cells, images, _, _ = extracted
-    assert list(cells.columns[:5]) == [*F.SITE_KEYS, F.OBJECT_KEY]
-    assert not cells.duplicated([*F.SITE_KEYS, F.OBJECT_KEY]).any()
+    assert list(cells.columns[:5]) == [*SITE_KEYS, OBJECT_KEY]
+    assert not cells.duplicated([*SITE_KEYS, OBJECT_KEY]).any()
     assert not [c for c in cells.columns if c in ("ImageNumber", "ObjectNumber")
                 or re.search(r"_(Location_|Number_Object_Number)", c)]
     features = [c for c in cells.columns if not c.startswith("Metadata_")]
-    assert all(c.split("_")[0] in F.OBJECTS for c in features)
+    assert all(c.split("_")[0] in OBJECTS for c in features)
     b = cells[cells.Metadata_Plate == "001"]  # kept as text, not turned into 1
     assert sorted(b.Metadata_ObjectNumber) == [1, 2] and set(b.Metadata_Source) == {"virtual"}
     assert set(b.Metadata_Site) == {2}
@@ -368,7 +379,7 @@ def _pattern(name: str, channels: list[str]) -> str:
     return "_".join(tokens)
 
 
-OUR_CHANNELS = list(F.CHANNELS)
+OUR_CHANNELS = list(CHANNELS)
 THEIR_CHANNELS = ["AGP", "BFHigh", "BFLow", "Brightfield", "DNA", "ER", "Mito", "RNA"]
 BOOKKEEPING = {"ImageNumber", "ObjectNumber"}
 # settings of theirs we do not use, left out of the reverse comparison
@@ -383,7 +394,7 @@ def test_feature_names_follow_the_cell_painting_gallery(extracted):
     _, _, _, work = extracted
     real = shared_data(CPG0043)
     report = []
-    for objects in F.OBJECTS:
+    for objects in OBJECTS:
         ours = set(pd.read_csv(work / "cellprofiler" / f"{objects}.csv", nrows=0).columns) - BOOKKEEPING
         theirs = set(pd.read_csv(real / f"{objects}.csv", nrows=0).columns) - BOOKKEEPING
         ours_p = {_pattern(n, OUR_CHANNELS) for n in ours}
@@ -409,8 +420,8 @@ def test_cellprofiler_failure_is_an_error_quoting_its_output(tmp_path):
     bad = tmp_path / "bad.cppipe"
     bad.write_text("CellProfiler Pipeline: http://www.cellprofiler.org\nVersion:5\nNotAModule:[x]\n")
     images, labels = SITES[("P1", "A01", 1, "real")]
-    row = F.write_site_inputs(tmp_path / "in", "P1", "A01", 1, images, labels)
-    csv = F.write_loaddata([row], tmp_path / "in" / "load.csv")
-    with pytest.raises(F.FeatureError, match=r"CellProfiler failed \(exit \d+\)[\s\S]*\S"):
-        F.run_cellprofiler(bad, csv, tmp_path / "out", log=tmp_path / "cp.log")
-    assert (tmp_path / "cp.log").read_text().startswith(str(F.CELLPROFILER))
+    row = write_site_inputs(tmp_path / "in", "P1", "A01", 1, images, labels)
+    csv = write_loaddata([row], tmp_path / "in" / "load.csv")
+    with pytest.raises(FeatureError, match=r"CellProfiler failed \(exit \d+\)[\s\S]*\S"):
+        run_cellprofiler(bad, csv, tmp_path / "out", log=tmp_path / "cp.log")
+    assert (tmp_path / "cp.log").read_text().startswith(str(CELLPROFILER))

@@ -4,7 +4,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from brightpaint.atomic import atomic_path
-from brightpaint.features import write_concatenated
+from brightpaint.features.tables import write_concatenated
 from brightpaint.logs import log_to_rule
 
 log = log_to_rule(snakemake)  # noqa: F821

@@ -2,9 +2,11 @@
 
 Runs ONLY under the CellProfiler environment's Python (`.venv-cellprofiler/bin/python`: numpy 1.26,
 no pandas, no brightpaint), so it imports nothing from brightpaint. The main environment's side
-(inputs, running CellProfiler, reading its tables) is `brightpaint.features`.
+(inputs, running CellProfiler, reading its tables) is the rest of `brightpaint.features`. Run by
+path, this file's folder comes first on sys.path: no module beside it may be named like one
+CellProfiler imports (hence `runner.py`, not `cellprofiler.py`).
 
-    .venv-cellprofiler/bin/python src/brightpaint/cellprofiler_pipeline.py OUT.cppipe \\
+    .venv-cellprofiler/bin/python src/brightpaint/features/cellprofiler_pipeline.py OUT.cppipe \\
         --channels DNA CYTO DAMAGE [--objects Nuclei Cells Cytoplasm]
 
 Pipeline (module numbers in order; object and channel names are CellProfiler's, so the feature
@@ -36,7 +38,7 @@ in the per-object CSVs, like the Cell Painting Gallery's outputs):
 No RelateObjects: our label images already share object numbers (object k of every compartment is
 one cell), and RelateObjects converts the whole measurement store on every call (~0.6-1.2 s per
 site each). CellProfiler numbers objects 1..n by the rank of their label value in the image, so
-`brightpaint.features.read_object_tables` maps ObjectNumber back to the label value.
+`brightpaint.features.tables.read_object_tables` maps ObjectNumber back to the label value.
 
 The saved file's header (`Version:5`, `DateRevision:500`, empty `GitHash:`) is fixed for a given
 CellProfiler version: building twice gives identical bytes.
@@ -248,7 +250,7 @@ def build_pipeline(channels: Sequence[str] = CHANNELS, objects: Sequence[str] = 
                    zernike: bool = False, part: str = "all") -> Pipeline:
     """The feature pipeline for these channel (image) and object names.
 
-    `part` splits it for tiling (see brightpaint.features.extract_features): `tiled` holds the
+    `part` splits it for tiling (see brightpaint.features.extract.extract_features): `tiled` holds the
     modules whose per-object results depend only on each object's own pixels and the absolute
     intensity scale (size/shape, intensity, texture), which may run on several sites laid side by
     side in one image set; `site` holds the rest, which see beyond the object or depend on the
