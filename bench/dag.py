@@ -23,7 +23,7 @@ from pathlib import Path
 
 from report_json import emit
 
-from brightpaint.simulate import describe_screen
+from brightpaint.demo.screen import describe_screen
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from brightpaint.demo.site import simulate_site
+from brightpaint.demo.spec import PlateSpec, ScreenSpec
+from brightpaint.demo.treatments import plate_wells
 from brightpaint.inference import resolve_device, torch_threads
 from brightpaint.segment import Segmenter, SegmentSettings, load_cellpose_model
-from brightpaint.simulate import PlateSpec, ScreenSpec, plate_wells, simulate_site
 
 REPO = Path(__file__).resolve().parents[1]
 

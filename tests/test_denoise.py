@@ -22,6 +22,10 @@ import torch
 from conftest import CHANNELS
 from scipy import ndimage
 
+from brightpaint.demo.camera import plate_optics
+from brightpaint.demo.site import simulate_site
+from brightpaint.demo.spec import PlateSpec, ScreenSpec
+from brightpaint.demo.treatments import plate_wells
 from brightpaint.denoise import (
     build_model,
     choose_training_sites,
@@ -44,7 +48,6 @@ from brightpaint.ingest import (
     stored_sites,
     write_shard_store,
 )
-from brightpaint.simulate import PlateSpec, ScreenSpec, plate_optics, plate_wells, simulate_site
 from brightpaint.validate import validate_plate
 
 SPEC = ScreenSpec(plates=(PlateSpec("P1", "B1", "flat", "train"), PlateSpec("P2", "B2", "dense", "train")),

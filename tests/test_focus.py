@@ -14,9 +14,13 @@ from conftest import CHANNELS, shared_data
 from scipy import ndimage
 
 from brightpaint import focus
-from brightpaint import simulate as sim
+from brightpaint.demo.brightfield import defocus_series
+from brightpaint.demo.camera import add_noise, plate_optics
+from brightpaint.demo.screen import simulate_screen
+from brightpaint.demo.site import Site, simulate_site
+from brightpaint.demo.spec import PlateSpec, ScreenSpec
+from brightpaint.demo.treatments import plate_wells
 from brightpaint.ingest import StoreLayout, assemble_plate_store, plan_layout, shard_wells, write_shard_store
-from brightpaint.simulate import PlateSpec, ScreenSpec
 from brightpaint.validate import validate_plate
 
 # 12 wells x 2 sites per cell type at 192 px: ~2.5 s to render, every treatment of the block (the
@@ -26,14 +30,14 @@ DEMO = ScreenSpec(plates=(PlateSpec("F", "B1", "flat", "train"), PlateSpec("D", 
 REAL = "sephace-bf-zstack-dapi"
 
 
-def stack_of(site: sim.Site) -> np.ndarray:
+def stack_of(site: Site) -> np.ndarray:
     return np.stack([site.images[("BF", z)] for z in range(site.brightfield_clean.shape[0])])
 
 
 @pytest.fixture(scope="module")
-def demo_sites() -> list[sim.Site]:
-    return [sim.simulate_site(DEMO, plate.plate, well, site, fluorescence=False)
-            for plate in DEMO.plates for well in sim.plate_wells(DEMO.wells)[:12] for site in (1, 2)]
+def demo_sites() -> list[Site]:
+    return [simulate_site(DEMO, plate.plate, well, site, fluorescence=False)
+            for plate in DEMO.plates for well in plate_wells(DEMO.wells)[:12] for site in (1, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +45,17 @@ def demo_results(demo_sites) -> list[focus.SiteFocus]:
     return [focus.assess_stack(stack_of(s)) for s in demo_sites]
 
 
-def with_cells(site: sim.Site) -> bool:
+def with_cells(site: Site) -> bool:
     """A site with fewer than 2 cells has no focus to find (an empty field is flagged, rightly)."""
     return len(site.labels.kept) >= 2
 
 
-def defocused_stack(site: sim.Site, defocus: list[float], seed: int = 0) -> np.ndarray:
+def defocused_stack(site: Site, defocus: list[float], seed: int = 0) -> np.ndarray:
     """A noisy stack of the site's scene at the given defocus values (planes), same optics."""
-    optics = sim.plate_optics(DEMO, site.plate)["BF"]
+    optics = plate_optics(DEMO, site.plate)["BF"]
     rng = np.random.default_rng(seed)
-    return np.stack([sim.add_noise(rng, plane, optics)
-                     for plane in sim.defocus_series(site.absorption, site.phase, defocus)])
+    return np.stack([add_noise(rng, plane, optics)
+                     for plane in defocus_series(site.absorption, site.phase, defocus)])
 
 
 def real_triplets() -> dict[str, np.ndarray]:
@@ -322,7 +326,7 @@ def ingest_plate(screen: Path, plate: str, role: str, out: Path) -> StoreLayout:
 def stores(tmp_path_factory) -> tuple[Path, dict[str, tuple[Path, StoreLayout]]]:
     root = tmp_path_factory.mktemp("focus_store")
     screen = root / "screen"
-    sim.simulate_screen(screen, STORE_SPEC)
+    simulate_screen(screen, STORE_SPEC)
     out = {}
     for p in STORE_SPEC.plates:
         store = root / f"{p.plate}.zarr"
@@ -334,7 +338,7 @@ def stores(tmp_path_factory) -> tuple[Path, dict[str, tuple[Path, StoreLayout]]]
 def test_plate_focus_matches_the_truth(stores, plate):
     screen, plates = stores
     store, layout = plates[plate]
-    wells = sim.plate_wells(STORE_SPEC.wells)
+    wells = plate_wells(STORE_SPEC.wells)
     table = focus.plate_focus(store, wells, layout)
     truth = pd.read_csv(screen / "truth" / plate / "sites.csv")
     merged = table.merge(truth, on=["well", "site"], validate="one_to_one")
@@ -353,7 +357,7 @@ def test_plate_focus_matches_the_truth(stores, plate):
 def test_plate_focus_shards_parquet_and_options(stores, tmp_path):
     _, plates = stores
     store, layout = plates["T1"]
-    wells = sim.plate_wells(STORE_SPEC.wells)
+    wells = plate_wells(STORE_SPEC.wells)
     whole = focus.plate_focus(store, wells, layout, method="plls", half_width=2)
     parts = [focus.plate_focus(store, shard_wells(wells, 3, k), layout, method="plls", half_width=2)
              for k in range(3)]
@@ -381,7 +385,7 @@ def test_plate_focus_needs_a_brightfield_role(stores):
 def test_focus_heatmap_png(stores, tmp_path):
     _, plates = stores
     store, layout = plates["T2"]
-    table = focus.plate_focus(store, sim.plate_wells(STORE_SPEC.wells), layout)
+    table = focus.plate_focus(store, plate_wells(STORE_SPEC.wells), layout)
     table.loc[0, ["flag", "reason"]] = ["out_of_focus", "test"]
     table.loc[1, ["plane", "window", "flag"]] = [-1, "", "no_plane"]
     for path, data in [(tmp_path / ".focus.partial-1.png", table), (tmp_path / "empty.png", table.iloc[:0])]:

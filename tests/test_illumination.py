@@ -21,7 +21,10 @@ import zarr
 from conftest import CHANNELS, REPO, TINY_SPEC, shared_data
 from scipy import ndimage
 
-from brightpaint import simulate as sim
+from brightpaint.demo.camera import DARK_OFFSET, flat_field, plate_optics
+from brightpaint.demo.site import simulate_site
+from brightpaint.demo.spec import BRIGHTFIELD, FLUORESCENCE, ScreenSpec
+from brightpaint.demo.treatments import plate_wells
 from brightpaint.illumination import (
     IlluminationFunction,
     correct_illumination,
@@ -38,8 +41,8 @@ CP_PYTHON = REPO / ".venv-cellprofiler" / "bin" / "python"
 CP_SCRIPT = REPO / "tests" / "cellprofiler" / "illum_reference.py"
 # the demo's camera offset as a user would configure it (the camera's nominal value; the true
 # per-plate, per-channel offsets of the demo vary by +-20 ADU around it)
-CAMERA_OFFSET = sim.DARK_OFFSET
-DEMO = sim.ScreenSpec()  # the demo screen: 24 wells x 2 sites, 256 px, 5 brightfield planes
+CAMERA_OFFSET = DARK_OFFSET
+DEMO = ScreenSpec()  # the demo screen: 24 wells x 2 sites, 256 px, 5 brightfield planes
 
 
 def residual_shading(estimated: np.ndarray, true: np.ndarray) -> float:
@@ -65,11 +68,11 @@ def demo_brightfield() -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
     out = {}
     for plate in ("P1", "P2"):
         planes = []
-        for well in sim.plate_wells(DEMO.wells):
+        for well in plate_wells(DEMO.wells):
             for site in range(1, DEMO.sites + 1):
-                s = sim.simulate_site(DEMO, plate, well, site, fluorescence=False)
-                planes += [s.images[(sim.BRIGHTFIELD, z)] for z in range(DEMO.z_planes)]
-        out[plate] = (planes, sim.plate_optics(DEMO, plate)[sim.BRIGHTFIELD].flat)
+                s = simulate_site(DEMO, plate, well, site, fluorescence=False)
+                planes += [s.images[(BRIGHTFIELD, z)] for z in range(DEMO.z_planes)]
+        out[plate] = (planes, plate_optics(DEMO, plate)[BRIGHTFIELD].flat)
     return out
 
 
@@ -106,16 +109,16 @@ def demo_fluorescence() -> dict[tuple[str, str], tuple[list[np.ndarray], np.ndar
     field, for P1 (flat cells) and P2 (dense cells)."""
     out = {}
     for plate in ("P1", "P2"):
-        sites = [sim.simulate_site(DEMO, plate, well, site)
-                 for well in sim.plate_wells(DEMO.wells) for site in range(1, DEMO.sites + 1)]
-        for channel in sim.FLUORESCENCE:
+        sites = [simulate_site(DEMO, plate, well, site)
+                 for well in plate_wells(DEMO.wells) for site in range(1, DEMO.sites + 1)]
+        for channel in FLUORESCENCE:
             out[(plate, channel)] = ([s.images[(channel, 0)] for s in sites],
-                                     sim.plate_optics(DEMO, plate)[channel].flat)
+                                     plate_optics(DEMO, plate)[channel].flat)
     return out
 
 
 @pytest.mark.parametrize("plate", ["P1", "P2"])
-@pytest.mark.parametrize("channel", sim.FLUORESCENCE)
+@pytest.mark.parametrize("channel", FLUORESCENCE)
 def test_demo_fluorescence_residual_shading(demo_fluorescence, plate, channel):
     """The background average recovers each stain's field from its background (autofluorescence)
     on the 48 sites of a demo plate; the trimmed average of the cells' own signal cannot on the
@@ -137,7 +140,7 @@ def test_background_average_ignores_the_blocks_own_noise():
     """A uniform background under a known field, in pure Poisson noise: choosing each block's own
     darkest values biases dim blocks low (here by several %), choosing by the neighbours does not."""
     rng = np.random.default_rng(0)
-    true = sim.flat_field(128, (0.45, 0.55), 0.6)
+    true = flat_field(128, (0.45, 0.55), 0.6)
     images = [rng.poisson(30.0 * true).astype(np.uint16) for _ in range(200)]
     function = illumination_function(iter(images), average="background", background_fraction=0.15)
     ours = residual_shading(function.flat, true)

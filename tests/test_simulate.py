@@ -1,4 +1,4 @@
-"""Tests of the demo-screen generator against its own ground truth (brightpaint.simulate)."""
+"""Tests of the demo-screen generator against its own ground truth (brightpaint.demo)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,29 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from brightpaint import simulate as sim
-from brightpaint.simulate import PlateSpec, ScreenSpec
+import brightpaint.demo.screen as screen_module
+from brightpaint.demo.camera import flat_field, plate_optics
+from brightpaint.demo.fluorescence import FLUORESCENCE_PSF
+from brightpaint.demo.screen import simulate_screen
+from brightpaint.demo.site import FOCUS_JITTER, simulate_site
+from brightpaint.demo.spec import (
+    CHANNELS,
+    FLUORESCENCE,
+    PlateSpec,
+    ScreenSpec,
+    screen_layout,
+    spec_from_config,
+)
+from brightpaint.demo.treatments import (
+    COMPOUNDS,
+    DOSE_LEVELS,
+    MOA_EFFECTS,
+    Phenotype,
+    plate_map,
+    plate_wells,
+    well_phenotype,
+)
+from brightpaint.io import PLATEMAP_COLUMNS
 
 SMALL = ScreenSpec(
     plates=(PlateSpec("T1", "B1", "flat", "train"), PlateSpec("T2", "B2", "dense", "apply"),
@@ -36,7 +57,7 @@ def _read(path: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("small")
-    sheet = sim.simulate_screen(out, SMALL, workers=1)
+    sheet = simulate_screen(out, SMALL, workers=1)
     assert sheet == out / "plates.tsv"
     return out
 
@@ -45,7 +66,7 @@ def small(tmp_path_factory) -> Path:
 def pheno(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
     """Phenotype screen, with cells.csv joined to the plate-map truth for every plate."""
     out = tmp_path_factory.mktemp("pheno")
-    sim.simulate_screen(out, PHENO, workers=2)
+    simulate_screen(out, PHENO, workers=2)
     tables = []
     for p in PHENO.plates:
         truth = pd.read_csv(out / "truth" / p.plate / "platemap_truth.csv")
@@ -84,18 +105,18 @@ def test_plate_validation_names_the_bad_field(kwargs, field):
 
 
 def test_spec_from_config():
-    assert sim.spec_from_config({}) == ScreenSpec()
-    spec = sim.spec_from_config({"wells": 8, "seed": 5, "plates": [
+    assert spec_from_config({}) == ScreenSpec()
+    spec = spec_from_config({"wells": 8, "seed": 5, "plates": [
         {"plate": "X", "batch": "B9", "cell_type": "dense", "role": "both"}]})
     assert spec.wells == 8 and spec.seed == 5 and spec.sites == 2
     assert spec.plates == (PlateSpec("X", "B9", "dense", "both"),)
     with pytest.raises(ValueError, match="unknown"):
-        sim.spec_from_config({"well": 8})
+        spec_from_config({"well": 8})
     with pytest.raises(ValueError, match="role"):
-        sim.spec_from_config({"plates": [{"plate": "X", "batch": "B", "cell_type": "flat",
-                                          "role": "nope"}]})
+        spec_from_config({"plates": [{"plate": "X", "batch": "B", "cell_type": "flat",
+                                      "role": "nope"}]})
     with pytest.raises(ValueError, match=r"plates\[0\]"):
-        sim.spec_from_config({"plates": [{"plate": "X"}]})
+        spec_from_config({"plates": [{"plate": "X"}]})
 
 
 def test_default_spec_is_a_real_screen():
@@ -104,16 +125,16 @@ def test_default_spec_is_a_real_screen():
     assert len({p.batch for p in spec.plates}) >= 2
     assert {p.cell_type for p in spec.plates} == {"flat", "dense"}
     assert {p.role for p in spec.plates} == {"train", "both", "apply"}
-    assert sim.screen_layout(spec)["P2"] == {"manifest": "P2/manifest.csv",
-                                             "platemap": "P2/platemap.csv"}
+    assert screen_layout(spec)["P2"] == {"manifest": "P2/manifest.csv",
+                                         "platemap": "P2/platemap.csv"}
 
 
 # --- plate layout and treatments -------------------------------------------------------------
 
 
 def test_plate_map_of_24_wells():
-    pm = sim.plate_map(24)
-    assert list(pm["well"]) == sim.plate_wells(24)
+    pm = plate_map(24)
+    assert list(pm["well"]) == plate_wells(24)
     assert pm["well"].is_unique and pm["well"].str.fullmatch(r"[A-P](0[1-9]|1\d|2[0-4])").all()
     counts = pm["control_type"].value_counts()
     assert counts["trt"] == 16 and counts["negcon"] == 6 and counts["poscon"] == 2
@@ -133,31 +154,31 @@ def test_plate_map_of_24_wells():
 
 
 def test_plate_map_sizes():
-    assert len(set(sim.plate_wells(384))) == 384
-    full = sim.plate_map(384)
+    assert len(set(plate_wells(384))) == 384
+    full = plate_map(384)
     counts = full.groupby(["perturbation", "dose"]).size()
     assert counts[("DMSO", 0.0)] == 96 and counts[("staurosporine", 1.0)] == 32
     assert (counts.drop([("DMSO", 0.0), ("staurosporine", 1.0)]) == 16).all()
     # replicate blocks are rotated, so DMSO does not sit in the same columns everywhere
     assert full.loc[full["control_type"] == "negcon", "well"].str[1:].nunique() == 24
     for n in (1, 2, 5, 23):
-        assert (sim.plate_map(n)["control_type"] == "negcon").any()
+        assert (plate_map(n)["control_type"] == "negcon").any()
 
 
 def test_dose_increases_effect_and_toxicity():
-    for compound in sim.COMPOUNDS:
-        low, high = (sim.well_phenotype(compound.name, d, lvl)
-                     for d, lvl in zip(compound.doses, sim.DOSE_LEVELS, strict=True))
-        for name, full in sim.MOA_EFFECTS[compound.moa].items():
+    for compound in COMPOUNDS:
+        low, high = (well_phenotype(compound.name, d, lvl)
+                     for d, lvl in zip(compound.doses, DOSE_LEVELS, strict=True))
+        for name, full in MOA_EFFECTS[compound.moa].items():
             if name in ("density",):
                 continue  # toxicity also changes density
-            effect = [abs(np.log(getattr(p, name) / getattr(sim.Phenotype(), name)))
+            effect = [abs(np.log(getattr(p, name) / getattr(Phenotype(), name)))
                       for p in (low, high)]
             assert effect[1] > effect[0] > 0, (compound.name, name, full)
-    assert sim.well_phenotype("DMSO", 0, 0) == sim.Phenotype()
-    toxic = sim.well_phenotype("camptothecin", 1.0, 1.0)
+    assert well_phenotype("DMSO", 0, 0) == Phenotype()
+    toxic = well_phenotype("camptothecin", 1.0, 1.0)
     assert toxic.toxic and toxic.pyknotic_fraction > 0 and toxic.density < 0.5
-    assert not sim.well_phenotype("etoposide", 10.0, 1.0).toxic
+    assert not well_phenotype("etoposide", 10.0, 1.0).toxic
 
 
 # --- files: the input contract ---------------------------------------------------------------
@@ -167,7 +188,7 @@ def test_contract_files(small):
     sheet = pd.read_csv(small / "plates.tsv", sep="\t", dtype=str, keep_default_na=False)
     assert list(sheet.columns) == ["plate", "manifest", "platemap", "batch", "cell_type", "role"]
     assert list(sheet["plate"]) == ["T1", "T2", "T3"]
-    expected_map = sim.plate_map(SMALL.wells)[sim.PLATEMAP_COLUMNS]
+    expected_map = plate_map(SMALL.wells)[PLATEMAP_COLUMNS]
     for _, row in sheet.iterrows():
         manifest = pd.read_csv(small / row["manifest"], dtype={"z": int, "site": int})
         assert list(manifest.columns) == ["plate", "well", "site", "channel", "z", "path"]
@@ -210,14 +231,14 @@ def test_truth_files_for_every_plate_and_channel(small):
         sites = pd.read_csv(truth / "sites.csv")
         assert len(sites) == SMALL.wells * SMALL.sites
         info = json.loads((truth / "illumination.json").read_text())["channels"]
-        assert set(info) == set(sim.CHANNELS)
-        for ch in sim.CHANNELS:
+        assert set(info) == set(CHANNELS)
+        for ch in CHANNELS:
             flat = np.load(truth / f"flatfield_{ch}.npy")
             assert flat.dtype == np.float32 and flat.shape == (SMALL.size, SMALL.size)
             assert abs(flat.mean() - 1) < 1e-4
         for _, s in sites.iterrows():
             stem = f"{s['well']}_s{s['site']}"
-            for ch in sim.CHANNELS:
+            for ch in CHANNELS:
                 clean = _read(truth / "clean" / f"{stem}_{ch}.tif")
                 assert clean.dtype == np.float32 and clean.shape == (SMALL.size, SMALL.size)
             for kind in ("nuclei", "cells"):
@@ -232,7 +253,7 @@ def test_truth_files_for_every_plate_and_channel(small):
 
 def test_deterministic_and_independent_of_workers(small, tmp_path):
     again = tmp_path / "again"
-    sim.simulate_screen(again, SMALL, workers=2)
+    simulate_screen(again, SMALL, workers=2)
     first, second = _all_files(small), _all_files(again)
     assert first.keys() == second.keys()
     different = [name for name in first if first[name] != second[name]]
@@ -242,23 +263,23 @@ def test_deterministic_and_independent_of_workers(small, tmp_path):
 def test_other_seed_gives_other_images(tmp_path):
     one = ScreenSpec(plates=SMALL.plates[:1], wells=1, sites=1, size=64, seed=1)
     two = ScreenSpec(plates=SMALL.plates[:1], wells=1, sites=1, size=64, seed=2)
-    sim.simulate_screen(tmp_path / "a", one)
-    sim.simulate_screen(tmp_path / "b", two)
-    name = f"T1/images/{sim.plate_wells(1)[0]}_s1_BF_z00.tif"
+    simulate_screen(tmp_path / "a", one)
+    simulate_screen(tmp_path / "b", two)
+    name = f"T1/images/{plate_wells(1)[0]}_s1_BF_z00.tif"
     assert not np.array_equal(_read(tmp_path / "a" / name), _read(tmp_path / "b" / name))
 
 
 def test_crash_leaves_no_sheet(tmp_path, monkeypatch):
     spec = ScreenSpec(plates=SMALL.plates[:1], wells=2, sites=1, size=64)
-    sim.simulate_screen(tmp_path, spec)
+    simulate_screen(tmp_path, spec)
     assert (tmp_path / "plates.tsv").exists()
 
     def broken(*args):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(sim, "_write_well", broken)
+    monkeypatch.setattr(screen_module, "_write_well", broken)
     with pytest.raises(RuntimeError):
-        sim.simulate_screen(tmp_path, spec)
+        simulate_screen(tmp_path, spec)
     assert not (tmp_path / "plates.tsv").exists()
 
 
@@ -282,11 +303,11 @@ def test_masks_match_clean_images(small):
             site_cells = cells[(cells["well"] == s["well"]) & (cells["site"] == s["site"])]
             assert list(site_cells["nucleus_area"]) == list(np.bincount(nuclei.ravel())[1:])
             assert list(site_cells["cell_area"]) == list(np.bincount(bodies.ravel())[1:])
-            clean = {ch: _read(truth / "clean" / f"{stem}_{ch}.tif") for ch in sim.FLUORESCENCE}
+            clean = {ch: _read(truth / "clean" / f"{stem}_{ch}.tif") for ch in FLUORESCENCE}
             if n == 0:
                 continue
             # the stains lie in their objects, up to the PSF's blur (3 sigma around the masks)
-            reach = int(np.ceil(3 * sim.FLUORESCENCE_PSF))
+            reach = int(np.ceil(3 * FLUORESCENCE_PSF))
             in_nuclei = ndimage.binary_dilation(nuclei > 0, iterations=reach)
             in_cells = ndimage.binary_dilation(bodies > 0, iterations=reach)
             assert clean["DNA"][in_nuclei].sum() > 0.99 * clean["DNA"].sum()
@@ -323,8 +344,8 @@ FOCUS_SPEC = ScreenSpec(plates=(PlateSpec("F", "B1", "flat", "train"),
 
 def _focus_sites(z_planes=5):
     spec = ScreenSpec(plates=FOCUS_SPEC.plates, wells=24, size=128, z_planes=z_planes, seed=7)
-    wells = sim.plate_wells(24)
-    return [sim.simulate_site(spec, plate, well, site, fluorescence=False)
+    wells = plate_wells(24)
+    return [simulate_site(spec, plate, well, site, fluorescence=False)
             for plate in ("F", "D") for well in wells[:12] for site in (1, 2)]
 
 
@@ -338,7 +359,7 @@ def test_focal_plane_varies_and_brackets_focus(focus_sites):
     assert min(planes) >= 1 and max(planes) <= 3
     assert len(set(planes)) == 3
     for s in focus_sites:
-        assert abs(s.focus_position - s.focal_plane) <= sim.FOCUS_JITTER
+        assert abs(s.focus_position - s.focal_plane) <= FOCUS_JITTER
     seven = {s.focal_plane for s in _focus_sites(z_planes=7)[:24]}
     assert min(seven) >= 1 and max(seven) <= 5 and len(seven) >= 3
 
@@ -357,7 +378,7 @@ def test_contrast_inverts_through_focus(focus_sites):
         assert r_below > 0.5 and r_above < -0.5  # TIE: I(dz) ~ -dz * laplace(phase)
         # and in the noisy images (flat-field corrected): nuclei are dark below focus, bright
         # above it
-        optics = sim.plate_optics(FOCUS_SPEC, s.plate)["BF"]
+        optics = plate_optics(FOCUS_SPEC, s.plate)["BF"]
         bf = {z: (s.images[("BF", z)] - optics.dark) / optics.flat for z in (f - 1, f + 1)}
         background = s.labels.cells == 0
         inside = s.labels.nuclei > 0
@@ -403,7 +424,7 @@ def test_nuclei_have_a_brightfield_signature(focus_sites):
 
 
 def test_flat_field_geometry():
-    field = sim.flat_field(200, (0.4, 0.6), 0.7, (0.03, -0.02))
+    field = flat_field(200, (0.4, 0.6), 0.7, (0.03, -0.02))
     assert field.dtype == np.float32 and abs(field.mean() - 1) < 1e-5
     corners = field[[0, 0, -1, -1], [0, -1, 0, -1]].mean()
     assert corners / field[100, 100] == pytest.approx(0.7, abs=0.01)
@@ -414,9 +435,9 @@ def test_flat_field_geometry():
 def test_saved_flat_fields_are_the_ones_applied(small):
     fields = {}
     for p in SMALL.plates:
-        optics = sim.plate_optics(SMALL, p.plate)
+        optics = plate_optics(SMALL, p.plate)
         info = json.loads((small / "truth" / p.plate / "illumination.json").read_text())["channels"]
-        for ch in sim.CHANNELS:
+        for ch in CHANNELS:
             saved = np.load(small / "truth" / p.plate / f"flatfield_{ch}.npy")
             np.testing.assert_array_equal(saved, optics[ch].flat)
             corners = saved[[0, 0, -1, -1], [0, -1, 0, -1]].mean()
@@ -431,9 +452,9 @@ def test_saved_flat_fields_are_the_ones_applied(small):
 def test_noise_model_matches_truth(small):
     """noisy = Poisson(gain * (clean + background) * flat * batch) + N(0, read^2) + dark, from a
     re-rendered site, which must also equal the files written."""
-    plate, well = "T3", sim.plate_wells(SMALL.wells)[0]
-    s = sim.simulate_site(SMALL, plate, well, 1)
-    optics = sim.plate_optics(SMALL, plate)
+    plate, well = "T3", plate_wells(SMALL.wells)[0]
+    s = simulate_site(SMALL, plate, well, 1)
+    optics = plate_optics(SMALL, plate)
     images = small / plate / "images"
     for (channel, z), image in s.images.items():
         np.testing.assert_array_equal(image, _read(images / f"{well}_s1_{channel}_z{z:02d}.tif"))
@@ -450,7 +471,7 @@ def test_noise_model_matches_truth(small):
         assert variance_ratio == pytest.approx(1.0, abs=0.06), channel
     # the flat field is visible in the raw data and is removed by dividing by the saved field
     raw = np.mean([_read(images / f"{w}_s1_BF_z{z:02d}.tif").astype(float)
-                   for w in sim.plate_wells(SMALL.wells) for z in range(SMALL.z_planes)], axis=0)
+                   for w in plate_wells(SMALL.wells) for z in range(SMALL.z_planes)], axis=0)
     raw = ndimage.gaussian_filter(raw - optics["BF"].dark, 6)
     flat = np.load(small / "truth" / plate / "flatfield_BF.npy")
     corrected = raw / flat
@@ -462,12 +483,12 @@ def test_batch_effect_recorded(small):
     for p in SMALL.plates:
         info = json.loads((small / "truth" / p.plate / "illumination.json").read_text())
         pm = pd.read_csv(small / "truth" / p.plate / "platemap_truth.csv")
-        factors[p.plate] = {ch: info["channels"][ch]["batch_factor"] for ch in sim.CHANNELS}
-        for ch in sim.CHANNELS:
+        factors[p.plate] = {ch: info["channels"][ch]["batch_factor"] for ch in CHANNELS}
+        for ch in CHANNELS:
             assert np.allclose(pm[f"batch_factor_{ch}"], factors[p.plate][ch])
         assert (pm["batch"] == p.batch).all()
     assert factors["T2"] == factors["T3"]  # same batch B2
-    assert all(abs(factors["T1"][ch] - factors["T2"][ch]) > 1e-3 for ch in sim.CHANNELS)
+    assert all(abs(factors["T1"][ch] - factors["T2"][ch]) > 1e-3 for ch in CHANNELS)
     assert all(0.8 <= f <= 1.25 for plate in factors.values() for f in plate.values())
 
 
@@ -542,8 +563,8 @@ def test_toxic_wells_have_fewer_cells_and_pyknotic_nuclei(pheno):
 
 def test_pyknotic_nuclei_are_small_and_bright():
     spec = PHENO
-    well = sim.plate_map(24).query("perturbation == 'staurosporine'")["well"].iloc[0]
-    s = sim.simulate_site(spec, "D", well, 1)
+    well = plate_map(24).query("perturbation == 'staurosporine'")["well"].iloc[0]
+    s = simulate_site(spec, "D", well, 1)
     dna, nuclei = s.clean["DNA"], s.labels.nuclei
     labels = np.arange(1, len(s.labels.kept) + 1)
     mean_dna = ndimage.mean(dna, nuclei, labels)
