@@ -23,17 +23,14 @@ import torch
 from report_json import emit
 
 from brightpaint.inference import torch_threads
-from brightpaint.stain import (
-    _sample,
+from brightpaint.plate import (
     brightfield_planes,
     fluorescence_plane,
-    load_stain_model,
-    normalise_brightfield,
     open_plate_source,
     plate_scales,
-    predict_normalised,
-    site_split,
+    sample_items,
 )
+from brightpaint.stain import load_stain_model, normalise_brightfield, predict_normalised, site_split
 from brightpaint.trust import (
     brightfield_statistics,
     domain_scores,
@@ -62,7 +59,7 @@ def main() -> None:
             source = open_plate_source(results / "plates" / plate, card["inputs"]["channel"],
                                        use_denoised=False)
             sites = source.usable_sites()
-            scales = plate_scales(source, _sample(np.random.default_rng(0), sites, 64), card["targets"],
+            scales = plate_scales(source, sample_items(np.random.default_rng(0), sites, 64), card["targets"],
                                   "plate")
             for well, site in sites:
                 if site_split(card, plate, well) == "train" and not args.all_sites:

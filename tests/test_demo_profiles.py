@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from brightpaint.labels import read_labels
+from brightpaint.plate import fluorescence_plane, open_plate_source
 from brightpaint.profiles import feature_columns
-from brightpaint.stain import fluorescence_plane, open_plate_source
 
 PLATES = ("P1", "P2", "P3", "P4")
 FEATURE_NAME = re.compile(r"^(Nuclei|Cells|Cytoplasm)_(AreaShape|Intensity|Texture|Granularity|"

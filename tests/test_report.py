@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 
 from brightpaint import report as R
+from brightpaint.provenance import environment_versions, sha256_file
 
 
 class Tables(HTMLParser):
@@ -168,7 +169,7 @@ def test_report_html_shows_the_tables_numbers_and_embeds_downsampled_figures(pla
     assert yaml.safe_load(prov["config_yaml"]) == config
     files = frame(page.tables["files"])
     assert files["what"].tolist() == ["input: screen sheet"]
-    assert files["sha256"].tolist() == [R.sha256_file(sheet)]
+    assert files["sha256"].tolist() == [sha256_file(sheet)]
     # figures: embedded PNGs (no external reference), the large one downsampled
     # illumination, focus and the cells-per-well maps of both stain sources
     assert len(page.images) == 4 and all(src.startswith("data:image/png;base64,") for src in page.images)
@@ -194,7 +195,7 @@ def test_versions_of_another_environment_are_read_from_its_metadata(tmp_path):
         info = tmp_path / f"{name}-{version}.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-    assert R.environment_versions(tmp_path, ["cellprofiler-nightly", "numpy"]) == {
+    assert environment_versions(tmp_path, ["cellprofiler-nightly", "numpy"]) == {
         "cellprofiler-nightly": "5.0.0.dev784", "numpy": "1.26.4"}
 
 

@@ -15,16 +15,15 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
-import yaml
-from conftest import REPO, shared_data
+from conftest import CHANNELS, shared_data
 from scipy import ndimage
 
 from brightpaint import stain_models
 from brightpaint.inference import predict_tiled
 from brightpaint.ingest import read_plane, read_store_layout
 from brightpaint.metrics import image_metrics, pearson
+from brightpaint.plate import VIRTUAL_PREFIX, fluorescence_plane, open_plate_source
 from brightpaint.stain import (
-    VIRTUAL_PREFIX,
     StainError,
     StainSettings,
     StainSite,
@@ -32,10 +31,8 @@ from brightpaint.stain import (
     brightfield_input,
     build_training_set,
     evaluate_plate,
-    fluorescence_plane,
     load_card,
     load_stain_model,
-    open_plate_source,
     predict_normalised,
     predict_sites,
     predict_virtual,
@@ -369,17 +366,19 @@ def test_evaluation_needs_real_and_virtual_channels(demo, tmp_path):
         evaluate_plate(apply_plate, demo / "plates" / "P4" / "virtual.zarr", [card])
 
 
-def test_a_screen_without_training_plates_is_a_config_error():
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config["simulate"]["plates"] = [{"plate": "P1", "batch": "B1", "cell_type": "flat", "role": "apply"}]
+def test_a_screen_without_training_plates_is_a_config_error(tiny_screen):
+    sheet = tiny_screen / "plates.tsv"
+    table = pd.read_csv(sheet, sep="\t")  # T1: train, flat; T2: apply, dense
+    config = {"screen": str(sheet), "channels": CHANNELS, "stain": {}}
+    table.assign(role="apply").to_csv(sheet, sep="\t", index=False)
     with pytest.raises(ConfigError, match="no plate of the screen has role train or both"):
         Screen.from_config(config).stain_training_plates()
-    config["simulate"]["plates"][0]["role"] = "train"
+    table.to_csv(sheet, sep="\t", index=False)
     config["stain"]["train_cell_types"] = ["dense"]
     with pytest.raises(ConfigError, match="cell type in stain.train_cell_types"):
         Screen.from_config(config).stain_training_plates()
     config["stain"]["train_cell_types"] = ["flat"]
-    assert Screen.from_config(config).stain_training_plates() == ["P1"]
+    assert Screen.from_config(config).stain_training_plates() == ["T1"]
     config["stain"]["targets"] = ["GFP"]
     with pytest.raises(ConfigError, match="stain.targets"):
         Screen.from_config(config)

@@ -44,7 +44,8 @@ from torch import nn
 
 from .atomic import atomic_path
 from .inference import predict_tiled, resolve_device, torch_threads
-from .ingest import StoreLayout, channel_plane, read_plane, sha256_of, stored_sites
+from .ingest import StoreLayout, channel_plane, read_plane, stored_sites
+from .provenance import sha256_file
 
 LOGGER = logging.getLogger("brightpaint")
 
@@ -347,7 +348,7 @@ def save_n2v(model: UNet, path: str | Path, metadata: dict | None = None) -> dic
     path = Path(path)
     with atomic_path(path) as partial:
         torch.save({"format": FORMAT, "state_dict": state, "metadata": text}, partial)
-    return {**json.loads(text), "sha256": sha256_of(path)}
+    return {**json.loads(text), "sha256": sha256_file(path)}
 
 
 def load_n2v(path: str | Path) -> tuple[UNet, dict]:
@@ -361,7 +362,7 @@ def load_n2v(path: str | Path) -> tuple[UNet, dict]:
     model = UNet(architecture["depth"], architecture["base"])
     model.load_state_dict(saved["state_dict"])
     model.n2v_info = {k: v for k, v in metadata.items() if k not in ("code_version", "torch_version")}
-    return model.eval(), {**metadata, "sha256": sha256_of(path)}
+    return model.eval(), {**metadata, "sha256": sha256_file(path)}
 
 
 # ---------------------------------------------------------------------------------------------

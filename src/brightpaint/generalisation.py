@@ -26,17 +26,9 @@ import pandas as pd
 from .groups import Group
 from .labels import label_name, read_labels
 from .metrics import image_metrics, robust_range
+from .plate import PlateSource, fluorescence_plane, plate_scales, sample_items
 from .segment import Segmenter, instance_metrics
-from .stain import (
-    PlateSource,
-    StainError,
-    _sample,
-    brightfield_input,
-    fluorescence_plane,
-    plate_scales,
-    predict_normalised,
-    select_wells,
-)
+from .stain import StainError, brightfield_input, predict_normalised, select_wells
 
 LEVELS = {"pcc": "pixels", "ssim": "pixels", "psnr": "pixels", "ap50": "instances", "f1_70": "instances",
           "feature_nmae": "features"}
@@ -57,7 +49,7 @@ def held_out_sites(card: Mapping, sources: Sequence[PlateSource], limit: int = 0
     by_plate = {s.plate: s for s in sources}
     sites = [(by_plate[plate], well, site) for plate, split in card["wells"].items() if plate in by_plate
              for well, site in by_plate[plate].usable_sites(split["validation"])]
-    return _sample(np.random.default_rng(0), sites, limit) if limit else sites
+    return sample_items(np.random.default_rng(0), sites, limit) if limit else sites
 
 
 def nuclei_features(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -122,8 +114,8 @@ def evaluate_model(generator, card: Mapping, group: str, tests: Mapping[str, Seq
             if source.plate not in scales:
                 usable = source.usable_sites()
                 channels = [c for c in card["targets"] if source.has_channel(c)]
-                scales[source.plate] = plate_scales(source, _sample(np.random.default_rng(0), usable, 64),
-                                                    channels, "plate")
+                sample = sample_items(np.random.default_rng(0), usable, 64)
+                scales[source.plate] = plate_scales(source, sample, channels, "plate")
             for row in evaluate_site(generator, card, source, well, site, scales[source.plate],
                                      segmenters[source.plate], labels_stores[source.plate], nuclei,
                                      **tiling):

@@ -12,7 +12,6 @@ to the fill value) and are listed in the `brightpaint` attributes (`planes`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ from ome_zarr.format import FormatV05
 from ome_zarr.writer import write_multiscales_metadata, write_plate_metadata, write_well_metadata
 
 from .atomic import atomic_path, link_tree
-from .io import well_row_column
+from .io import InputError, Problem, open_inside, real_path_inside, well_row_column
 
 AXES = [
     {"name": "t", "type": "time"},
@@ -140,18 +139,43 @@ def _omero(layout: StoreLayout, ranges: dict[str, tuple[float, float]]) -> dict:
     return {"channels": channels}
 
 
+def _left_screen_folder(image, real: Path, root: str | Path) -> Problem:
+    """The problem of a validated image whose real path now lies outside the screen folder."""
+    return Problem(image.file, f"its real path {real} leaves the screen folder {Path(root).resolve()} "
+                               f"(manifest path {image.path!r}): the file was replaced after "
+                               "validation; nothing was read from it",
+                   image.well, int(image.site), image.channel, int(image.z))
+
+
+def check_inside_screen_folder(images: pd.DataFrame, root: str | Path, plate: str) -> None:
+    """Raise InputError naming every image of `images` (validate_plate's table) whose real path,
+    resolved now, no longer lies inside the screen folder `root` that validation checked."""
+    problems = [_left_screen_folder(image, Path(image.file).resolve(), root)
+                for image in images.itertuples() if real_path_inside(image.file, root) is None]
+    if problems:
+        raise InputError(problems, f"plate {plate}")
+
+
 def read_site_tiffs(array: zarr.Array, layout: StoreLayout, site_images: pd.DataFrame,
-                    saturation_limit: float) -> tuple[list[dict], dict[str, tuple[float, float]]]:
-    """Read one site's TIFFs into the field's TCZYX array; return QC rows and value ranges."""
+                    saturation_limit: float, root: str | Path
+                    ) -> tuple[list[dict], dict[str, tuple[float, float]]]:
+    """Read one site's TIFFs into the field's TCZYX array; return QC rows and value ranges. Each
+    file is opened only if its real path still lies inside the screen folder `root` (InputError
+    otherwise)."""
     rows = []
     ranges: dict[str, tuple[float, float]] = {}
     for image in site_images.itertuples():
         try:
-            pixels = tifffile.imread(image.file)
+            handle, real = open_inside(image.file, root)
+            if handle is not None:
+                with handle:
+                    pixels = tifffile.imread(handle)
         except Exception as err:
             raise OSError(f"{image.file}: well {image.well}, site {image.site}, channel "
                           f"{image.channel}, z {image.z}: cannot decode image data "
                           f"({type(err).__name__}: {err})") from err
+        if handle is None:
+            raise InputError([_left_screen_folder(image, real, root)], f"plate {layout.plate}")
         if pixels.shape != layout.shape:
             raise ValueError(f"{image.file}: well {image.well}, site {image.site}: shape "
                              f"{pixels.shape} differs from the plate's {layout.shape}")
@@ -210,14 +234,17 @@ def write_sites(out: str | Path, sites: list[tuple[str, int]], layout: StoreLayo
 
 def write_shard_store(images: pd.DataFrame, wells: list[str], layout: StoreLayout,
                       out: str | Path, threads: int = 1,
-                      saturation_limit: float = 0.01) -> pd.DataFrame:
+                      saturation_limit: float = 0.01, *, root: str | Path) -> pd.DataFrame:
     """Stream the TIFFs of the sites of `wells` into a zarr store at `out`. Returns the per-image
-    QC table."""
+    QC table. `root` is the screen folder validate_plate checked the paths against: every image's
+    real path is checked again, before any store is written and once more as the file is opened,
+    and one that has left it raises InputError (no store is left behind)."""
     selected = images[images["well"].isin(wells)]
+    check_inside_screen_folder(selected, root, layout.plate)
     groups = {key: group for key, group in selected.groupby(["well", "site"])}
     rows = write_sites(out, list(groups), layout,
                        lambda array, well, site: read_site_tiffs(array, layout, groups[(well, site)],
-                                                                 saturation_limit), threads)
+                                                                 saturation_limit, root), threads)
     return pd.DataFrame(rows, columns=QC_COLUMNS)
 
 
@@ -243,14 +270,6 @@ def assemble_plate_store(shard_stores: list[str | Path], out: str | Path, layout
         attrs = dict(root.attrs)
         attrs["brightpaint"] = {"layout": json.loads(layout.to_json()), **(provenance or {})}
         root.attrs.update(attrs)
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def stored_sites(store: str | Path, wells: Iterable[str] | None = None) -> list[tuple[str, int]]:

@@ -25,10 +25,7 @@ import hashlib
 import io
 import json
 import platform
-import re
-import subprocess
 from collections.abc import Iterable, Mapping
-from importlib import metadata
 from pathlib import Path
 
 import jinja2
@@ -36,16 +33,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .ingest import sha256_of as sha256_file
+from .ingest import stored_sites
 from .match import agreement_summary
+from .plate import fluorescence_plane, open_plate_source
+from .provenance import CELLPROFILER_PACKAGES, environment_versions, git_commit, sha256_file
 
 TEMPLATES = Path(__file__).with_name("templates")
 FIGURE_MAX_PX = 1200
 FLAG_COLUMNS = ["stage", "well", "site", "source", "flag", "reason"]
-MAIN_PACKAGES = ("brightpaint", "snakemake", "numpy", "scipy", "pandas", "torch", "cellpose", "zarr",
-                 "ome-zarr", "tifffile", "scikit-image", "pycytominer", "copairs", "basicpy")
-CELLPROFILER_PACKAGES = ("cellprofiler-nightly", "cellprofiler-core-nightly",
-                         "cellprofiler-library-nightly", "numpy", "scipy", "centriole", "mahotas")
 DEFAULT_RULES = {"review_flagged_fraction": 0.10, "fail_lost_fraction": 0.10, "domain_fraction": 0.10}
 
 
@@ -181,9 +176,6 @@ def denoise_crops(plate_dir: str | Path, brightfield: str, size: int = 128) -> s
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .ingest import stored_sites
-    from .stain import fluorescence_plane, open_plate_source
-
     denoised = open_plate_source(plate_dir, brightfield)
     raw = open_plate_source(plate_dir, brightfield, use_denoised=False)
     well, site = stored_sites(denoised.denoised)[0]
@@ -235,47 +227,6 @@ def benchmark_table(bench_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["job", "seconds", "max_rss_mb", "cpu_seconds"])
 
 
-def environment_versions(site_packages: str | Path | None = None,
-                         names: Iterable[str] = MAIN_PACKAGES) -> dict[str, str]:
-    """Installed versions of `names`: this interpreter's (site_packages None) or those of another
-    environment's site-packages folder, read from its *.dist-info metadata (nothing is imported)."""
-    wanted = {_normal(n): n for n in names}
-    found = {}
-    if site_packages is None:
-        for name in wanted.values():
-            try:
-                found[name] = metadata.version(name)
-            except metadata.PackageNotFoundError:
-                continue
-        return found
-    for info in Path(site_packages).glob("*.dist-info"):
-        meta = info / "METADATA"
-        if not meta.is_file():
-            continue
-        fields = dict(line.split(": ", 1) for line in meta.read_text(errors="replace").splitlines()[:20]
-                      if ": " in line)
-        key = _normal(fields.get("Name", ""))
-        if key in wanted:
-            found[wanted[key]] = fields.get("Version", "?")
-    return dict(sorted(found.items()))
-
-
-def _normal(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def git_commit(repo: str | Path) -> str:
-    """The workflow's commit, with `+dirty` if tracked files changed; `unknown` outside git."""
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
 def provenance(config: Mapping, repo: str | Path, files: Mapping[str, str | Path],
                bench_dir: str | Path, cellprofiler_site_packages: str | Path | None) -> dict:
     """What produced a plate's results: commit, versions of both environments, config (YAML) and
@@ -283,7 +234,7 @@ def provenance(config: Mapping, repo: str | Path, files: Mapping[str, str | Path
     benchmarks, host."""
     text = yaml.safe_dump(dict(config), sort_keys=True)
     return {
-        "git_commit": git_commit(repo),
+        "git_commit": git_commit(repo, unknown="unknown"),
         "host": platform.node(), "python": platform.python_version(), "platform": platform.platform(),
         "main_environment": environment_versions(None),
         "cellprofiler_environment": (environment_versions(cellprofiler_site_packages, CELLPROFILER_PACKAGES)

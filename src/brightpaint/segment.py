@@ -38,7 +38,7 @@ from ome_zarr.format import FormatV05
 from ome_zarr.writer import write_well_metadata
 from scipy import ndimage
 
-from .ingest import sha256_of as sha256_file
+from .provenance import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -629,7 +629,7 @@ def plate_readers(source, virtual_store: str | Path, nuclei: str, cell: str) -> 
     """(nuclei image, cell-body image) readers per input of a plate: `real` (illumination-corrected
     stains, when the plate has both channels) and `virtual` (its VS_ channels)."""
     from .ingest import read_plane, read_store_layout
-    from .stain import VIRTUAL_PREFIX, fluorescence_plane
+    from .plate import VIRTUAL_PREFIX, fluorescence_plane
 
     readers: dict[str, SiteReader] = {}
     if source.has_channel(nuclei) and source.has_channel(cell):
@@ -865,7 +865,7 @@ def train_shipped_model(kind: str, out: str | Path, *, sites: int = 48, epochs: 
 
     from . import __version__
     from .inference import torch_threads
-    from .stain import git_commit
+    from .provenance import git_commit
 
     if kind not in KINDS:
         raise SegmentError(f"unknown model kind {kind!r} (one of {KINDS})")

@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import subprocess
 import threading
 import time
 from collections.abc import Sequence
@@ -52,19 +51,22 @@ from scipy import ndimage
 
 from . import __version__, stain_models
 from .atomic import atomic_path
-from .focus import focus_window
-from .illumination import IlluminationFunction, correct_illumination, load_illumination
 from .inference import predict_tiled, resolve_device, torch_threads
-from .ingest import (
-    StoreLayout,
-    channel_plane,
-    read_plane,
-    read_store_layout,
-    sha256_of,
-    stored_sites,
-    write_sites,
-)
+from .ingest import StoreLayout, read_plane, read_store_layout, stored_sites, write_sites
 from .metrics import METRICS, image_metrics, pearson
+from .plate import (
+    MIN_SPREAD,
+    UNCERTAINTY_PREFIX,
+    VIRTUAL_PREFIX,
+    PlateError,
+    PlateSource,
+    brightfield_planes,
+    fluorescence_plane,
+    plate_scales,
+    robust_scale,
+    sample_items,
+)
+from .provenance import git_commit, sha256_file
 from .trust import (
     DOMAIN_COLUMNS,
     DOMAIN_STATISTICS,
@@ -79,11 +81,7 @@ LOGGER = logging.getLogger("brightpaint")
 
 CODE_VERSION = "stain-1"
 FORMAT = "brightpaint-stain"
-VIRTUAL_PREFIX = "VS_"
-UNCERTAINTY_PREFIX = "SD_"  # per-pixel spread of the test-time augmented predictions
 TARGET_NORMS = ("plate", "fov")
-SPREAD_QUANTILE = 0.995
-MIN_SPREAD = 1e-6
 
 
 class StainError(ValueError):
@@ -145,85 +143,8 @@ class StainSettings:
 
 
 # ---------------------------------------------------------------------------------------------
-# Where a plate's images come from
+# Inputs
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PlateSource:
-    """A plate as virtual staining reads it: its store, layout, focus table, illumination functions
-    (brightfield and every fluorescence channel it has) and, optionally, a denoised store whose
-    channels replace the corrected raw ones as targets."""
-
-    plate: str
-    store: Path
-    layout: StoreLayout
-    focus: pd.DataFrame
-    brightfield: str
-    illumination: dict[str, IlluminationFunction]
-    denoised: Path | None = None
-    denoised_layout: StoreLayout | None = None
-    platemap: pd.DataFrame | None = None
-
-    def has_channel(self, channel: str) -> bool:
-        return channel in self.layout.channels
-
-    def focus_plane(self, well: str, site: int) -> int:
-        """The chosen brightfield z of a site, or a StainError if focus found none."""
-        rows = self.focus[(self.focus["well"] == well) & (self.focus["site"] == site)]
-        if rows.empty:
-            raise StainError(f"plate {self.plate} well {well} site {site}: not in the focus table")
-        plane = int(rows["plane"].iloc[0])
-        if plane < 0:
-            raise StainError(f"plate {self.plate} well {well} site {site}: no in-focus brightfield "
-                             f"plane ({rows['reason'].iloc[0]})")
-        return plane
-
-    def usable_sites(self, wells: Sequence[str] | None = None) -> list[tuple[str, int]]:
-        """Sites of the store (in `wells`) with an in-focus plane and no out-of-focus flag."""
-        ok = self.focus[(self.focus["plane"] >= 0)
-                        & ~self.focus["flag"].astype(str).str.contains("out_of_focus")]
-        good = set(zip(ok["well"], ok["site"].astype(int), strict=True))
-        return [s for s in stored_sites(self.store, wells) if s in good]
-
-
-def open_plate_source(plate_dir: str | Path, brightfield: str, *, platemap: pd.DataFrame | None = None,
-                      use_denoised: bool = True) -> PlateSource:
-    """A workflow plate folder (images.zarr, ingest/layout.json, focus.parquet, illum/<channel>.npy
-    and, when present and wanted, denoised.zarr) as a PlateSource."""
-    plate_dir = Path(plate_dir)
-    layout = StoreLayout.from_json((plate_dir / "ingest" / "layout.json").read_text())
-    illumination = {c: load_illumination(plate_dir / "illum" / f"{c}.npy") for c in layout.channels
-                    if (plate_dir / "illum" / f"{c}.npy").is_file()}
-    if brightfield not in illumination:
-        raise StainError(f"plate {layout.plate}: no illumination function for brightfield {brightfield!r} "
-                         f"in {plate_dir / 'illum'}")
-    denoised = plate_dir / "denoised.zarr"
-    use = use_denoised and denoised.is_dir()
-    return PlateSource(plate=layout.plate, store=plate_dir / "images.zarr", layout=layout,
-                       focus=pd.read_parquet(plate_dir / "focus.parquet"), brightfield=brightfield,
-                       illumination=illumination, denoised=denoised if use else None,
-                       denoised_layout=read_store_layout(denoised) if use else None, platemap=platemap)
-
-
-def brightfield_planes(source: PlateSource, well: str, site: int, half_width: int) -> np.ndarray:
-    """(2 * half_width + 1, Y, X) float32: the in-focus plane and its neighbours (edge planes
-    repeated), illumination-corrected."""
-    layout, channel = source.layout, source.brightfield
-    if channel not in layout.channels:
-        raise StainError(f"plate {source.plate}: no brightfield channel {channel!r} "
-                         f"(channels: {layout.channels})")
-    planes = layout.planes[channel]
-    focus = source.focus_plane(well, site)
-    window = [planes[i] for i in focus_window(planes.index(focus), len(planes), half_width)]
-    index = layout.channels.index(channel)
-    function = source.illumination[channel]
-    stack = np.stack([correct_illumination(read_plane(source.store, well, site, index, z), function)
-                      for z in window])
-    if not np.isfinite(stack).all():
-        raise StainError(f"plate {source.plate} well {well} site {site}: brightfield has NaN or "
-                         "infinite pixels")
-    return stack
 
 
 def normalise_brightfield(stack: np.ndarray) -> np.ndarray:
@@ -257,51 +178,6 @@ def training_domain(sources: Sequence[PlateSource], data: TrainingSet, *, quanti
     calibrated on the validation wells' sites."""
     return describe_domain(site_domain_statistics(sources, data.train),
                            site_domain_statistics(sources, data.validation), quantile=quantile, floor=floor)
-
-
-def fluorescence_plane(source: PlateSource, well: str, site: int, channel: str) -> np.ndarray:
-    """A fluorescence channel of a site, illumination-corrected (from the denoised store when the
-    plate has one for this channel: its values are already corrected)."""
-    if source.denoised is not None and channel in source.denoised_layout.channels:
-        return np.asarray(read_plane(source.denoised, well, site,
-                                     *channel_plane(source.denoised_layout, channel)), np.float32)
-    if channel not in source.layout.channels:
-        raise StainError(f"plate {source.plate}: no channel {channel!r} (channels: "
-                         f"{source.layout.channels})")
-    return correct_illumination(read_plane(source.store, well, site, *channel_plane(source.layout, channel)),
-                                source.illumination[channel])
-
-
-def robust_scale(values: np.ndarray, how: str) -> tuple[float, float]:
-    """(median, spread) of intensities: spread = q99.5 - median for `plate`, IQR for `fov`."""
-    values = np.asarray(values, dtype=np.float64).ravel()
-    if how == "fov":
-        q25, median, q75 = np.quantile(values, [0.25, 0.5, 0.75])
-        spread = q75 - q25
-    else:
-        median, high = np.quantile(values, [0.5, SPREAD_QUANTILE])
-        spread = high - median
-    return float(median), float(max(spread, MIN_SPREAD))
-
-
-def plate_scales(source: PlateSource, sites: Sequence[tuple[str, int]], channels: Sequence[str],
-                 how: str = "plate") -> dict[str, tuple[float, float]]:
-    """Per channel the plate's (median, spread): for `plate`, of the pooled pixels of `sites` (a
-    bounded subsample of each, so memory does not grow with the number of sites); for `fov`, the
-    median over `sites` of each field's own (median, IQR), i.e. a typical field's scale."""
-    rng = np.random.default_rng(0)
-    scales = {}
-    for channel in channels:
-        if not source.has_channel(channel):
-            continue
-        planes = (fluorescence_plane(source, w, s, channel).ravel() for w, s in sites)
-        if how == "fov":
-            pairs = np.array([robust_scale(p, "fov") for p in planes])
-            scales[channel] = (float(np.median(pairs[:, 0])), float(np.median(pairs[:, 1])))
-        else:
-            pooled = np.concatenate([rng.choice(p, min(p.size, 16384), replace=False) for p in planes])
-            scales[channel] = robust_scale(pooled, "plate")
-    return scales
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,12 +257,6 @@ class TrainingSet:
         return out
 
 
-def _sample(rng: np.random.Generator, items: list, limit: int) -> list:
-    if len(items) <= limit:
-        return items
-    return [items[i] for i in sorted(rng.choice(len(items), limit, replace=False))]
-
-
 def build_training_set(sources: Sequence[PlateSource], targets: Sequence[str],
                        settings: StainSettings, well_query: str | None = None) -> TrainingSet:
     """Split every training plate's wells, sample at most `max_sites` training sites (and a quarter
@@ -411,8 +281,8 @@ def build_training_set(sources: Sequence[PlateSource], targets: Sequence[str],
         wells[source.plate] = {"train": train_wells, "validation": val_wells}
         for side, side_wells in (("train", train_wells), ("validation", val_wells)):
             candidates[side] += [(source, w, s) for w, s in source.usable_sites(side_wells)]
-    picked = {"train": _sample(rng, candidates["train"], settings.max_sites),
-              "validation": _sample(rng, candidates["validation"], max(4, settings.max_sites // 4))}
+    picked = {"train": sample_items(rng, candidates["train"], settings.max_sites),
+              "validation": sample_items(rng, candidates["validation"], max(4, settings.max_sites // 4))}
     if not picked["train"] or not picked["validation"]:
         raise StainError("virtual staining: need usable sites in both training and validation wells; "
                          f"got {len(picked['train'])} and {len(picked['validation'])}")
@@ -610,25 +480,10 @@ def save_stain_model(generator: torch.nn.Module, card: dict, path: str | Path) -
     state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
     with atomic_path(path) as partial:
         save_file(state, str(partial), metadata={"format": FORMAT, "card": text})
-    card = {**json.loads(text), "sha256": sha256_of(path), "file": path.name}
+    card = {**json.loads(text), "sha256": sha256_file(path), "file": path.name}
     with atomic_path(card_path(path)) as partial:
         partial.write_text(json.dumps(card, indent=2, sort_keys=True))
     return card
-
-
-def git_commit() -> str:
-    """The workflow checkout's commit (with "+dirty" for uncommitted changes), or "" outside git."""
-    folder = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
-                                timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    if commit.returncode:
-        return ""
-    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def card_path(weights: str | Path) -> Path:
@@ -657,7 +512,7 @@ def load_stain_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     except RuntimeError as err:
         raise StainError(f"virtual-staining model {path}: weights do not match its architecture "
                          f"{card['architecture']} ({str(err).splitlines()[0]})") from err
-    return generator.eval(), {**card, "sha256": sha256_of(path), "file": path.name}
+    return generator.eval(), {**card, "sha256": sha256_file(path), "file": path.name}
 
 
 def load_card(weights: str | Path) -> dict:
@@ -667,7 +522,7 @@ def load_card(weights: str | Path) -> dict:
     if not path.is_file():
         raise StainError(f"virtual-staining model {weights}: no card.json beside it")
     card = json.loads(path.read_text())
-    if card.get("sha256") != sha256_of(weights):
+    if card.get("sha256") != sha256_file(weights):
         raise StainError(f"virtual-staining model {weights}: card.json does not describe this file "
                          "(sha256 differs)")
     return card
@@ -820,7 +675,7 @@ def evaluate_plate(source: PlateSource, virtual_store: str | Path, cards: Sequen
     if not channels:
         raise StainError(f"plate {source.plate}: no target channel has both a real and a virtual image")
     sites = source.usable_sites()
-    scales = plate_scales(source, _sample(np.random.default_rng(0), sites, max_sites), channels, "plate")
+    scales = plate_scales(source, sample_items(np.random.default_rng(0), sites, max_sites), channels, "plate")
     rows = []
     for well, site in sites:
         for channel in channels:
@@ -883,7 +738,7 @@ def predict_sites(source: PlateSource, sites: Sequence[tuple[str, int]],
                 half = card["inputs"]["half_width"]
                 if half not in planes:
                     planes[half] = brightfield_planes(source, well, site, half)
-        except StainError as err:
+        except PlateError as err:
             return [{**row, "status": "skipped", "reason": str(err),
                      "seconds": time.perf_counter() - start}], {c: (0.0, 0.0) for c in channels}
         if domains:

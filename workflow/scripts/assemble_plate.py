@@ -5,13 +5,14 @@ from pathlib import Path
 import pandas as pd
 
 from brightpaint.atomic import atomic_path
-from brightpaint.ingest import StoreLayout, assemble_plate_store, sha256_of, site_qc_table
+from brightpaint.ingest import StoreLayout, assemble_plate_store, site_qc_table
 from brightpaint.logs import log_to_rule
+from brightpaint.provenance import sha256_file
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 layout = StoreLayout.from_json(Path(inp.layout).read_text())
-provenance = {"manifest_sha256": sha256_of(inp.manifest), "platemap_sha256": sha256_of(inp.platemap)}
+provenance = {"manifest_sha256": sha256_file(inp.manifest), "platemap_sha256": sha256_file(inp.platemap)}
 qc = pd.concat([pd.read_parquet(path) for path in inp.qc], ignore_index=True)
 flags = pd.read_csv(inp.flags)
 sites = site_qc_table(qc, flags, pd.read_parquet(inp.images))

@@ -9,8 +9,9 @@ from brightpaint.generalisation import evaluate_model, held_out_sites
 from brightpaint.inference import resolve_device, torch_threads
 from brightpaint.io import read_platemap
 from brightpaint.logs import log_to_rule
+from brightpaint.plate import open_plate_source
 from brightpaint.segment import Segmenter, SegmentSettings, load_cellpose_model
-from brightpaint.stain import load_stain_model, open_plate_source
+from brightpaint.stain import load_stain_model
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821

@@ -6,6 +6,7 @@ from pathlib import Path
 from brightpaint.atomic import atomic_path
 from brightpaint.inference import resolve_device, torch_threads
 from brightpaint.logs import log_to_rule
+from brightpaint.plate import open_plate_source
 from brightpaint.segment import (
     SegmentSettings,
     calibrate_plate,
@@ -13,7 +14,6 @@ from brightpaint.segment import (
     model_description,
     plate_readers,
 )
-from brightpaint.stain import open_plate_source
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821

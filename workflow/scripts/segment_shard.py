@@ -9,6 +9,7 @@ from brightpaint.atomic import atomic_path
 from brightpaint.inference import resolve_device, torch_threads
 from brightpaint.ingest import shard_wells, stored_sites
 from brightpaint.logs import log_to_rule
+from brightpaint.plate import open_plate_source
 from brightpaint.segment import (
     Segmenter,
     SegmentSettings,
@@ -17,7 +18,6 @@ from brightpaint.segment import (
     segment_shard,
     unusable_sites,
 )
-from brightpaint.stain import open_plate_source
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821

@@ -4,7 +4,8 @@ from brightpaint.atomic import atomic_path
 from brightpaint.inference import resolve_device, torch_threads
 from brightpaint.ingest import shard_wells, stored_sites
 from brightpaint.logs import log_to_rule
-from brightpaint.stain import load_stain_model, open_plate_source, predict_sites
+from brightpaint.plate import open_plate_source
+from brightpaint.stain import load_stain_model, predict_sites
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
