@@ -72,7 +72,7 @@ def main() -> None:
     for shard in range(args.shards):
         store = work / f"shard{shard}.zarr"
         write_shard_store(images, shard_wells(list(images["well"]), args.shards, shard), layout, store,
-                          threads=args.threads)
+                          threads=args.threads, root=screen)
         stores.append(store)
     shards_s = time.perf_counter() - start
 

@@ -344,7 +344,7 @@ def plate_store(tiny_screen, tmp_path):
                                str(tiny_screen))
     layout = plan_layout(images, "T1", CHANNELS)
     shard = tmp_path / "shard.zarr"
-    write_shard_store(images, sorted(set(images["well"])), layout, shard)
+    write_shard_store(images, sorted(set(images["well"])), layout, shard, root=tiny_screen)
     store = tmp_path / "images.zarr"
     assemble_plate_store([shard], store, layout)
     return store, layout, sorted(set(images["well"]))

@@ -316,7 +316,7 @@ def ingest_plate(screen: Path, plate: str, role: str, out: Path) -> StoreLayout:
     shards = []
     for shard in range(2):
         store = out.parent / f"{plate}_shard{shard}.zarr"
-        write_shard_store(images, shard_wells(list(images["well"]), 2, shard), layout, store)
+        write_shard_store(images, shard_wells(list(images["well"]), 2, shard), layout, store, root=screen)
         shards.append(store)
     assemble_plate_store(shards, out, layout)
     return layout

@@ -262,7 +262,7 @@ def _ingest(screen: Path, store: Path):
                                "T1", "train", CHANNELS, str(screen), "error")
     layout = plan_layout(images, "T1", CHANNELS)
     shard = store.with_name("shard.zarr")
-    write_shard_store(images, sorted(set(images["well"])), layout, shard)
+    write_shard_store(images, sorted(set(images["well"])), layout, shard, root=screen)
     assemble_plate_store([shard], store, layout)
     return images, layout
 

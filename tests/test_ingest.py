@@ -19,6 +19,7 @@ from brightpaint.ingest import (
     field_path,
     plan_layout,
     read_field,
+    read_site_tiffs,
     shard_wells,
     site_qc_table,
     write_shard_store,
@@ -40,7 +41,7 @@ def ingest(screen: Path, out: Path, plate: str = "T1", role: str = "train", n_sh
     for shard in range(n_shards):
         store = out.parent / f"shard{shard}.zarr"
         qcs.append(write_shard_store(images, shard_wells(list(images["well"]), n_shards, shard),
-                                     layout, store))
+                                     layout, store, root=screen))
         shards.append(store)
     assemble_plate_store(shards, out, layout)
     qc = pd.concat(qcs, ignore_index=True)
@@ -239,8 +240,51 @@ def test_undecodable_data_fails_the_shard_without_partial_store(tiny_screen, tmp
     images, _ = validate(tiny_screen)
     layout = plan_layout(images, "T1", CHANNELS)
     with pytest.raises(OSError, match=rf"{row['path']}: well {row['well']}, site {row['site']}, channel DNA"):
-        write_shard_store(images, sorted(set(images["well"])), layout, tmp_path / "shard.zarr")
+        write_shard_store(images, sorted(set(images["well"])), layout, tmp_path / "shard.zarr",
+                          root=tiny_screen)
     assert leftovers(tmp_path) == []
+
+
+def swap_for_outside_link(screen: Path, row: pd.Series, outside: Path) -> Path:
+    """Replace a validated image by a symlink to a valid TIFF outside the screen folder."""
+    path = screen / "T1" / row["path"]
+    tifffile.imwrite(outside, tifffile.imread(path))
+    path.unlink()
+    path.symlink_to(outside)
+    return path
+
+
+def test_image_replaced_after_validation_by_a_link_outside_is_not_read(tiny_screen, tmp_path):
+    """validate_plate resolved the paths once; ingest resolves each again before reading, so a file
+    swapped afterwards for a symlink leaving the screen folder fails the shard, naming it."""
+    row = first_image(tiny_screen)
+    images, _ = validate(tiny_screen)
+    layout = plan_layout(images, "T1", CHANNELS)
+    swap_for_outside_link(tiny_screen, row, tmp_path / "outside.tif")
+    with pytest.raises(InputError) as err:
+        write_shard_store(images, sorted(set(images["well"])), layout, tmp_path / "shard.zarr",
+                          root=tiny_screen)
+    text = str(err.value)
+    assert "1 problem(s) in plate T1" in text
+    validated = tiny_screen.resolve() / "T1" / row["path"]  # the path validate_plate resolved
+    assert f"{validated}, well {row['well']}, site {row['site']}, channel DNA, z 0" in text
+    outside = tmp_path.resolve() / "outside.tif"
+    assert f"its real path {outside} leaves the screen folder {tiny_screen.resolve()}" in text
+    assert f"manifest path {row['path']!r}" in text
+    assert leftovers(tmp_path) == []
+
+
+def test_each_file_is_checked_again_as_it_is_opened(tiny_screen, tmp_path):
+    """A swap after the shard's first check is caught where the file is opened."""
+    row = first_image(tiny_screen)
+    images, _ = validate(tiny_screen)
+    layout = plan_layout(images, "T1", CHANNELS)
+    swap_for_outside_link(tiny_screen, row, tmp_path / "outside.tif")
+    site = images[(images["well"] == row["well"]) & (images["site"] == row["site"])]
+    array = np.zeros((1, len(layout.channels), layout.n_z, *layout.shape), layout.dtype)
+    with pytest.raises(InputError, match=r"leaves the screen folder .*nothing was read from it"):
+        read_site_tiffs(array, layout, site, 0.01, tiny_screen)
+    assert not array[0, layout.channels.index("DNA")].any()
 
 
 def test_mixed_dtypes_get_a_common_store_dtype(tiny_screen, tmp_path):

@@ -12,6 +12,7 @@ from brightpaint.io import (
     loaddata_to_manifest,
     manifest_from_folder,
     normalise_well,
+    open_inside,
     read_manifest,
     read_platemap,
     read_screen_sheet,
@@ -191,3 +192,19 @@ def test_platemap_problems(tmp_path):
     assert "control_type 'negative'" in message
     assert "dose 'high' is not a number" in message
     assert "well A01: well listed 2 times" in message
+
+
+def test_open_inside_opens_only_files_whose_real_path_stays_inside(tmp_path, monkeypatch):
+    root, outside = tmp_path / "screen", tmp_path / "outside.bin"
+    root.mkdir()
+    (root / "image.bin").write_bytes(b"in")
+    outside.write_bytes(b"out")
+    (root / "link.bin").symlink_to(outside)
+    handle, real = open_inside(root / "image.bin", root)
+    with handle:
+        assert handle.read() == b"in" and real == (root / "image.bin").resolve()
+    for path in (root / "link.bin", root / ".." / "outside.bin"):
+        assert open_inside(path, root) == (None, outside.resolve())
+    # a path swapped between the check and the open: what the descriptor opened is checked too
+    monkeypatch.setattr("brightpaint.io.os.readlink", lambda link: str(outside))
+    assert open_inside(root / "image.bin", root) == (None, outside)

@@ -7,9 +7,11 @@ raised together in one `InputError`, so a user fixes a sheet in one go instead o
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -98,12 +100,40 @@ def resolve_inside(base: Path, relative: str, root: Path) -> Path | None:
     Paths are resolved (symlinks and '..' followed) before the check so that a sheet cannot reach
     files outside the screen folder by either route.
     """
-    candidate = (base / relative).resolve()
+    return real_path_inside(base / relative, root)
+
+
+def real_path_inside(path: str | Path, root: str | Path) -> Path | None:
+    """The real path of `path` (symlinks and '..' resolved now), or None if it lies outside `root`."""
+    real = Path(path).resolve()
     try:
-        candidate.relative_to(root.resolve())
+        real.relative_to(Path(root).resolve())
     except ValueError:
         return None
-    return candidate
+    return real
+
+
+def open_inside(path: str | Path, root: str | Path) -> tuple[BinaryIO | None, Path]:
+    """Open `path` for binary reading only if its real path lies inside `root`.
+
+    Returns (handle, real path), or (None, the outside real path) without opening. The path is
+    resolved at the call, so a file replaced since an earlier check (by a symlink to a file
+    elsewhere, say) is caught; where the system shows what a descriptor opened (Linux
+    /proc/self/fd), the opened file is checked too, so a swap between the check and the open is
+    caught as well.
+    """
+    real = real_path_inside(path, root)
+    if real is None:
+        return None, Path(path).resolve()
+    handle = open(real, "rb")  # returned open: the caller closes it
+    try:
+        opened = Path(os.readlink(f"/proc/self/fd/{handle.fileno()}"))
+    except OSError:  # no /proc: the check before the open is all there is
+        opened = real
+    if real_path_inside(opened, root) is None:
+        handle.close()
+        return None, opened
+    return handle, real
 
 
 def read_screen_sheet(path: str | Path) -> pd.DataFrame:

@@ -37,6 +37,7 @@ rule ingest_shard:
     params:
         n_shards=config["shards"],
         saturation_flag=config["ingest"]["saturation_flag"],
+        screen_folder=SCREEN.sheet_folder,
     threads: config["threads"]["ingest"]
     conda:
         MAIN_ENV

@@ -13,8 +13,11 @@ inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: 
 images = pd.read_parquet(inp.images)
 layout = StoreLayout.from_json(Path(inp.layout).read_text())
 wells = shard_wells(list(images["well"]), params.n_shards, int(snakemake.wildcards.shard))  # noqa: F821
+# the screen folder validate_plate checked the image paths against, resolved the same way: every
+# image is checked again as it is read (a file replaced after validation must not leave it)
+root = str(Path(params.screen_folder).resolve())
 qc = write_shard_store(images, wells, layout, out.store, threads=snakemake.threads,  # noqa: F821
-                       saturation_limit=params.saturation_flag)
+                       saturation_limit=params.saturation_flag, root=root)
 with atomic_path(out.qc) as tmp:
     qc.to_parquet(tmp, index=False)
 log.info("shard %s: %d wells, %d images", snakemake.wildcards.shard, len(wells), len(qc))  # noqa: F821
