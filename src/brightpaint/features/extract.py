@@ -13,6 +13,7 @@ import pandas as pd
 from ..ingest import read_plane, read_store_layout
 from ..labels import label_name
 from ..labels import read_labels as read_label_image
+from ..plate import VIRTUAL_PREFIX, PlateSource, fluorescence_plane
 from .pipelines import PIPELINE, pipeline_names
 from .runner import CELLPROFILER, run_cellprofiler, write_loaddata, write_site_inputs
 from .schema import ADU_MAX, OBJECT_KEY, OBJECTS, SITE_KEYS, SiteKey, site_where
@@ -133,15 +134,13 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
     return cells, images, qc.reset_index(drop=True)
 
 
-def plate_site_readers(source, virtual_store: str | Path, labels_store: str | Path
+def plate_site_readers(source: PlateSource, virtual_store: str | Path, labels_store: str | Path
                        ) -> tuple[Callable[..., dict[str, np.ndarray]], Callable[..., dict[str, np.ndarray]]]:
     """`extract_features`'s readers for a workflow plate: images of source `real` are the plate's
     illumination-corrected (and, where denoised, denoised) stains, those of `virtual` its virtual
     stains (VS_<channel>, returned under the plain channel name so both sources go through the same
     pipeline and get the same feature names); labels are the segmentation's nuclei / cells /
     cytoplasm of that source, under CellProfiler's object names."""
-    from ..plate import VIRTUAL_PREFIX, fluorescence_plane
-
     virtual_channels = read_store_layout(virtual_store).channels
 
     def read_images(plate: str, well: str, site: int, kind: str) -> dict[str, np.ndarray]:
