@@ -3,7 +3,7 @@ and profile / matching time per plate, on a finished run's plate.
 
     python bench/features.py --plate-dir results/plates/P1 --out bench/results/features.json [--sites 8]
 
-`ours` is `brightpaint.features.extract_features` as the workflow calls it (reading the stores,
+`ours` is `brightpaint.features.extract.extract_features` as the workflow calls it (reading the stores,
 writing the TIFFs and LoadData CSVs, the site-by-site half of the pipeline on each site and the
 tiled half on tiles of sites, reading the CSVs into the per-cell table); `whole` is the same with
 the whole pipeline site by site (no tiles); `bare` is the whole pipeline's
@@ -26,20 +26,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from brightpaint.features import (
-    CELLPROFILER,
-    PIPELINE,
-    SITE_PIPELINE,
-    TILED_PIPELINE,
-    extract_features,
-    measurable_sites,
-    plate_site_readers,
-    thread_environment,
-)
+from brightpaint.features.extract import extract_features, measurable_sites, plate_site_readers
+from brightpaint.features.pipelines import PIPELINE, SITE_PIPELINE, TILED_PIPELINE
+from brightpaint.features.runner import CELLPROFILER, thread_environment
 from brightpaint.io import read_platemap, read_screen_sheet
 from brightpaint.match import match_profiles
+from brightpaint.plate import open_plate_source
 from brightpaint.profiles import plate_profiles
-from brightpaint.stain import open_plate_source
 
 REPO = Path(__file__).resolve().parents[1]
 

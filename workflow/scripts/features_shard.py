@@ -5,10 +5,10 @@ import tempfile
 import pandas as pd
 
 from brightpaint.atomic import atomic_path
-from brightpaint.features import extract_features, measurable_sites, plate_site_readers
+from brightpaint.features.extract import extract_features, measurable_sites, plate_site_readers
 from brightpaint.ingest import shard_wells
 from brightpaint.logs import log_to_rule
-from brightpaint.stain import open_plate_source
+from brightpaint.plate import open_plate_source
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
