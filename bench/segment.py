@@ -23,7 +23,9 @@ from brightpaint.demo.site import simulate_site
 from brightpaint.demo.spec import PlateSpec, ScreenSpec
 from brightpaint.demo.treatments import plate_wells
 from brightpaint.inference import resolve_device, torch_threads
-from brightpaint.segment import Segmenter, SegmentSettings, load_cellpose_model
+from brightpaint.segment.run import Segmenter
+from brightpaint.segment.settings import SegmentSettings
+from brightpaint.segment.weights import load_cellpose_model
 
 REPO = Path(__file__).resolve().parents[1]
 

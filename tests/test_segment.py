@@ -14,12 +14,36 @@ import torch
 import zarr
 from conftest import REPO, shared_data
 
-from brightpaint import segment as S
+from brightpaint.demo.cellpose_weights import (
+    KIND_DIAMETERS,
+    KINDS,
+    ctc_frames,
+    train_shipped_model,
+)
 from brightpaint.labels import label_names, read_labels, write_field_labels
+from brightpaint.provenance import sha256_file
+from brightpaint.segment.evaluate import instance_metrics, pooled_ap, summarise_metrics
+from brightpaint.segment.objects import filter_sizes, relate_objects, touching_border
+from brightpaint.segment.run import (
+    cellpose_input,
+    estimate_diameter,
+    run_cellpose,
+    scale_channel,
+    site_quality,
+)
+from brightpaint.segment.settings import SegmentError, SegmentSettings
+from brightpaint.segment.weights import (
+    REDUCED_WIDTHS,
+    build_network,
+    cellpose_state,
+    load_cellpose_model,
+    network_widths,
+    resolve_weights,
+)
 
 DSB_FLOOR = 0.75  # measured 0.81 (2-core CPU); the margin covers thread-count rounding
 CTC_FLOOR = 0.78  # measured 0.82 pooled over the 5 held-out frames (GOWT1 0.84-0.97, HeLa 0.81)
-SHIPPED = {kind: REPO / "resources" / "cellpose" / f"{kind}.pth" for kind in S.KINDS}
+SHIPPED = {kind: REPO / "resources" / "cellpose" / f"{kind}.pth" for kind in KINDS}
 
 
 def disc(labels: np.ndarray, label: int, y: int, x: int, r: float) -> None:
@@ -37,44 +61,44 @@ def test_named_model_without_its_file_is_an_error_not_a_download(tmp_path, monke
 
     monkeypatch.setattr(cellpose.models, "MODEL_DIR", tmp_path)
     for name in ("cyto3", "nuclei", "cpsam"):
-        with pytest.raises(S.SegmentError, match="never downloads"):
-            S.resolve_weights(name)
+        with pytest.raises(SegmentError, match="never downloads"):
+            resolve_weights(name)
     (tmp_path / "cyto3").write_bytes(b"x")
-    assert S.resolve_weights("cyto3") == tmp_path / "cyto3"
-    with pytest.raises(S.SegmentError, match="not found"):
-        S.resolve_weights(tmp_path / "missing.pth")
+    assert resolve_weights("cyto3") == tmp_path / "cyto3"
+    with pytest.raises(SegmentError, match="not found"):
+        resolve_weights(tmp_path / "missing.pth")
 
 
 def test_weights_of_the_wrong_kind_are_refused(tmp_path):
     text = tmp_path / "notes.pth"
     text.write_text("not weights")
-    with pytest.raises(S.SegmentError, match="torch cannot read it"):
-        S.load_cellpose_model(text)
+    with pytest.raises(SegmentError, match="torch cannot read it"):
+        load_cellpose_model(text)
     other = tmp_path / "other.pth"
     torch.save(torch.nn.Conv2d(2, 4, 3).state_dict(), other)
-    with pytest.raises(S.SegmentError, match="not a Cellpose 3 CPnet"):
-        S.load_cellpose_model(other)
+    with pytest.raises(SegmentError, match="not a Cellpose 3 CPnet"):
+        load_cellpose_model(other)
     # a CPnet file with a layer missing would load half-random with Cellpose's strict=False
-    state = S.build_network([2, *S.REDUCED_WIDTHS], 17.0).state_dict()
+    state = build_network([2, *REDUCED_WIDTHS], 17.0).state_dict()
     state.pop("output.2.weight")
     partial = tmp_path / "partial.pth"
     torch.save(state, partial)
-    with pytest.raises(S.SegmentError, match="do not fit"):
-        S.load_cellpose_model(partial)
+    with pytest.raises(SegmentError, match="do not fit"):
+        load_cellpose_model(partial)
 
 
 def test_reduced_and_full_networks_load_and_run_through_cellpose(tmp_path):
     image = np.zeros((2, 96, 120), np.float32)
-    for widths in (S.REDUCED_WIDTHS, (32, 64, 128, 256)):
-        net = S.build_network([2, *widths], 17.0)
+    for widths in (REDUCED_WIDTHS, (32, 64, 128, 256)):
+        net = build_network([2, *widths], 17.0)
         path = tmp_path / f"net{widths[0]}.pth"
         net.save_model(path)
-        model = S.load_cellpose_model(path)
-        assert S.network_widths(S.cellpose_state(path)) == [2, *widths]
+        model = load_cellpose_model(path)
+        assert network_widths(cellpose_state(path)) == [2, *widths]
         for name, value in net.state_dict().items():  # the file's weights, not random ones
             assert torch.equal(model.net.state_dict()[name].cpu(), value), name
-        labels = S.run_cellpose(model, np.stack([image, image]), diameter=0, settings=S.SegmentSettings(),
-                                min_size=15)
+        labels = run_cellpose(model, np.stack([image, image]), diameter=0, settings=SegmentSettings(),
+                              min_size=15)
         assert labels.shape == (2, 96, 120)
 
 
@@ -82,19 +106,19 @@ def test_shipped_weights_match_their_cards():
     for kind, path in SHIPPED.items():
         card = json.loads(path.with_suffix(".json").read_text())
         assert card["kind"] == kind
-        assert card["sha256"] == S.sha256_file(path)
-        assert S.network_widths(S.cellpose_state(path)) == card["widths"] == [2, *S.REDUCED_WIDTHS]
+        assert card["sha256"] == sha256_file(path)
+        assert network_widths(cellpose_state(path)) == card["widths"] == [2, *REDUCED_WIDTHS]
         assert min(v for k, v in card["metrics"].items() if k.startswith("ap50")) >= 0.9
 
 
 def test_training_writes_a_loadable_model_and_its_card(tmp_path):
-    card = S.train_shipped_model("nuclei", tmp_path / "n.pth", sites=2, epochs=2, seed=3, threads=2)
-    assert card["sha256"] == S.sha256_file(tmp_path / "n.pth")
+    card = train_shipped_model("nuclei", tmp_path / "n.pth", sites=2, epochs=2, seed=3, threads=2)
+    assert card["sha256"] == sha256_file(tmp_path / "n.pth")
     assert card["data"]["samples"] == 4 and card["training"]["epochs"] == 2
     assert len(card["training"]["train_loss"]) == 2
-    assert S.load_cellpose_model(tmp_path / "n.pth").diam_mean == pytest.approx(S.KIND_DIAMETERS["nuclei"])
-    with pytest.raises(S.SegmentError, match="unknown model kind"):
-        S.train_shipped_model("cyto", tmp_path / "c.pth", sites=2, epochs=1)
+    assert load_cellpose_model(tmp_path / "n.pth").diam_mean == pytest.approx(KIND_DIAMETERS["nuclei"])
+    with pytest.raises(SegmentError, match="unknown model kind"):
+        train_shipped_model("cyto", tmp_path / "c.pth", sites=2, epochs=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,16 +128,16 @@ def test_training_writes_a_loadable_model_and_its_card(tmp_path):
 
 def test_scaling_and_site_quality():
     ramp = np.tile(np.arange(100, dtype=np.float32), (10, 1))
-    scaled = S.scale_channel(ramp)
+    scaled = scale_channel(ramp)
     assert scaled.min() == 0 and scaled.max() == 1
-    assert S.scale_channel(ramp, 0.3)[0, 50] == pytest.approx(scaled[0, 50] ** 0.3, rel=1e-5)
-    assert not S.scale_channel(np.full((8, 8), 7.0)).any()
-    with pytest.raises(S.SegmentError, match="NaN"):
-        S.scale_channel(np.full((4, 4), np.nan))
-    assert S.cellpose_input(ramp).shape == (2, 10, 100)
-    assert "blank" in S.site_quality(np.zeros((8, 8), np.uint16))
-    assert "saturated" in S.site_quality(np.full((8, 8), 65535, np.uint16))
-    assert S.site_quality(ramp) == ""
+    assert scale_channel(ramp, 0.3)[0, 50] == pytest.approx(scaled[0, 50] ** 0.3, rel=1e-5)
+    assert not scale_channel(np.full((8, 8), 7.0)).any()
+    with pytest.raises(SegmentError, match="NaN"):
+        scale_channel(np.full((4, 4), np.nan))
+    assert cellpose_input(ramp).shape == (2, 10, 100)
+    assert "blank" in site_quality(np.zeros((8, 8), np.uint16))
+    assert "saturated" in site_quality(np.full((8, 8), 65535, np.uint16))
+    assert site_quality(ramp) == ""
 
 
 def test_relate_objects_gives_one_nucleus_per_cell_with_shared_numbers():
@@ -128,7 +152,7 @@ def test_relate_objects_gives_one_nucleus_per_cell_with_shared_numbers():
     disc(nuclei, 4, 90, 90, 4)  # no cell: dropped
     cells[0:20, 70:95] = 11  # touches the edge: dropped with its nucleus
     disc(nuclei, 5, 8, 80, 4)
-    out = S.relate_objects(nuclei, cells, exclude_border=True)
+    out = relate_objects(nuclei, cells, exclude_border=True)
     assert out.counts == {"nuclei_found": 5, "cells_found": 4, "objects": 2, "cells_without_nucleus": 1,
                           "nuclei_without_cell": 2, "border_objects": 1}
     assert sorted(np.unique(out.cells)) == sorted(np.unique(out.nuclei)) == [0, 1, 2]
@@ -136,7 +160,7 @@ def test_relate_objects_gives_one_nucleus_per_cell_with_shared_numbers():
     assert np.array_equal(out.cytoplasm, np.where(out.nuclei > 0, 0, out.cells))
     assert out.nuclei[20, 20] == out.cells[20, 20] and out.nuclei[32, 32] == 0
     assert out.nuclei[48, 25] == 0  # clipped at the cell's edge
-    kept = S.relate_objects(nuclei, cells, exclude_border=False)
+    kept = relate_objects(nuclei, cells, exclude_border=False)
     assert kept.counts["objects"] == 3 and kept.counts["border_objects"] == 0
 
 
@@ -145,26 +169,26 @@ def test_size_filter_and_border():
     labels[0:3, 0:3] = 1
     labels[10:20, 10:20] = 2
     labels[30:48, 30:48] = 3
-    assert sorted(np.unique(S.filter_sizes(labels, 10, 200))) == [0, 2]
-    assert list(S.touching_border(labels)) == [1]
+    assert sorted(np.unique(filter_sizes(labels, 10, 200))) == [0, 2]
+    assert list(touching_border(labels)) == [1]
 
 
 def test_instance_metrics_against_known_answers():
     truth = np.zeros((60, 60), np.int32)
     for k, (y, x) in enumerate([(10, 10), (10, 40), (40, 10), (40, 40)], start=1):
         disc(truth, k, y, x, 6)
-    perfect = S.instance_metrics(truth, truth * 3)  # numbering does not matter
+    perfect = instance_metrics(truth, truth * 3)  # numbering does not matter
     assert perfect["ap50"] == perfect["map50_95"] == perfect["f1_70"] == perfect["jaccard"] == 1.0
     missing = truth.copy()
     missing[missing == 4] = 0
-    scores = S.instance_metrics(truth, missing)
+    scores = instance_metrics(truth, missing)
     assert scores["ap50"] == pytest.approx(3 / 4) and scores["n_predicted"] == 3
     assert scores["f1_70"] == pytest.approx(2 * 3 / (2 * 3 + 1))
     shifted = np.roll(truth, 4, axis=1)  # IoU of a 6-px disc moved by 4 px ~0.4: no match at 0.5
-    assert S.instance_metrics(truth, shifted)["ap50"] == 0
-    assert S.instance_metrics(np.zeros_like(truth), np.zeros_like(truth))["ap50"] == 1.0
-    rows = [S.instance_metrics(truth, truth), scores]
-    assert S.pooled_ap(rows) == pytest.approx(7 / 8)
+    assert instance_metrics(truth, shifted)["ap50"] == 0
+    assert instance_metrics(np.zeros_like(truth), np.zeros_like(truth))["ap50"] == 1.0
+    rows = [instance_metrics(truth, truth), scores]
+    assert pooled_ap(rows) == pytest.approx(7 / 8)
 
 
 def test_labels_roundtrip_and_ome_zarr_reads_them(tmp_path):
@@ -228,13 +252,13 @@ def test_demo_every_plate_segmented_and_every_cell_has_one_nucleus(demo):
             assert np.all(cells[nuclei > 0] == nuclei[nuclei > 0])
             assert np.array_equal(cytoplasm, np.where(nuclei > 0, 0, cells))
             for objects in (nuclei, cells):
-                assert not len(S.touching_border(objects))
+                assert not len(touching_border(objects))
 
 
 def test_demo_accuracy_against_truth_and_between_real_and_virtual(demo):
     metrics = pd.concat([pd.read_parquet(demo / "plates" / p / "segment" / "metrics.parquet")
                          for p in ("P1", "P2", "P3", "P4")])
-    summary = S.summarise_metrics(metrics).set_index(["comparison", "objects"])
+    summary = summarise_metrics(metrics).set_index(["comparison", "objects"])
     print(summary.to_string())
     assert summary.loc[("real_vs_truth", "nuclei"), "ap50_pooled"] >= 0.9
     assert summary.loc[("real_vs_truth", "cells"), "ap50_pooled"] >= 0.8
@@ -245,10 +269,10 @@ def test_demo_accuracy_against_truth_and_between_real_and_virtual(demo):
 def test_demo_metrics_are_the_stored_labels_scored_against_the_truth_files(demo, demo_run):
     metrics = pd.read_parquet(demo / "plates" / "P2" / "segment" / "metrics.parquet")
     row = metrics[(metrics["comparison"] == "real_vs_truth") & (metrics["objects"] == "nuclei")].iloc[3]
-    truth = S.relate_objects(demo_truth(demo_run, "P2", row.well, row.site, "nuclei"),
-                             demo_truth(demo_run, "P2", row.well, row.site, "cells"))
+    truth = relate_objects(demo_truth(demo_run, "P2", row.well, row.site, "nuclei"),
+                           demo_truth(demo_run, "P2", row.well, row.site, "cells"))
     predicted = read_labels(demo / "plates" / "P2" / "labels.zarr", row.well, row.site, "nuclei_real")
-    assert S.instance_metrics(truth.nuclei, predicted)["ap50"] == pytest.approx(row.ap50)
+    assert instance_metrics(truth.nuclei, predicted)["ap50"] == pytest.approx(row.ap50)
     assert (demo / "plates" / "P2" / "segment" / "overlay.png").stat().st_size > 10_000
 
 
@@ -259,32 +283,32 @@ def test_demo_metrics_are_the_stored_labels_scored_against_the_truth_files(demo,
 
 @pytest.fixture(scope="module")
 def nuclei_model():
-    return S.load_cellpose_model(SHIPPED["nuclei"])
+    return load_cellpose_model(SHIPPED["nuclei"])
 
 
 def segment_real(model, image):
-    inputs = S.cellpose_input(image)[None]
-    settings = S.SegmentSettings()
-    diameter = S.estimate_diameter(model, inputs, settings, settings.min_nucleus_area)
-    return S.run_cellpose(model, inputs, diameter=diameter, settings=settings,
-                          min_size=settings.min_nucleus_area)[0]
+    inputs = cellpose_input(image)[None]
+    settings = SegmentSettings()
+    diameter = estimate_diameter(model, inputs, settings, settings.min_nucleus_area)
+    return run_cellpose(model, inputs, diameter=diameter, settings=settings,
+                        min_size=settings.min_nucleus_area)[0]
 
 
 def test_real_nuclei_dsb2018_image(nuclei_model):
     """One DSB2018 image (stardist's test image, 125 manual nuclei), never trained on."""
     folder = shared_data("stardist-wheel-nuclei") / "stardist" / "data" / "images"
     truth = tifffile.imread(folder / "mask2d.tif")
-    scores = S.instance_metrics(truth, segment_real(nuclei_model, tifffile.imread(folder / "img2d.tif")))
+    scores = instance_metrics(truth, segment_real(nuclei_model, tifffile.imread(folder / "img2d.tif")))
     print("DSB2018", scores)
     assert scores["ap50"] >= DSB_FLOOR
 
 
 def test_real_nuclei_ctc_held_out_frames(nuclei_model):
     """Cell Tracking Challenge frames with gold-standard masks that the shipped model never saw
-    (S.CTC_FRAMES: other frames of the same movies may be in its training data)."""
+    (CTC_FRAMES: other frames of the same movies may be in its training data)."""
     rows = {}
-    for name, image, truth in S.ctc_frames(shared_data("nuclei-gt-coelho-ctc"), "test"):
-        rows[name] = S.instance_metrics(truth, segment_real(nuclei_model, image))
-    pooled = S.pooled_ap(list(rows.values()))
+    for name, image, truth in ctc_frames(shared_data("nuclei-gt-coelho-ctc"), "test"):
+        rows[name] = instance_metrics(truth, segment_real(nuclei_model, image))
+    pooled = pooled_ap(list(rows.values()))
     print({k: round(v["ap50"], 3) for k, v in rows.items()}, "pooled", pooled)
     assert pooled >= CTC_FLOOR

@@ -167,7 +167,8 @@ def segment_weights_path(weights: str, results: str, basedir: str | Path) -> str
         return text
     if not path.is_absolute() and (Path(basedir) / path).is_file():
         return str(Path(basedir) / path)
-    from .segment import SegmentError, resolve_weights  # imports torch: only for names and errors
+    from .segment.settings import SegmentError
+    from .segment.weights import resolve_weights  # imports torch: only for names and errors
 
     try:
         return str(resolve_weights(text))

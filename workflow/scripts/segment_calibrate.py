@@ -7,13 +7,9 @@ from brightpaint.atomic import atomic_path
 from brightpaint.inference import resolve_device, torch_threads
 from brightpaint.logs import log_to_rule
 from brightpaint.plate import open_plate_source
-from brightpaint.segment import (
-    SegmentSettings,
-    calibrate_plate,
-    load_cellpose_model,
-    model_description,
-    plate_readers,
-)
+from brightpaint.segment.plates import calibrate_plate, plate_readers
+from brightpaint.segment.settings import SegmentSettings
+from brightpaint.segment.weights import load_cellpose_model, model_description
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821

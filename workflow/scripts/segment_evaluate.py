@@ -5,7 +5,8 @@ import pandas as pd
 from brightpaint.atomic import atomic_path
 from brightpaint.logs import log_to_rule
 from brightpaint.plate import open_plate_source
-from brightpaint.segment import evaluate_plate, overlay_figure, plate_readers, summarise_metrics
+from brightpaint.segment.evaluate import evaluate_plate, overlay_figure, summarise_metrics
+from brightpaint.segment.plates import plate_readers
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821

@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 from brightpaint.atomic import atomic_path
+from brightpaint.demo.cellpose_weights import train_shipped_model
 from brightpaint.logs import log_to_rule
-from brightpaint.segment import train_shipped_model
 
 log = log_to_rule(snakemake)  # noqa: F821
 out, settings = snakemake.output, snakemake.params.settings  # noqa: F821

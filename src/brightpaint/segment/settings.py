@@ -1,0 +1,45 @@
+"""Settings of a segmentation run (config `segment:`) and the error every segmentation check raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+class SegmentError(ValueError):
+    """A segmentation input or weight file that cannot be used, named with what is wrong."""
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """Cellpose and object settings shared by every site of a run (config `segment:`)."""
+
+    nuclei_diameter: float = 0.0  # px; 0 = estimated once per plate and input
+    cell_diameter: float = 0.0
+    gamma: float = 1.0  # applied to the [0, 1]-scaled channels before Cellpose; 1 = off
+    flow_threshold: float = 0.4
+    cellprob_threshold: float = 0.0
+    min_nucleus_area: int = 15  # px
+    max_nucleus_area: int = 0  # px; 0 = no limit
+    min_cell_area: int = 30
+    max_cell_area: int = 0
+    exclude_border: bool = True
+    batch: int = 8  # 224-px tiles per forward pass
+    diameter_sites: int = 8  # sites sampled to estimate a plate's diameters
+
+    @classmethod
+    def from_config(cls, section: dict) -> SegmentSettings:
+        """From the workflow's `segment:` config (keys that are not settings, such as the weight
+        paths, are the workflow's and are ignored here; the schema checks their spelling)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in section.items() if k in known}).checked()
+
+    def checked(self) -> SegmentSettings:
+        for name in ("nuclei_diameter", "cell_diameter", "min_nucleus_area", "max_nucleus_area",
+                     "min_cell_area", "max_cell_area"):
+            if getattr(self, name) < 0:
+                raise SegmentError(f"segment settings: {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.gamma <= 5:
+            raise SegmentError(f"segment settings: gamma must be in (0, 5], got {self.gamma}")
+        if self.batch < 1 or self.diameter_sites < 1:
+            raise SegmentError("segment settings: batch and diameter_sites must be >= 1")
+        return self
