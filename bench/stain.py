@@ -23,9 +23,10 @@ import numpy as np
 import torch
 import yaml
 
-from brightpaint import stain_models
 from brightpaint.inference import predict_tiled, resolve_device, tile_starts, torch_threads
-from brightpaint.stain import StainSettings, load_stain_model
+from brightpaint.stain import models
+from brightpaint.stain.files import load_stain_model
+from brightpaint.stain.settings import StainSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,10 +67,10 @@ def time_prediction(generator, device, size: int, tile: int, overlap: int, batch
 
 
 def time_training(settings: StainSettings, device, steps: int) -> dict:
-    generator = stain_models.build_generator(settings.arch, 2 * settings.half_width + 1, 3,
+    generator = models.build_generator(settings.arch, 2 * settings.half_width + 1, 3,
                                              width=settings.width, depth=settings.depth, seed=0).to(device)
     optimiser = torch.optim.Adam(generator.parameters(), lr=settings.lr)
-    loss_fn = stain_models.reconstruction_loss(settings.loss)
+    loss_fn = models.reconstruction_loss(settings.loss)
     planes = 2 * settings.half_width + 1
     x = torch.randn(settings.batch, planes, settings.patch, settings.patch, device=device)
     y = torch.randn(settings.batch, 3, settings.patch, settings.patch, device=device)
@@ -105,7 +106,7 @@ def main() -> None:
         if args.model:
             generator, card = load_stain_model(args.model)
         else:
-            generator = stain_models.build_generator(settings.arch, 2 * settings.half_width + 1, 3,
+            generator = models.build_generator(settings.arch, 2 * settings.half_width + 1, 3,
                                                      width=settings.width, depth=settings.depth, seed=0)
         generator = generator.to(device).eval()
         if device.type == "cuda":

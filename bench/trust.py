@@ -30,7 +30,10 @@ from brightpaint.plate import (
     plate_scales,
     sample_items,
 )
-from brightpaint.stain import load_stain_model, normalise_brightfield, predict_normalised, site_split
+from brightpaint.stain.data import normalise_brightfield
+from brightpaint.stain.evaluate import site_split
+from brightpaint.stain.files import load_stain_model
+from brightpaint.stain.predict import predict_normalised
 from brightpaint.trust import (
     brightfield_statistics,
     domain_scores,

@@ -18,29 +18,24 @@ import torch
 from conftest import CHANNELS, shared_data
 from scipy import ndimage
 
-from brightpaint import stain_models
 from brightpaint.inference import predict_tiled
 from brightpaint.ingest import read_plane, read_store_layout
 from brightpaint.metrics import image_metrics, pearson
 from brightpaint.plate import VIRTUAL_PREFIX, fluorescence_plane, open_plate_source
-from brightpaint.stain import (
-    StainError,
-    StainSettings,
+from brightpaint.stain import models
+from brightpaint.stain.data import (
     StainSite,
     TrainingSet,
     brightfield_input,
     build_training_set,
-    evaluate_plate,
-    load_card,
-    load_stain_model,
-    predict_normalised,
-    predict_sites,
-    predict_virtual,
     random_crop,
-    save_stain_model,
     split_wells,
-    train_stain_model,
 )
+from brightpaint.stain.evaluate import evaluate_plate
+from brightpaint.stain.files import load_card, load_stain_model, save_stain_model
+from brightpaint.stain.predict import predict_normalised, predict_sites, predict_virtual
+from brightpaint.stain.settings import StainError, StainSettings
+from brightpaint.stain.train import train_stain_model
 from brightpaint.workflow import ConfigError, Screen
 
 HELD_OUT = ("validation",)
@@ -232,7 +227,7 @@ def test_a_missing_target_channel_is_masked_not_learned_as_zero():
     settings = StainSettings(width=8, depth=2, patch=32, batch=4, steps_per_epoch=10, max_epochs=1)
     generator, history = train_stain_model(TrainingSet(train, validation, {}, {}), ["A", "B"], settings,
                                            threads=1)
-    untrained = stain_models.build_generator("unet", 3, 2, width=8, depth=2, seed=0)
+    untrained = models.build_generator("unet", 3, 2, width=8, depth=2, seed=0)
     # channel B's output head is untouched by training: only channel A's weights moved
     head, initial = generator.last_layer.detach(), untrained.last_layer.detach()
     assert torch.equal(head[1], initial[1]) and not torch.equal(head[0], initial[0])
@@ -270,7 +265,7 @@ def test_wells_split_without_overlap_and_reproducibly():
 
 
 def saved_model(tmp_path: Path, in_channels: int = 3, targets=("DNA",)) -> tuple[Path, dict]:
-    generator = stain_models.build_generator("unet", in_channels, len(targets), width=8, depth=2, seed=0)
+    generator = models.build_generator("unet", in_channels, len(targets), width=8, depth=2, seed=0)
     card = {"targets": list(targets), "virtual_channels": [VIRTUAL_PREFIX + t for t in targets],
             "inputs": {"channel": "BF", "half_width": (in_channels - 1) // 2},
             "target_normalisation": {"method": "plate",
@@ -285,7 +280,7 @@ def test_model_file_round_trip_with_card(tmp_path):
     assert loaded["sha256"] == card["sha256"] == load_card(path)["sha256"]
     assert len(card["git_commit"].removesuffix("+dirty")) in (0, 40) and card["code_version"] == "stain-1"
     assert json.loads((path.parent / "card.json").read_text())["targets"] == ["DNA"]
-    original = stain_models.build_generator("unet", 3, 1, width=8, depth=2, seed=0).eval()
+    original = models.build_generator("unet", 3, 1, width=8, depth=2, seed=0).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.inference_mode():
         assert torch.equal(generator(x), original(x))
@@ -326,7 +321,7 @@ def test_cuda_without_a_gpu_is_an_error(blob_data):
 
 
 def test_predict_tiled_handles_sizes_that_are_not_tile_multiples():
-    generator = stain_models.build_generator("unet", 3, 2, width=8, depth=2, seed=0).eval()
+    generator = models.build_generator("unet", 3, 2, width=8, depth=2, seed=0).eval()
     image = np.random.default_rng(0).normal(size=(3, 150, 203)).astype(np.float32)
     whole = predict_tiled(generator, image, tile=256, overlap=0)
     tiled = predict_tiled(generator, image, tile=64, overlap=48, batch=5)

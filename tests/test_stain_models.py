@@ -1,4 +1,4 @@
-"""Virtual-staining networks and losses (brightpaint.stain_models): shapes, sizes, seeding, tiled vs
+"""Virtual-staining networks and losses (brightpaint.stain.models): shapes, sizes, seeding, tiled vs
 whole-image inference, a tiny overfit, masked losses, the WGAN-GP penalty and the adaptive weight.
 
 Everything is tiny (width 4-8, images up to 848 px only for the tiling check of unext2, whose receptive
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brightpaint.stain_models import (
+from brightpaint.stain.models import (
     ARCHITECTURES,
     LOSSES,
     adaptive_adversarial_weight,

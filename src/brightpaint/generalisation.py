@@ -27,8 +27,11 @@ from .groups import Group
 from .labels import label_name, read_labels
 from .metrics import image_metrics, robust_range
 from .plate import PlateSource, fluorescence_plane, plate_scales, sample_items
-from .segment import Segmenter, instance_metrics
-from .stain import StainError, brightfield_input, predict_normalised, select_wells
+from .segment.evaluate import instance_metrics
+from .segment.run import Segmenter
+from .stain.data import brightfield_input, select_wells
+from .stain.predict import predict_normalised
+from .stain.settings import StainError
 
 LEVELS = {"pcc": "pixels", "ssim": "pixels", "psnr": "pixels", "ap50": "instances", "f1_70": "instances",
           "feature_nmae": "features"}

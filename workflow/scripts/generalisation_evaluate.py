@@ -10,8 +10,10 @@ from brightpaint.inference import resolve_device, torch_threads
 from brightpaint.io import read_platemap
 from brightpaint.logs import log_to_rule
 from brightpaint.plate import open_plate_source
-from brightpaint.segment import Segmenter, SegmentSettings, load_cellpose_model
-from brightpaint.stain import load_stain_model
+from brightpaint.segment.run import Segmenter
+from brightpaint.segment.settings import SegmentSettings
+from brightpaint.segment.weights import load_cellpose_model
+from brightpaint.stain.files import load_stain_model
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821

@@ -5,7 +5,8 @@ import pandas as pd
 from brightpaint.atomic import atomic_path
 from brightpaint.logs import log_to_rule
 from brightpaint.plate import open_plate_source
-from brightpaint.stain import evaluate_plate, examples_figure, load_card
+from brightpaint.stain.evaluate import evaluate_plate, examples_figure
+from brightpaint.stain.files import load_card
 from brightpaint.trust import attach_uncertainty, uncertainty_error_correlation
 
 log = log_to_rule(snakemake)  # noqa: F821

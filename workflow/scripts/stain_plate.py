@@ -7,7 +7,8 @@ import pandas as pd
 from brightpaint.atomic import atomic_path
 from brightpaint.ingest import StoreLayout, assemble_plate_store
 from brightpaint.logs import log_to_rule
-from brightpaint.stain import load_card, virtual_channel_names, virtual_layout
+from brightpaint.stain.files import load_card
+from brightpaint.stain.predict import virtual_channel_names, virtual_layout
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out = snakemake.input, snakemake.output  # noqa: F821

@@ -5,7 +5,8 @@ from brightpaint.inference import resolve_device, torch_threads
 from brightpaint.ingest import shard_wells, stored_sites
 from brightpaint.logs import log_to_rule
 from brightpaint.plate import open_plate_source
-from brightpaint.stain import load_stain_model, predict_sites
+from brightpaint.stain.files import load_stain_model
+from brightpaint.stain.predict import predict_sites
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821

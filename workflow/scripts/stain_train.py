@@ -4,7 +4,9 @@ from brightpaint.atomic import atomic_path
 from brightpaint.io import read_platemap
 from brightpaint.logs import log_to_rule
 from brightpaint.plate import open_plate_source
-from brightpaint.stain import StainSettings, fit_stain_model, save_stain_model
+from brightpaint.stain.files import save_stain_model
+from brightpaint.stain.settings import StainSettings
+from brightpaint.stain.train import fit_stain_model
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
