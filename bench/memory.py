@@ -1,7 +1,7 @@
 """Peak memory (RSS) of every rule on generated plates of different sizes.
 
 For each well count, the demo generator writes a screen of two plates (one train, one apply) with that
-many wells, and the workflow runs on it with the default settings (stain training shortened: its
+many wells, and the workflow runs on it with the demo config (stain training shortened: its
 memory is set by `stain.model.max_sites` and the patch size, not by the epochs). Snakemake's
 benchmark files give each job's max RSS; the JSON lists the largest per rule and well count, so a
 rule whose memory grows with the plate shows it.
@@ -23,24 +23,25 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import yaml
 from report_json import emit
+from runs import job_benchmarks
+
+from brightpaint.demo.screen import simulate_screen
+from brightpaint.demo.spec import PlateSpec, ScreenSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_screen(workdir: Path, wells: int, sites: int, size: int, cores: int, until: list[str]) -> dict:
-    config = {
-        "simulate": {"outdir": "results/demo/screen", "wells": wells, "sites": sites, "size": size,
-                     "z_planes": 5, "seed": 0,
-                     "plates": [{"plate": "M1", "batch": "B1", "cell_type": "flat", "role": "train"},
-                                {"plate": "M2", "batch": "B1", "cell_type": "flat", "role": "apply"}]},
-        "stain": {"model": {"max_epochs": 1, "steps_per_epoch": 10}},
-    }
+    spec = ScreenSpec(plates=(PlateSpec("M1", "B1", "flat", "train"), PlateSpec("M2", "B1", "flat", "apply")),
+                      wells=wells, sites=sites, size=size, z_planes=5, seed=0)
+    simulate_screen(workdir / "screen", spec, workers=cores)
+    # the demo config (its camera, budgets) on this screen, with a one-epoch stain model
+    config = {"screen": "screen/plates.tsv", "stain": {"model": {"max_epochs": 1, "steps_per_epoch": 10}}}
     (workdir / "bench.yaml").write_text(yaml.safe_dump(config))
     command = [str(Path(sys.executable).with_name("snakemake")), "-s", str(REPO / "Snakefile"),
-               "--cores", str(cores), "--configfile", "bench.yaml"]
+               "--cores", str(cores), "--configfile", str(REPO / "config" / "demo.yaml"), "bench.yaml"]
     if until:
         command += ["--until", *until]
     start = time.perf_counter()
@@ -55,23 +56,11 @@ def run_screen(workdir: Path, wells: int, sites: int, size: int, cores: int, unt
 def rule_peaks(workdir: Path) -> dict:
     """Largest max RSS (MB) and seconds per rule over the jobs whose benchmark files are in
     `workdir`/results/benchmarks (a finished run, or the part of a run that finished)."""
-    peaks: dict[str, dict] = {}
-    for tsv in (workdir / "results" / "benchmarks").rglob("*.tsv"):
-        job = tsv.stem
-        rule = next((r for r in RULES if job == r or job.startswith(r + "_")), job)
-        row = pd.read_csv(tsv, sep="\t").iloc[-1]
-        entry = peaks.setdefault(rule, {"max_rss_mb": 0.0, "jobs": 0, "max_seconds": 0.0})
-        entry["max_rss_mb"] = round(max(entry["max_rss_mb"], float(row["max_rss"])), 1)
-        entry["max_seconds"] = round(max(entry["max_seconds"], float(row["s"])), 1)
-        entry["jobs"] += 1
-    return dict(sorted(peaks.items()))
-
-
-RULES = sorted(["validate_plate", "ingest_shard", "assemble_plate", "illumination", "focus_shard",
-                "focus_plate", "stain_train", "stain_shard", "stain_plate", "stain_evaluate",
-                "segment_calibrate", "segment_shard", "segment_plate", "segment_evaluate",
-                "features_shard", "features_plate", "profiles_plate", "profiles_screen", "match_plate",
-                "match_screen", "report_plate", "report_index", "simulate_demo"], key=len, reverse=True)
+    jobs = job_benchmarks(workdir / "results")
+    peaks = jobs.groupby("rule").agg(max_rss_mb=("max_rss", "max"), jobs=("job", "size"),
+                                     max_seconds=("s", "max")).round(1)
+    return {rule: {"max_rss_mb": float(row.max_rss_mb), "jobs": int(row.jobs),
+                   "max_seconds": float(row.max_seconds)} for rule, row in peaks.iterrows()}
 
 
 def main() -> None:

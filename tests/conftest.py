@@ -1,4 +1,14 @@
-"""Shared fixtures: a tiny generated screen (the demo generator at test size) and paths."""
+"""Shared fixtures: a tiny generated screen (the demo generator at test size), the workflow runner,
+the demo run, and the tiers.
+
+Tiers follow from the fixtures a test uses (nothing is marked by hand):
+- `acceptance`: uses `demo_run`, the workflow on the demo screen with the demo config (what `make demo`
+  does) and its accuracy floors;
+- `workflow`: runs Snakemake (fixture `run_snakemake`), on tiny generated screens;
+- `unit`: everything else, functions on arrays, tables and small files (seconds each).
+`make test` runs all three; `make test-fast` (or `pytest -m "not acceptance"`) the first two, and
+`pytest -m unit` the unit tier alone.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +17,17 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+import yaml
 
-from brightpaint.simulate import PlateSpec, ScreenSpec, simulate_screen
+from brightpaint.demo.screen import simulate_screen
+from brightpaint.demo.spec import PlateSpec, ScreenSpec, spec_from_config
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "config" / "demo.yaml"
+TIERS = {"acceptance": "demo_run", "workflow": "run_snakemake"}
 SHARED_DATA = REPO.parent / "shared" / "data"
 CHANNELS = {"brightfield": "BF", "nuclei": "DNA", "cell": "CYTO",
             "fluorescence": ["DNA", "CYTO", "DAMAGE"]}
@@ -44,7 +59,14 @@ def tiny_screen(tiny_screen_source, tmp_path) -> Path:
     return out
 
 
-def run_snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        tier = next((tier for tier, fixture in TIERS.items() if fixture in names), "unit")
+        item.add_marker(getattr(pytest.mark, tier))
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the workflow's Snakefile with `workdir` as working directory (results land there)."""
     snakemake = Path(sys.executable).with_name("snakemake")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -53,15 +75,84 @@ def run_snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.C
 
 
 @pytest.fixture(scope="session")
+def run_snakemake():
+    """`snakemake`: a test that runs the workflow asks for it (and so is in the workflow tier)."""
+    return snakemake
+
+
+# A 64 px tiny site holds at most a cell or two and a tiny plate one negative-control well: the
+# tiny run goes as far as the features; profiles and matching are checked on the demo screen
+# (tests/test_demo_profiles.py).
+TINY_UNTIL = ("--until", "features_plate", "segment_evaluate", "stain_evaluate")
+
+
+def merged(base: dict, override: dict) -> dict:
+    """`override` on top of `base`, nested mappings merged key by key (as Snakemake merges configs)."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def tiny_demo_config(workdir: Path, source: Path) -> Path:
+    """The demo config at CI size on a copy of the tiny screen placed where the demo config expects
+    the demo screen (its truth masks included)."""
+    shutil.copytree(source, workdir / "results" / "demo" / "screen")
+    demo = {key: value for key, value in yaml.safe_load(DEMO_CONFIG.read_text()).items() if key != "simulate"}
+    config = {"threads": {"validate": 1, "ingest": 1, "focus": 1, "denoise_train": 1,
+                          "denoise_predict": 1, "stain_train": 1, "stain_predict": 1, "segment": 1,
+                          "features": 1, "profiles": 1},
+
+              # CI-sized Noise2Void: enough to exercise training and tiled prediction end to end
+              "denoise": {"enabled": True, "steps": 10, "patch": 32, "batch": 4, "max_sites": 2,
+                          "tile": 64},
+              # CI-sized virtual staining: one short epoch, small tiles (accuracy: tests/test_stain.py)
+              "stain": {"model": {"width": 8, "depth": 2, "patch": 32, "batch": 4, "steps_per_epoch": 3,
+                                  "max_epochs": 1}, "tile": 32, "overlap": 8, "eval_sites": 4}}
+    path = workdir / "tiny.yaml"
+    path.write_text(yaml.safe_dump(merged(demo, config)))
+    return path
+
+
+
+
+class TinyRun(NamedTuple):
+    workdir: Path
+    config: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_screen_source, run_snakemake) -> TinyRun:
+    """The workflow tier's one run: the demo config at CI size on the tiny screen, up to the features
+    (TINY_UNTIL), made once per session; tests read it and must not change it (copy it first)."""
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    config = tiny_demo_config(workdir, tiny_screen_source)
+    result = run_snakemake(workdir, "--cores", "2", "--configfile", str(config), *TINY_UNTIL)
+    if result.returncode != 0:
+        pytest.fail("the tiny run failed:\n" + result.stdout[-3000:] + result.stderr[-3000:])
+    return TinyRun(workdir, config)
+
+
+def write_demo_screen(workdir: Path) -> Path:
+    """The demo screen as config/demo.yaml describes it, written under `workdir` (what `make demo`
+    does first); returns its sheet."""
+    settings = dict(yaml.safe_load(DEMO_CONFIG.read_text())["simulate"])
+    outdir = workdir / settings.pop("outdir")
+    return simulate_screen(outdir, spec_from_config(settings), workers=2)
+
+
+@pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> Path:
-    """The working directory of a run of the default workflow on the demo screen (what `make demo`
-    does), made once per test session. BRIGHTPAINT_DEMO_RUN=DIR reuses a finished run in DIR (for
-    working on the tests; CI always makes a fresh one)."""
+    """The working directory of a run of the workflow on the demo screen with the demo config (what
+    `make demo` does), made once per test session. BRIGHTPAINT_DEMO_RUN=DIR reuses a finished run in
+    DIR (for working on the tests; CI always makes a fresh one)."""
     reuse = os.environ.get("BRIGHTPAINT_DEMO_RUN")
     if reuse:
         return Path(reuse)
     workdir = tmp_path_factory.mktemp("demo_run")
-    result = run_snakemake(workdir, "--cores", "2", timeout=5000)
+    write_demo_screen(workdir)
+    result = snakemake(workdir, "--cores", "2", "--configfile", str(DEMO_CONFIG), timeout=5000)
     if result.returncode != 0:
         pytest.fail("the demo run failed:\n" + result.stdout[-4000:] + result.stderr[-4000:])
     return workdir

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, run_snakemake
+from conftest import DEMO_CONFIG, REPO
 from PIL import Image
 from test_report import Tables, frame
 
 from brightpaint import report as R
+from brightpaint.provenance import sha256_file
 
 MAX_REPORT_BYTES = 20 * 1024 * 1024
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -113,8 +114,8 @@ def test_provenance_lists_the_real_environments_and_files(demo, plates):
                                                                   installed[0]).group(1)
     files = frame(page.tables["files"]).set_index("what")
     model = demo / "models" / "stain" / "all" / "model.safetensors"
-    assert files.loc["stain model 1", "sha256"] == R.sha256_file(model)
-    assert files.loc["CellProfiler pipeline 2", "sha256"] == R.sha256_file(
+    assert files.loc["stain model 1", "sha256"] == sha256_file(model)
+    assert files.loc["CellProfiler pipeline 2", "sha256"] == sha256_file(
         REPO / "resources" / "cellprofiler" / "features_tiled.cppipe")
     jobs = frame(page.tables["benchmarks"])["job"].tolist()
     assert {"validate_plate", "focus_plate", "features_shard_0", "match_plate"} <= set(jobs)
@@ -161,9 +162,9 @@ def test_report_renders_in_headless_chromium(demo, plates, tmp_path):
     assert pixels.shape == (2400, 1280) and pixels.std() > 10  # not a blank page
 
 
-def test_snakemake_report_collects_the_main_figures_with_captions(demo_run, tmp_path):
+def test_snakemake_report_collects_the_main_figures_with_captions(demo_run, tmp_path, run_snakemake):
     out = tmp_path / "snakemake-report.html"
-    result = run_snakemake(demo_run, "--report", str(out), timeout=900)
+    result = run_snakemake(demo_run, "--configfile", str(DEMO_CONFIG), "--report", str(out), timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     html = out.read_text(errors="replace")
     for caption in ("Chosen brightfield plane per site", "Illumination function of channel",

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+from conftest import DEMO_CONFIG
 
 from brightpaint.generalisation import generalisation_matrix, generalisation_table, nuclei_features
 from brightpaint.groups import screen_groups
@@ -78,11 +78,10 @@ def stored(demo):
     return folder, groups, metrics, cards
 
 
-@pytest.mark.slow
 def test_demo_matrix_is_computed_from_the_stored_metrics(stored):
     folder, groups, metrics, _ = stored
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["generalisation"]
-    assert groups == sorted(f"{t}__{p}" for t in ("flat", "dense") for p in config["demo_phenotypes"])
+    config = yaml.safe_load(DEMO_CONFIG.read_text())["generalisation"]
+    assert groups == sorted(f"{t}__{p}" for t in ("flat", "dense") for p in config["phenotypes"])
     matrix = pd.read_parquet(folder / "matrix.parquet")
     pd.testing.assert_frame_equal(matrix, generalisation_matrix(metrics))
     # every metric of every level, for every training x test group pair
@@ -93,7 +92,6 @@ def test_demo_matrix_is_computed_from_the_stored_metrics(stored):
     print(generalisation_table(matrix).to_string())
 
 
-@pytest.mark.slow
 def test_every_model_is_scored_on_the_same_held_out_sites_and_never_on_its_training_wells(stored):
     _, groups, metrics, cards = stored
     for test_group in groups:
@@ -110,10 +108,8 @@ def test_every_model_is_scored_on_the_same_held_out_sites_and_never_on_its_train
         assert not scored & trained
 
 
-@pytest.mark.slow
 def test_demo_toxic_group_query_selects_exactly_the_generators_toxic_wells(demo):
-    settings = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["generalisation"]
-    phenotypes = settings["demo_phenotypes"]
+    phenotypes = yaml.safe_load(DEMO_CONFIG.read_text())["generalisation"]["phenotypes"]
     for plate in ("P1", "P2", "P3"):
         truth = pd.read_csv(demo / "demo" / "screen" / "truth" / plate / "platemap_truth.csv")
         platemap = pd.read_csv(demo / "demo" / "screen" / plate / "platemap.csv")
@@ -122,7 +118,6 @@ def test_demo_toxic_group_query_selects_exactly_the_generators_toxic_wells(demo)
         assert set(platemap.query(phenotypes["non-toxic"])["well"]) == set(platemap["well"]) - toxic
 
 
-@pytest.mark.slow
 def test_index_page_shows_the_matrix(demo):
     html = (demo / "index.html").read_text()
     assert 'data-file="generalisation_matrix"' in html and 'data-table="generalisation matrix"' in html

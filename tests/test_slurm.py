@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO, run_snakemake
+from conftest import DEMO_CONFIG, REPO
 from local_slurm import LocalSlurm, unavailable
 
 PLATE = "P4"
@@ -70,7 +70,7 @@ def slurm_rerun(demo_run, tmp_path_factory):
         env = {**cluster.env, "OMP_NUM_THREADS": "1"}
         result = subprocess.run(
             ["timeout", "-k", "30", "1500", str(snakemake), "-s", str(REPO / "Snakefile"),
-             "--profile", str(REPO / "slurm"), "--forcerun", FIRST_OUTPUT,
+             "--profile", str(REPO / "slurm"), "--configfile", str(DEMO_CONFIG), "--forcerun", FIRST_OUTPUT,
              # a test cluster answers at once; the plugin's default first wait is 40 s per round
              "--slurm-init-seconds-before-status-checks", "3",
              # the plugin deletes a successful job's SLURM log by default; the test reads them
@@ -143,13 +143,13 @@ def test_the_cluster_is_gone_afterwards(slurm_rerun):
     assert not (DEFAULT_CONF.exists() and MARKER in DEFAULT_CONF.read_text(errors="replace"))
 
 
-def test_forcing_a_training_plate_plans_only_it_and_the_screen_outputs(demo_run):
+def test_forcing_a_training_plate_plans_only_it_and_the_screen_outputs(demo_run, run_snakemake):
     """P2 trains the virtual-staining model: forcing P2 from its first step keeps the model (its inputs
     are ancient) and plans no job of another plate; with a plate selection, no screen-level job."""
     for selection, screen_jobs in (([], {"profiles_screen", "match_screen", "report_index"}),
                                    (["--config", "plates=[P2]"], set())):
-        result = run_snakemake(demo_run, "-n", "--forcerun", "results/plates/P2/ingest/images.parquet",
-                               *selection)
+        result = run_snakemake(demo_run, "-n", "--configfile", str(DEMO_CONFIG),
+                               "--forcerun", "results/plates/P2/ingest/images.parquet", *selection)
         output = result.stdout + result.stderr
         assert result.returncode == 0, output[-3000:]
         planned = set(re.findall(r"wildcards: (?:.*, )?plate=(\w+)", output))

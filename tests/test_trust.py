@@ -10,10 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import CHANNELS, run_snakemake
+from conftest import CHANNELS
 
 from brightpaint import report as R
-from brightpaint import simulate as sim
+from brightpaint.demo.camera import plate_optics
+from brightpaint.demo.screen import simulate_screen
+from brightpaint.demo.site import simulate_site
+from brightpaint.demo.spec import PlateSpec, ScreenSpec
+from brightpaint.demo.treatments import plate_map
 from brightpaint.trust import (
     AUGMENTATIONS,
     DOMAIN_STATISTICS,
@@ -32,12 +36,12 @@ from brightpaint.trust import (
 def generated_statistics(cell_type: str, bf_contrast: float = 1.0, wells: int = 12, seed: int = 5
                          ) -> pd.DataFrame:
     """Domain statistics of generated in-focus brightfield planes, corrected by the true flat field."""
-    spec = sim.ScreenSpec(plates=(sim.PlateSpec("X", "B", cell_type, "apply", bf_contrast=bf_contrast),),
-                          wells=wells, sites=1, seed=seed)
-    flat = sim.plate_optics(spec, "X")["BF"].flat
+    spec = ScreenSpec(plates=(PlateSpec("X", "B", cell_type, "apply", bf_contrast=bf_contrast),),
+                      wells=wells, sites=1, seed=seed)
+    flat = plate_optics(spec, "X")["BF"].flat
     rows = []
-    for well in sim.plate_map(wells)["well"]:
-        site = sim.simulate_site(spec, "X", well, 1, fluorescence=False)
+    for well in plate_map(wells)["well"]:
+        site = simulate_site(spec, "X", well, 1, fluorescence=False)
         plane = site.images[("BF", site.focal_plane)].astype(np.float32) / flat
         rows.append({"well": well, "site": 1, **brightfield_statistics(plane)})
     return pd.DataFrame(rows)
@@ -154,7 +158,6 @@ def demo_sheet(demo: Path) -> pd.DataFrame:
     return pd.read_csv(demo / "demo" / "screen" / "plates.tsv", sep="\t")
 
 
-@pytest.mark.slow
 def test_every_demo_plate_lies_inside_the_stain_models_domain(demo):
     card = json.loads((demo / "models" / "stain" / "all" / "card.json").read_text())
     domain = card["domain"]
@@ -172,7 +175,6 @@ def test_every_demo_plate_lies_inside_the_stain_models_domain(demo):
         assert not check["triggered"] and check["value"] == pytest.approx(outside.mean(), abs=1e-4)
 
 
-@pytest.mark.slow
 def test_uncertainty_ranks_held_out_sites_by_their_error(demo):
     """Spearman's rho between the test-time-augmentation uncertainty and the error (1 - PCC with the
     real stain) of the sites in held-out wells, over every demo plate with real stains; each
@@ -193,19 +195,19 @@ def test_uncertainty_ranks_held_out_sites_by_their_error(demo):
     assert rho.loc[("validation", "all")] > 0.3
 
 
-@pytest.mark.slow
-def test_a_plate_with_shifted_brightfield_contrast_is_flagged_end_to_end(demo, tmp_path):
+def test_a_plate_with_shifted_brightfield_contrast_is_flagged_end_to_end(demo, tmp_path, run_snakemake):
     """Two new plates of a cell type the model saw, one imaged with 2.5x the brightfield contrast,
     through ingest, illumination, focus and virtual staining with the demo's model as the user's
     weights: the shifted plate's sites are flagged and its report goes to review, the other's not."""
-    spec = sim.ScreenSpec(plates=(sim.PlateSpec("IN", "B9", "dense", "apply"),
-                                  sim.PlateSpec("OUT", "B9", "dense", "apply", bf_contrast=2.5)),
-                          wells=6, sites=2, seed=11)
-    sim.simulate_screen(tmp_path / "screen", spec)
+    spec = ScreenSpec(plates=(PlateSpec("IN", "B9", "dense", "apply"),
+                              PlateSpec("OUT", "B9", "dense", "apply", bf_contrast=2.5)),
+                      wells=6, sites=2, seed=11)
+    simulate_screen(tmp_path / "screen", spec)
     weights = demo / "models" / "stain" / "all" / "model.safetensors"
     config = tmp_path / "config.yaml"
+    # the generator's camera offset, as the demo config gives it
     config.write_text(yaml.safe_dump({"screen": "screen/plates.tsv", "channels": CHANNELS,
-                                      "stain": {"weights": str(weights)}}))
+                                      "illumination": {"dark": 100}, "stain": {"weights": str(weights)}}))
     targets = [f"results/plates/{p}/stain/sites.csv" for p in ("IN", "OUT")]
     result = run_snakemake(tmp_path, *targets, "--cores", "2", "--configfile", str(config))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -18,15 +18,24 @@ import pandas as pd
 import pytest
 import tifffile
 import yaml
-from conftest import CHANNELS, REPO, TINY_SPEC, run_snakemake
+from conftest import (
+    CHANNELS,
+    DEMO_CONFIG,
+    REPO,
+    TINY_SPEC,
+    TINY_UNTIL,
+    merged,
+    tiny_demo_config,
+    write_demo_screen,
+)
 from PIL import Image
 
 from brightpaint import report
+from brightpaint.demo.screen import describe_screen
 from brightpaint.illumination import load_illumination
 from brightpaint.ingest import read_field, read_store_layout
-from brightpaint.simulate import describe_screen
 
-RULES = ["simulate_demo", "validate_plate", "ingest_shard", "assemble_plate"]
+RULES = ["validate_plate", "ingest_shard", "assemble_plate"]
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -41,47 +50,34 @@ def job_counts(output: str) -> dict[str, int]:
     return counts
 
 
-def tiny_demo_config(workdir: Path) -> Path:
-    config = {"simulate": {"outdir": "results/demo/screen", "wells": TINY_SPEC.wells,
-                           "sites": TINY_SPEC.sites, "size": TINY_SPEC.size,
-                           "z_planes": TINY_SPEC.z_planes, "seed": TINY_SPEC.seed,
-                           "plates": [{"plate": p.plate, "batch": p.batch, "cell_type": p.cell_type,
-                                       "role": p.role} for p in TINY_SPEC.plates]},
-              "threads": {"simulate": 1, "validate": 1, "ingest": 1, "focus": 1, "denoise_train": 1,
-                          "denoise_predict": 1, "stain_train": 1, "stain_predict": 1, "segment": 1,
-                          "features": 1, "profiles": 1},
-
-              # CI-sized Noise2Void: enough to exercise training and tiled prediction end to end
-              "denoise": {"enabled": True, "steps": 10, "patch": 32, "batch": 4, "max_sites": 2,
-                          "tile": 64},
-              # CI-sized virtual staining: one short epoch, small tiles (accuracy: tests/test_stain.py)
-              "stain": {"model": {"width": 8, "depth": 2, "patch": 32, "batch": 4, "steps_per_epoch": 3,
-                                  "max_epochs": 1}, "tile": 32, "overlap": 8, "eval_sites": 4}}
-    path = workdir / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+def demo_settings() -> dict:
+    """The config a demo run sees: the defaults with config/demo.yaml on top."""
+    return merged(yaml.safe_load((REPO / "config" / "config.yaml").read_text()),
+                  yaml.safe_load(DEMO_CONFIG.read_text()))
 
 
-def matrix_groups(config: dict, cell_types: set[str], demo: bool) -> int:
-    """Groups of the generalisation matrix: cell types of the training plates x phenotype groups
-    (the demo's own when none are configured); none when that makes fewer than two."""
+def matrix_groups(config: dict, cell_types: set[str]) -> int:
+    """Groups of the generalisation matrix: cell types of the training plates x phenotype groups;
+    none when that makes fewer than two."""
     settings = config["generalisation"]
-    phenotypes = settings["phenotypes"] or (settings["demo_phenotypes"] if demo else {})
+    phenotypes = settings["phenotypes"]
     groups = (len(cell_types) if settings["cell_types"] else 1) * max(1, len(phenotypes))
     return groups if groups >= 2 else 0
 
 
-def test_dry_run_of_the_default_config_lists_every_job(tmp_path):
-    result = run_snakemake(tmp_path, "-n")
+def test_dry_run_of_the_demo_config_lists_every_job(tmp_path, run_snakemake):
+    write_demo_screen(tmp_path)
+    result = run_snakemake(tmp_path, "-n", "--configfile", str(DEMO_CONFIG))
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout + result.stderr)
-    default = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    default = demo_settings()
     plates, n_shards = default["simulate"]["plates"], default["shards"]
     n, n_stained = len(plates), sum(p["role"] in ("train", "both") for p in plates)
     channels = n + n_stained * len(default["channels"]["fluorescence"])
-    groups = matrix_groups(default, {p["cell_type"] for p in plates if p["role"] in ("train", "both")}, True)
+    groups = matrix_groups(default, {p["cell_type"] for p in plates if p["role"] in ("train", "both")})
+    assert groups == 4  # two cell types x the demo's toxic / non-toxic groups
     assert counts == {"generalisation_train": groups, "generalisation_evaluate": groups,
-                      "generalisation_matrix": 1, "simulate_demo": 1, "validate_plate": n,
+                      "generalisation_matrix": 1, "validate_plate": n,
                       "ingest_shard": n * n_shards,
                       "assemble_plate": n, "illumination": channels, "focus_shard": n * n_shards,
                       "focus_plate": n, "stain_train": 1, "stain_shard": n * n_shards, "stain_plate": n,
@@ -94,24 +90,25 @@ def test_dry_run_of_the_default_config_lists_every_job(tmp_path):
                       "denoise_shard": n_stained * n_shards, "denoise_plate": n_stained}
 
 
-def test_denoise_scope_screen_trains_one_model_per_channel(tmp_path):
-    settings = tmp_path / "denoise.yaml"
-    settings.write_text(yaml.safe_dump({"denoise": {"enabled": True, "scope": "screen"}}))
-    result = run_snakemake(tmp_path, "-n", "--configfile", str(settings))
+def test_denoise_scope_screen_trains_one_model_per_channel(tmp_path, tiny_screen_source, run_snakemake):
+    config = user_screen(tmp_path, tiny_screen_source)
+    settings = yaml.safe_load(config.read_text()) | {"denoise": {"enabled": True, "scope": "screen"}}
+    config.write_text(yaml.safe_dump(settings))
+    result = run_snakemake(tmp_path, "-n", "--configfile", str(config))
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout + result.stderr)
     assert counts["denoise_train_screen"] == 3 and "denoise_train_plate" not in counts
-    assert counts["denoise_plate"] == 3  # the train and both plates; apply plates have no stains
+    assert counts["denoise_plate"] == 1  # the train plate; apply plates have no stains
 
 
-def test_lint_is_clean(tmp_path):
+def test_lint_is_clean(tmp_path, run_snakemake):
     result = run_snakemake(REPO, "--lint")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
 
 
-def test_plates_filter_selects_one_plate(tmp_path):
-    config = tiny_demo_config(tmp_path)
+def test_plates_filter_selects_one_plate(tmp_path, tiny_screen_source, run_snakemake):
+    config = tiny_demo_config(tmp_path, tiny_screen_source)
     result = run_snakemake(tmp_path, "-n", "--configfile", str(config), "--config", "plates=[T2]")
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout + result.stderr)
@@ -138,24 +135,15 @@ def test_plates_filter_selects_one_plate(tmp_path):
     assert "results/plates/T1/images.zarr" not in result.stdout
 
 
-def test_unknown_plate_in_filter_is_an_error(tmp_path):
-    config = tiny_demo_config(tmp_path)
+def test_unknown_plate_in_filter_is_an_error(tmp_path, tiny_screen_source, run_snakemake):
+    config = tiny_demo_config(tmp_path, tiny_screen_source)
     result = run_snakemake(tmp_path, "-n", "--configfile", str(config), "--config", "plates=[T9]")
     assert result.returncode != 0
     assert "config `plates` names plate(s) ['T9'] that the screen sheet" in result.stdout + result.stderr
 
 
-# A 64 px tiny site holds at most a cell or two and a tiny plate one negative-control well: the
-# tiny run goes as far as the features; profiles and matching are checked on the demo screen
-# (tests/test_demo_profiles.py).
-TINY_UNTIL = ("--until", "features_plate", "segment_evaluate", "stain_evaluate")
-
-
-@pytest.mark.slow
-def test_tiny_demo_end_to_end(tmp_path):
-    config = tiny_demo_config(tmp_path)
-    result = run_snakemake(tmp_path, "--cores", "2", "--configfile", str(config), *TINY_UNTIL)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_tiny_demo_end_to_end(tiny_run, run_snakemake):
+    tmp_path, config = tiny_run
     results = tmp_path / "results"
     screen = results / "demo" / "screen"
     assert (screen / "plates.tsv").is_file() and (screen / "truth").is_dir()
@@ -244,8 +232,7 @@ def user_screen(tmp_path: Path, source: Path) -> Path:
     return config
 
 
-@pytest.mark.slow
-def test_user_screen_with_only_screen_and_channels(tmp_path, tiny_screen_source):
+def test_user_screen_with_only_screen_and_channels(tmp_path, tiny_screen_source, run_snakemake):
     config = user_screen(tmp_path, tiny_screen_source)
     # Every other key keeps its default. Up to the preprocessing: the later stages with default
     # settings are the demo run's (tests/test_stain.py, test_segment.py, test_demo_profiles.py), and
@@ -253,7 +240,6 @@ def test_user_screen_with_only_screen_and_channels(tmp_path, tiny_screen_source)
     result = run_snakemake(tmp_path, "--cores", "2", "--configfile", str(config),
                            "--until", "focus_plate", "illumination")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "simulate_demo" not in result.stdout + result.stderr
     for plate in TINY_SPEC.plates:
         folder = tmp_path / "results" / "plates" / plate.plate
         assert (folder / "images.zarr" / "zarr.json").is_file()
@@ -282,7 +268,8 @@ def add_plate(screen: Path, source: str, plate: str) -> None:
     pd.concat([sheet, pd.DataFrame([row])]).to_csv(screen / "plates.tsv", sep="\t", index=False)
 
 
-def test_user_screen_bad_image_fails_naming_it_and_writes_nothing(tmp_path, tiny_screen_source):
+def test_user_screen_bad_image_fails_naming_it_and_writes_nothing(tmp_path, tiny_screen_source,
+                                                                  run_snakemake):
     config = user_screen(tmp_path, tiny_screen_source)
     manifest = pd.read_csv(tmp_path / "myscreen" / "T1" / "manifest.csv")
     row = manifest[manifest["channel"] == "CYTO"].iloc[2]
@@ -297,7 +284,7 @@ def test_user_screen_bad_image_fails_naming_it_and_writes_nothing(tmp_path, tiny
     assert [p for p in written if p.name != "ingest"] == []
 
 
-def test_user_screen_duplicated_plate_stops_before_any_job(tmp_path, tiny_screen_source):
+def test_user_screen_duplicated_plate_stops_before_any_job(tmp_path, tiny_screen_source, run_snakemake):
     config = user_screen(tmp_path, tiny_screen_source)
     sheet = tmp_path / "myscreen" / "plates.tsv"
     lines = sheet.read_text().splitlines()
@@ -307,7 +294,7 @@ def test_user_screen_duplicated_plate_stops_before_any_job(tmp_path, tiny_screen
     assert "plate id 'T1' appears 2 times" in result.stdout + result.stderr
 
 
-def test_config_channel_roles_are_checked(tmp_path, tiny_screen_source):
+def test_config_channel_roles_are_checked(tmp_path, tiny_screen_source, run_snakemake):
     config = user_screen(tmp_path, tiny_screen_source)
     settings = yaml.safe_load(config.read_text())
     settings["channels"]["nuclei"] = "HOECHST"
@@ -333,7 +320,7 @@ def test_brightpaint_cli_simulate_and_validate(tmp_path):
     assert f"well {manifest['well'].iloc[0]}, site 1" in bad.stderr and "file not found" in bad.stderr
 
 
-def test_user_screen_bad_pixels_become_qc_flags_not_crashes(tmp_path, tiny_screen_source):
+def test_user_screen_bad_pixels_become_qc_flags_not_crashes(tmp_path, tiny_screen_source, run_snakemake):
     """Through the workflow (issue 3): all-zero DNA images at one site, a brightfield stack full of
     NaN at another (the channel stored as float32 TIFFs: a mixed-dtype channel is an error naming
     every file), and a plate whose brightfield stack has one plane. The run goes through the
@@ -378,8 +365,7 @@ def test_user_screen_bad_pixels_become_qc_flags_not_crashes(tmp_path, tiny_scree
         zip(flags.stage, flags.well, flags.site.astype(str), strict=True))
 
 
-@pytest.mark.slow
-def test_run_killed_mid_write_resumes_cleanly(tmp_path, tiny_screen_source):
+def test_run_killed_mid_write_resumes_cleanly(tmp_path, tiny_screen_source, run_snakemake):
     """kill -9 of the whole run while an output is being written (what a cancelled cluster job or a
     lost node does): no half-written store or table is left at a final path, and the same command
     with --unlock and --rerun-incomplete finishes the plate with the right pixels."""
@@ -419,11 +405,14 @@ def test_run_killed_mid_write_resumes_cleanly(tmp_path, tiny_screen_source):
 
 
 @pytest.mark.parametrize("n_plates, shards", [(3, 2), (12, 5)])
-def test_plan_grows_with_plates_times_shards(tmp_path, n_plates, shards):
+def test_plan_grows_with_plates_times_shards(tmp_path, n_plates, shards, run_snakemake):
     """A screen description (no pixels) plans per plate x shard of wells, never per image: every
     per-site rule has plates x shards jobs, every per-plate rule one per plate."""
     sheet = describe_screen(tmp_path / "screen", n_plates, wells=24, sites=9, train_every=3)
-    result = run_snakemake(tmp_path, "-n", "--config", f"screen={sheet}", f"shards={shards}")
+    config = tmp_path / "channels.yaml"
+    config.write_text(yaml.safe_dump({"channels": CHANNELS}))
+    result = run_snakemake(tmp_path, "-n", "--configfile", str(config), "--config", f"screen={sheet}",
+                           f"shards={shards}")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     train = len(range(0, n_plates, 3))
@@ -437,5 +426,5 @@ def test_plan_grows_with_plates_times_shards(tmp_path, n_plates, shards):
                    "denoise_train_plate": 3 * train, "denoise_shard": train * shards, "denoise_plate": train,
                    "profiles_screen": 1, "match_screen": 1, "report_index": 1, "all": 1})
     # every plate is flat and a user's screen gets no phenotype groups by default: no matrix
-    assert matrix_groups(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), {"flat"}, False) == 0
+    assert matrix_groups(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), {"flat"}) == 0
     assert job_counts(output) == expected

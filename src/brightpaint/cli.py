@@ -18,15 +18,45 @@ DEMO_CHANNELS = {"brightfield": "BF", "nuclei": "DNA", "cell": "CYTO",
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from .simulate import DEFAULT_PLATES, ScreenSpec, simulate_screen
+    from .demo.screen import simulate_screen
+    from .demo.spec import DEFAULT_PLATES, ScreenSpec, spec_from_config
 
-    if not 1 <= args.plates <= len(DEFAULT_PLATES):
-        raise SystemExit(f"--plates must be 1..{len(DEFAULT_PLATES)}")
-    spec = ScreenSpec(plates=DEFAULT_PLATES[: args.plates], wells=args.wells, sites=args.sites,
-                      size=args.size, z_planes=args.z_planes, seed=args.seed)
-    sheet = simulate_screen(args.out, spec, workers=args.workers)
+    if args.config:
+        # the demo config's `simulate:` section: where to write and the generator's spec
+        settings = dict(_config_section(args.config, "simulate"))
+        out = args.out or settings.pop("outdir", None)
+        settings.pop("outdir", None)
+        if not out:
+            raise SystemExit(f"{args.config}: `simulate.outdir` is not set (or give --out)")
+        try:
+            spec = spec_from_config(settings)
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"{args.config}: simulate: {err}") from err
+    else:
+        if not args.out:
+            raise SystemExit("give --out (the screen folder to write) or --config")
+        if not 1 <= args.plates <= len(DEFAULT_PLATES):
+            raise SystemExit(f"--plates must be 1..{len(DEFAULT_PLATES)}")
+        out = args.out
+        spec = ScreenSpec(plates=DEFAULT_PLATES[: args.plates], wells=args.wells, sites=args.sites,
+                          size=args.size, z_planes=args.z_planes, seed=args.seed)
+    sheet = simulate_screen(out, spec, workers=args.workers)
     print(f"screen written: {sheet}")
     return 0
+
+
+def _config_section(path: str, key: str) -> dict:
+    """One section of a YAML config file, or a clear exit naming the file and what is wrong."""
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise SystemExit(f"config {path}: cannot be read ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        raise SystemExit(f"config {path}: not valid YAML ({err})") from err
+    section = config.get(key) if isinstance(config, dict) else None
+    if not isinstance(section, dict):
+        raise SystemExit(f"config {path}: no `{key}:` section (a mapping)")
+    return section
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -71,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     sim = commands.add_parser("simulate", help="write the demo screen (input contract + truth)")
-    sim.add_argument("--out", required=True, help="screen folder to write")
+    sim.add_argument("--config", help="a config file whose `simulate:` section gives the spec and "
+                                      "the folder (e.g. config/demo.yaml); the other options are ignored")
+    sim.add_argument("--out", help="screen folder to write (default with --config: simulate.outdir)")
     sim.add_argument("--wells", type=int, default=24, help="wells per plate (384 = full plate)")
     sim.add_argument("--sites", type=int, default=2)
     sim.add_argument("--size", type=int, default=256, help="image side in pixels")
