@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .objects import RelatedObjects, equivalent_diameters, filter_sizes, relate_objects, touching_border
-from .settings import SegmentError, SegmentSettings
+from .settings import TILE_MULTIPLE, SegmentError, SegmentSettings
 
 
 def scale_channel(image: np.ndarray, gamma: float = 1.0) -> np.ndarray:
@@ -58,10 +58,21 @@ def run_cellpose(model, inputs: np.ndarray, *, diameter: float, settings: Segmen
     rescale = model.diam_mean / diameter if diameter > 0 else 1.0
     masks, _, _ = model.eval(inputs, channel_axis=1, z_axis=0, normalize=False, rescale=rescale,
                              diameter=None, batch_size=settings.batch,
+                             bsize=cellpose_tile(inputs.shape[-2:], rescale, settings.tile),
                              flow_threshold=settings.flow_threshold,
                              cellprob_threshold=settings.cellprob_threshold, min_size=min_size,
                              do_3D=False, stitch_threshold=0.0)
     return np.asarray(masks, np.int32).reshape(inputs.shape[0], *inputs.shape[2:])
+
+
+def cellpose_tile(shape: tuple[int, int], rescale: float, tile: int) -> int:
+    """Cellpose's tile size (`bsize`): `tile`, or with 0 the side of the site as Cellpose's network
+    sees it (rescaled, then padded to a multiple of 16 plus 16: cellpose.transforms.get_pad_yx), so
+    the whole site is one tile."""
+    if tile:
+        return int(tile)
+    side = max(int(s * rescale) for s in shape)
+    return int(TILE_MULTIPLE * np.ceil(side / TILE_MULTIPLE) + TILE_MULTIPLE)
 
 
 def estimate_diameter(model, inputs: np.ndarray, settings: SegmentSettings, min_size: int) -> float:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+TILE_MULTIPLE = 16  # Cellpose's network halves the image four times
+
 
 class SegmentError(ValueError):
     """A segmentation input or weight file that cannot be used, named with what is wrong."""
@@ -23,7 +25,11 @@ class SegmentSettings:
     min_cell_area: int = 30
     max_cell_area: int = 0
     exclude_border: bool = True
-    batch: int = 8  # 224-px tiles per forward pass
+    batch: int = 8  # tiles per forward pass
+    # Cellpose's tile (px). 224 is the size it was trained on; 0 runs each (rescaled, padded) site as
+    # one tile: on sites smaller than ~2 tiles Cellpose's overlapping 224-px tiles cover it ~2.7 times
+    # (a 256-px site: four tiles), so the network does a third of the work (bench/segment.py).
+    tile: int = 224
     diameter_sites: int = 8  # sites sampled to estimate a plate's diameters
 
     @classmethod
@@ -42,4 +48,7 @@ class SegmentSettings:
             raise SegmentError(f"segment settings: gamma must be in (0, 5], got {self.gamma}")
         if self.batch < 1 or self.diameter_sites < 1:
             raise SegmentError("segment settings: batch and diameter_sites must be >= 1")
+        if self.tile and (self.tile < TILE_MULTIPLE or self.tile % TILE_MULTIPLE):
+            raise SegmentError(f"segment settings: tile must be 0 or a multiple of {TILE_MULTIPLE} "
+                               f"(>= {TILE_MULTIPLE}), got {self.tile}")
         return self
