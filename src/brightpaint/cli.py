@@ -11,16 +11,16 @@ from pathlib import Path
 
 import yaml
 
+from .demo.screen import simulate_screen
+from .demo.spec import DEFAULT_PLATES, ScreenSpec, spec_from_config
 from .io import InputError, manifest_from_folder, read_screen_sheet
+from .validate import validate_plate
 
 DEMO_CHANNELS = {"brightfield": "BF", "nuclei": "DNA", "cell": "CYTO",
                  "fluorescence": ["DNA", "CYTO", "DAMAGE"]}
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from .demo.screen import simulate_screen
-    from .demo.spec import DEFAULT_PLATES, ScreenSpec, spec_from_config
-
     if args.config:
         # the demo config's `simulate:` section: where to write and the generator's spec
         settings = dict(_config_section(args.config, "simulate"))
@@ -60,8 +60,6 @@ def _config_section(path: str, key: str) -> dict:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .validate import validate_plate
-
     channels = DEMO_CHANNELS
     if args.config:
         channels = yaml.safe_load(Path(args.config).read_text())["channels"]

@@ -440,7 +440,8 @@ def focus_heatmap(table: pd.DataFrame, path: str | Path, plate: str | None = Non
     present; each well a small square of site cells, white = no such site, grey = no plane chosen),
     flagged sites crossed out in red, so a tilted plate, a drifting autofocus or a blurred corner
     shows at a glance."""
-    # Figure + Agg canvas directly: no global pyplot state or backend switch (safe in threads).
+    # Figure + Agg canvas directly: no global pyplot state or backend switch (safe in threads);
+    # matplotlib is imported here, by the figure alone, as it is heavy and only figures need it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.figure import Figure
@@ -489,6 +490,6 @@ def focus_heatmap(table: pd.DataFrame, path: str | Path, plate: str | None = Non
 
 
 def _plane_colour(i: int, n: int) -> tuple[float, float, float, float]:
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # heavy; only figures need it
 
     return colormaps["viridis"](i / max(n - 1, 1))

@@ -162,7 +162,7 @@ def generalisation_table(matrix: pd.DataFrame) -> pd.DataFrame:
 def matrix_figure(matrix: pd.DataFrame, path) -> None:
     """PNG: one heatmap per metric, rows = training group, columns = test group, colour = difference
     to the in-distribution baseline (red worse, blue better), numbers = the difference."""
-    import matplotlib
+    import matplotlib  # heavy; only this figure needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -68,13 +68,17 @@ No usable image left: ``ValueError`` saying "no usable image" and naming the cha
 from __future__ import annotations
 
 import json
+import logging
 import math
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import interpolate, ndimage
+
+from .ingest import read_plane, stored_sites
 
 METHODS = ("cellprofiler", "basic")
 SMOOTHING = ("spline", "polynomial", "gaussian", "median", "none")
@@ -471,10 +475,7 @@ def _cellprofiler(grids, weights, p, shape, edges):
 
 
 def _basic(grids, weights, p, shape, edges):
-    import logging
-    import warnings
-
-    try:
+    try:  # BaSiCPy is optional (method 'basic'), and heavy: imported only when asked for
         from basicpy import BaSiC
     except ImportError as err:  # pragma: no cover - the main environment has it
         raise ImportError("method='basic' needs BaSiCPy (pip install basicpy==2.0.0 --no-deps "
@@ -554,8 +555,6 @@ def plate_illumination(store: str | Path, layout, channel: str, wells: Iterable[
     the cells' own signal needs thousands of sites to average out); brightfield, whose cells are
     phase objects on a lit background everywhere, by ``average`` (default "trimmed").
     """
-    from .ingest import read_plane, stored_sites
-
     if max_sites is not None and (isinstance(max_sites, bool) or not isinstance(max_sites, int)
                                   or max_sites < 1):
         raise ValueError(f"max_sites: must be an integer >= 1 or None, got {max_sites!r}")
@@ -634,7 +633,7 @@ def load_illumination(path: str | Path) -> IlluminationFunction:
 
 
 def _figure(function: IlluminationFunction, png_path: Path) -> None:
-    import matplotlib
+    import matplotlib  # heavy; only this figure needs it
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure

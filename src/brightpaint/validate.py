@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import tifffile
 
-from .io import IMAGE_DTYPES, InputError, Problem
+from .io import IMAGE_DTYPES, InputError, Problem, read_manifest, read_platemap
 
 SITE_KEY = ["well", "site"]
 
@@ -173,8 +173,6 @@ def validate_plate(manifest_path: str, platemap_path: str, plate: str, role: str
     Returns (images that go into the store, QC flags). Raises `InputError` listing every fatal
     problem of the plate at once.
     """
-    from .io import read_manifest, read_platemap
-
     problems: list[Problem] = []
     manifest = platemap = None
     try:

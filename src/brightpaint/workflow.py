@@ -15,6 +15,7 @@ import pandas as pd
 
 from .groups import screen_groups
 from .io import read_screen_sheet
+from .segment.settings import SegmentError
 
 
 class ConfigError(ValueError):
@@ -167,8 +168,8 @@ def segment_weights_path(weights: str, results: str, basedir: str | Path) -> str
         return text
     if not path.is_absolute() and (Path(basedir) / path).is_file():
         return str(Path(basedir) / path)
-    from .segment.settings import SegmentError
-    from .segment.weights import resolve_weights  # imports torch: only for names and errors
+    # torch stands behind the weight files' checks: imported only for a weight given by name
+    from .segment.weights import resolve_weights
 
     try:
         return str(resolve_weights(text))
