@@ -27,9 +27,10 @@ from report_json import emit
 
 SKIPPED_FOLDERS = {"logs", "benchmarks", "shards"}
 SKIPPED_SUFFIXES = {".html", ".png", ".log", ".pt", ".pth"}
-# run-to-run noise in otherwise equal tables and documents: durations, hosts, commits, paths, dates
+# run-to-run noise in otherwise equal tables and documents: durations, hosts, commits, paths (a
+# run's absolute image paths), dates
 VOLATILE = re.compile(r"(^|_)(seconds|time|duration|elapsed|host|hostname|commit|created|date|when|"
-                      r"started|finished|path|paths|runtime|cpu|rss|memory)($|_)", re.I)
+                      r"started|finished|path|paths|file|runtime|cpu|rss|memory)($|_)", re.I)
 
 
 def volatile(name: str) -> bool:

@@ -75,22 +75,57 @@ def cellpose_tile(shape: tuple[int, int], rescale: float, tile: int) -> int:
     return int(TILE_MULTIPLE * np.ceil(side / TILE_MULTIPLE) + TILE_MULTIPLE)
 
 
-def estimate_diameter(model, inputs: np.ndarray, settings: SegmentSettings, min_size: int) -> float:
+# The assumptions tried: half-octave steps from half to four times the network's own diameter.
+DIAMETER_STEPS = 2.0 ** np.arange(-1, 2.5, 0.5)
+
+
+def estimate_diameter(model, inputs: np.ndarray, settings: SegmentSettings, min_size: int, *,
+                      exhaustive: bool = False) -> float:
     """Median object diameter (px) in sample inputs. Cellpose runs assuming diameters from half to
-    four times the network's own; the answer is the median size found at the assumption that agrees
-    best with what it finds (a network shown objects far from its size cuts them up or misses them,
-    so a single run at its own scale can be far off); scales that find fewer than half the objects of
-    the most fruitful one are not considered. Falls back to the network's diameter when
-    nothing is found at any scale."""
-    runs = []
-    for assumed in model.diam_mean * 2.0 ** np.arange(-1, 2.5, 0.5):
-        labels = run_cellpose(model, inputs, diameter=float(assumed), settings=settings, min_size=min_size)
+    four times the network's own (half-octave steps); the answer is the median size found at the
+    assumption that agrees best with what it finds (a network shown objects far from its size cuts
+    them up or misses them, so a single run at its own scale can be far off); scales that find fewer
+    than half the objects of the most fruitful one are not considered. Falls back to the network's
+    diameter when nothing is found at any scale.
+
+    The assumptions are walked from the network's own diameter towards the sizes it finds, and the
+    walk stops once the found size changes side (found above the assumption after below, or the
+    reverse) or the agreement gets worse: past that point every smaller step would have to agree
+    better with objects it already finds too large (or too small), and the small assumptions, which
+    upsample the images, cost the most (a half-size assumption four times the pixels). Typically two
+    or three of the seven runs; `exhaustive` runs them all (tests compare the two), and so does a
+    sample in which the network's own scale finds nothing."""
+    grid = [float(model.diam_mean * step) for step in DIAMETER_STEPS]
+    runs: dict[int, tuple[float, float, int]] = {}  # index -> (log(found / assumed), found, count)
+    tried: set[int] = set()
+
+    def run(index: int) -> tuple[float, float, int] | None:
+        tried.add(index)
+        labels = run_cellpose(model, inputs, diameter=grid[index], settings=settings, min_size=min_size)
         found = np.concatenate([equivalent_diameters(site) for site in labels])
         if len(found):
-            runs.append((abs(np.log(np.median(found) / assumed)), float(np.median(found)), len(found)))
+            runs[index] = (float(np.log(np.median(found) / grid[index])), float(np.median(found)), len(found))
+        return runs.get(index)
+
+    index = int(np.argmin(np.abs(DIAMETER_STEPS - 1.0)))
+    first = None if exhaustive else run(index)
+    if first is None:  # asked for, or nothing at the network's own scale: no direction to walk in
+        for other in range(len(grid)):
+            if other not in tried:
+                run(other)
+    else:
+        direction = 0 if first[0] == 0 else (1 if first[0] > 0 else -1)
+        previous = first
+        while direction and 0 <= index + direction < len(grid):
+            index += direction
+            current = run(index)
+            if current is None or np.sign(current[0]) != direction or abs(current[0]) >= abs(previous[0]):
+                break
+            previous = current
     # a scale that finds only a few stray objects agrees with itself by chance: ignore it
-    runs = [r for r in runs if r[2] >= 0.5 * max((r[2] for r in runs), default=0)]
-    best = min(runs)[1] if runs else 0.0
+    most = max((r[2] for r in runs.values()), default=0)
+    kept = [(abs(error), size, count) for error, size, count in runs.values() if count >= 0.5 * most]
+    best = min(kept)[1] if kept else 0.0
     return best if best > 0 else float(model.diam_mean)
 
 
