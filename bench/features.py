@@ -30,6 +30,7 @@ from brightpaint.features.extract import extract_features, measurable_sites, pla
 from brightpaint.features.pipelines import PIPELINE, SITE_PIPELINE, TILED_PIPELINE
 from brightpaint.features.runner import CELLPROFILER, thread_environment
 from brightpaint.io import read_platemap, read_screen_sheet
+from brightpaint.layout import PlateFolder
 from brightpaint.match import match_profiles
 from brightpaint.plate import open_plate_source
 from brightpaint.profiles import plate_profiles
@@ -63,13 +64,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "features.json")
     args = parser.parse_args()
 
-    source = open_plate_source(args.plate_dir, "BF")
-    segment_sites = pd.read_csv(args.plate_dir / "segment" / "sites.csv", keep_default_na=False)
+    folder = PlateFolder(args.plate_dir)
+    source = open_plate_source(folder.sources_on_disk(), "BF")
+    segment_sites = pd.read_csv(folder.segment_sites, keep_default_na=False)
     sites, _ = measurable_sites(source.plate, segment_sites, segment_sites["well"], ["real", "virtual"])
     chosen = []
     for kind in ("real", "virtual"):
         chosen += [s for s in sites if s[3] == kind][:args.sites]
-    readers = plate_site_readers(source, args.plate_dir / "virtual.zarr", args.plate_dir / "labels.zarr")
+    readers = plate_site_readers(source, folder.virtual, folder.labels)
     with tempfile.TemporaryDirectory(prefix="bench-features-") as work:
         work = Path(work)
         timed(extract_features, chosen[:1], *readers, PIPELINE, work / "warm")  # page cache, imports
@@ -90,7 +92,7 @@ def main() -> None:
                    "tiling_speedup_cpu": round(whole_cpu / ours_cpu, 3)})
     print(json.dumps(result), flush=True)
 
-    plate_cells = pd.read_parquet(args.plate_dir / "features" / "cells.parquet")
+    plate_cells = pd.read_parquet(folder.features_cells)
     sheet = read_screen_sheet(args.screen / "plates.tsv")
     info = sheet[sheet["plate"] == source.plate].iloc[0].to_dict()
     platemap = read_platemap(info["platemap"])

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from brightpaint.ingest import assemble_plate_store, plan_layout, shard_wells, write_shard_store
+from brightpaint.layout import PlateFolder
 from brightpaint.validate import validate_plate
 
 CHANNELS = {"brightfield": "BF", "nuclei": "DNA", "cell": "CYTO", "fluorescence": ["DNA", "CYTO", "DAMAGE"]}
@@ -104,11 +105,11 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     if args.keep:
-        keep = Path(args.keep)
-        (keep / "ingest").mkdir(parents=True, exist_ok=True)
-        shutil.move(str(out), keep / "images.zarr")
-        (keep / "ingest" / "layout.json").write_text(layout.to_json())
-        images.to_parquet(keep / "ingest" / "images.parquet", index=False)
+        keep = PlateFolder(args.keep)
+        Path(keep.layout).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(out), keep.store)
+        Path(keep.layout).write_text(layout.to_json())
+        images.to_parquet(keep.images, index=False)
     shutil.rmtree(work, ignore_errors=True)
 
 

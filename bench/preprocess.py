@@ -21,6 +21,7 @@ from brightpaint.denoise import denoise_image, sample_training_images, train_n2v
 from brightpaint.focus import plate_focus
 from brightpaint.illumination import correct_illumination, plate_illumination
 from brightpaint.ingest import StoreLayout
+from brightpaint.layout import PlateFolder
 
 
 def timed(function, *args, **kwargs):
@@ -41,10 +42,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/preprocess.json")
     args = parser.parse_args()
 
-    folder = Path(args.plate_dir)
-    store = folder / "images.zarr"
-    layout = StoreLayout.from_json((folder / "ingest" / "layout.json").read_text())
-    sites = pd.read_parquet(folder / "ingest" / "images.parquet", columns=["well", "site"]).drop_duplicates()
+    folder = PlateFolder(args.plate_dir)
+    store = folder.store
+    layout = StoreLayout.from_json(Path(folder.layout).read_text())
+    sites = pd.read_parquet(folder.images, columns=["well", "site"]).drop_duplicates()
     wells = sorted(set(sites["well"]))
     n_sites = len(sites)
     result = {"benchmark": "preprocess", "plate": layout.plate, "sites": n_sites,

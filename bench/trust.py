@@ -23,6 +23,7 @@ import torch
 from report_json import emit
 
 from brightpaint.inference import torch_threads
+from brightpaint.layout import PlateFolder
 from brightpaint.plate import (
     brightfield_planes,
     fluorescence_plane,
@@ -59,8 +60,8 @@ def main() -> None:
     rows, guard_seconds = [], []
     with torch_threads(args.threads), torch.inference_mode():
         for plate in sheet[sheet["role"] != "apply"]["plate"]:
-            source = open_plate_source(results / "plates" / plate, card["inputs"]["channel"],
-                                       use_denoised=False)
+            source = open_plate_source(PlateFolder.of(results, plate).sources_on_disk(),
+                                       card["inputs"]["channel"], use_denoised=False)
             sites = source.usable_sites()
             scales = plate_scales(source, sample_items(np.random.default_rng(0), sites, 64), card["targets"],
                                   "plate")

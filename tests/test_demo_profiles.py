@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from brightpaint.labels import read_labels
+from brightpaint.layout import PlateFolder
 from brightpaint.plate import fluorescence_plane, open_plate_source
 from brightpaint.profiles import feature_columns
 
@@ -65,7 +66,7 @@ def test_measured_values_are_those_of_the_masks_and_images(demo):
     site_cells = real[(real["Metadata_Well"] == well) & (real["Metadata_Site"] == site)]
     nuclei = read_labels(folder / "labels.zarr", well, int(site), "nuclei_real")
     whole = read_labels(folder / "labels.zarr", well, int(site), "cells_real")
-    source = open_plate_source(folder, "BF")
+    source = open_plate_source(PlateFolder(folder).sources_on_disk(), "BF")
     dna = np.rint(np.clip(fluorescence_plane(source, well, int(site), "DNA"), 0, 65535)) / 65535
     assert len(site_cells) == len(np.unique(nuclei[nuclei > 0]))
     for row in site_cells.itertuples():

@@ -19,6 +19,7 @@ from PIL import Image
 from test_report import Tables, frame
 
 from brightpaint import report as R
+from brightpaint.layout import PlateFolder
 from brightpaint.provenance import sha256_file
 
 MAX_REPORT_BYTES = 20 * 1024 * 1024
@@ -54,7 +55,7 @@ def test_every_plate_has_a_report_whose_numbers_are_the_tables(demo, plates):
         sites = pd.read_csv(folder / "ingest" / "qc_sites.csv")
         assert page.data[("data-count", "sites")] == str(len(sites)) == str(summary["n_sites"])
         # every flagged site, as the stage tables have it
-        flags = R.collect_flags(folder)
+        flags = R.collect_flags(PlateFolder(folder).results_on_disk())
         table = frame(page.tables["flags"])
         assert len(table) == len(flags) == summary["n_flags"]
         assert table[["stage", "well", "site", "source", "flag"]].values.tolist() == flags[

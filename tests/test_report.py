@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 
 from brightpaint import report as R
+from brightpaint.layout import PlateFolder, PlateResults
 from brightpaint.provenance import environment_versions, sha256_file
 
 
@@ -69,6 +70,12 @@ def frame(rows: list[list[str]]) -> pd.DataFrame:
     return pd.DataFrame(rows[1:], columns=rows[0])
 
 
+def results(plate: Path) -> PlateResults:
+    """The files of the fixture plate the report reads: those written (it has no layout; its only
+    illumination figure is DNA's)."""
+    return PlateFolder(plate).results(["BF", "DNA", "CYTO"]).existing()
+
+
 @pytest.fixture
 def plate(tmp_path):
     """A plate folder of 20 sites: site A01/1 left out at ingest, A02/1 blur-flagged, A03/1 skipped
@@ -114,7 +121,7 @@ def plate(tmp_path):
 
 
 def test_every_flag_is_collected_with_stage_site_and_reason(plate):
-    flags = R.collect_flags(plate)
+    flags = R.collect_flags(results(plate))
     got = set(map(tuple, flags[["stage", "well", "site", "source", "flag"]].astype(str).values))
     both = [(stage, "A03", "1", source, "skipped") for stage in ("segment", "features")
             for source in ("real", "virtual")]
@@ -130,7 +137,7 @@ def test_every_flag_is_collected_with_stage_site_and_reason(plate):
     ({"fail_lost_fraction": 0.05}, "fail"),
 ])
 def test_verdict_follows_its_rules(plate, rules, verdict):
-    got, checks = R.plate_verdict(R.collect_flags(plate), 20, rules)
+    got, checks = R.plate_verdict(R.collect_flags(results(plate)), 20, rules)
     assert got == verdict
     assert [c["value"] for c in checks] == [0.1, 0.2]
 
@@ -142,14 +149,14 @@ def test_report_html_shows_the_tables_numbers_and_embeds_downsampled_figures(pla
     prov = R.provenance(config, tmp_path, {"input: screen sheet": sheet, "absent": tmp_path / "nope"},
                         tmp_path / "benchmarks" / "P9", None)
     info = {"plate": "P9", "batch": "B1", "cell_type": "flat", "role": "train"}
-    report = R.plate_report(plate, info, prov)
+    report = R.plate_report(results(plate), info, prov)
     html = R.render_plate_report(report)
     page = Tables(html)
     assert page.data[("data-verdict", "review")] == "review"
     assert page.data[("data-count", "sites")] == "20" and page.data[("data-count", "wells")] == "10"
-    assert page.data[("data-count", "flags")] == str(len(R.collect_flags(plate)))
+    assert page.data[("data-count", "flags")] == str(len(R.collect_flags(results(plate))))
     shown = frame(page.tables["flags"])
-    flags = R.collect_flags(plate)
+    flags = R.collect_flags(results(plate))
     assert shown[["stage", "well", "site", "flag"]].values.tolist() == flags[
         ["stage", "well", "site", "flag"]].astype(str).values.tolist()
     summary = frame(page.tables["match_summary"])
@@ -180,7 +187,7 @@ def test_report_html_shows_the_tables_numbers_and_embeds_downsampled_figures(pla
 
 def test_index_links_each_plate_with_its_verdict(plate, tmp_path):
     prov = R.provenance({}, tmp_path, {}, tmp_path / "benchmarks" / "P9", None)
-    summary = R.report_summary(R.plate_report(plate, {"plate": "P9", "batch": "B1"}, prov))
+    summary = R.report_summary(R.plate_report(results(plate), {"plate": "P9", "batch": "B1"}, prov))
     html = R.render_index([{**summary, "href": "plates/P9/report.html"}],
                           {"screen matching": pd.DataFrame({"nsc": [0.75]})})
     page = Tables(html)
@@ -225,13 +232,14 @@ def stain_sites(plate: Path, outside: list[str]) -> pd.DataFrame:
 def test_sites_outside_the_stain_domain_are_flagged_and_can_set_the_plate_to_review(
         plate, tmp_path, outside, triggered):
     stain_sites(plate, outside)
-    flags = R.collect_flags(plate)
+    flags = R.collect_flags(results(plate))
     domain_flags = flags[flags["stage"] == "stain"]
     assert sorted(domain_flags["well"]) == outside and (domain_flags["flag"] == "outside_domain").all()
     assert domain_flags["reason"].str.contains("robust SD above").all()
     card = tmp_path / "card.json"
     card.write_text(json.dumps(DOMAIN_CARD))
-    report = R.plate_report(plate, {"plate": "P9"}, {}, {"review_flagged_fraction": 1.0}, stain_cards=[card])
+    report = R.plate_report(results(plate), {"plate": "P9"}, {}, {"review_flagged_fraction": 1.0},
+                            stain_cards=[card])
     check = next(c for c in report["checks"] if "stain model's domain" in c["rule"])
     # 18 scored sites (A01/1 not ingested, A02/2 skipped)
     assert check["value"] == pytest.approx(len(outside) / 18, abs=1e-4) and check["triggered"] == triggered

@@ -20,6 +20,7 @@ from scipy import ndimage
 
 from brightpaint.inference import predict_tiled
 from brightpaint.ingest import read_plane, read_store_layout
+from brightpaint.layout import PlateFolder
 from brightpaint.metrics import image_metrics, pearson
 from brightpaint.plate import VIRTUAL_PREFIX, fluorescence_plane, open_plate_source
 from brightpaint.stain import models
@@ -86,7 +87,7 @@ def test_metrics_table_equals_metrics_recomputed_from_the_stores(demo):
     plate = demo / "plates" / "P3"
     table = pd.read_parquet(plate / "stain" / "metrics.parquet")
     card = load_card(demo / "models" / "stain" / "all" / "model.safetensors")
-    source = open_plate_source(plate, "BF")
+    source = open_plate_source(PlateFolder(plate).sources_on_disk(), "BF")
     row = table[(table["channel"] == "DNA") & (table["split"] == "validation")].iloc[0]
     real = fluorescence_plane(source, row.well, int(row.site), "DNA")
     layout = read_store_layout(plate / "virtual.zarr")
@@ -102,7 +103,7 @@ def test_metrics_table_equals_metrics_recomputed_from_the_stores(demo):
 
 def test_tiled_prediction_of_a_site_equals_whole_image_inference(demo):
     generator, card = load_stain_model(demo / "models" / "stain" / "all" / "model.safetensors")
-    source = open_plate_source(demo / "plates" / "P1", "BF")
+    source = open_plate_source(PlateFolder(demo / "plates" / "P1").sources_on_disk(), "BF")
     well, site = source.usable_sites()[0]
     inputs = brightfield_input(source, well, site, card["inputs"]["half_width"])
     whole = predict_normalised(generator, card, inputs, tile=256, overlap=0)
@@ -349,13 +350,13 @@ def test_metrics_on_known_pairs():
 def test_no_training_plates_and_a_target_on_no_plate_are_clear_errors(demo):
     with pytest.raises(StainError, match="no training plates"):
         build_training_set([], ["DNA"], SMALL)
-    apply_plate = open_plate_source(demo / "plates" / "P4", "BF")
+    apply_plate = open_plate_source(PlateFolder(demo / "plates" / "P4").sources_on_disk(), "BF")
     with pytest.raises(StainError, match="target channel 'DNA' is on no training plate"):
         build_training_set([apply_plate], ["DNA"], SMALL)
 
 
 def test_evaluation_needs_real_and_virtual_channels(demo, tmp_path):
-    apply_plate = open_plate_source(demo / "plates" / "P4", "BF")
+    apply_plate = open_plate_source(PlateFolder(demo / "plates" / "P4").sources_on_disk(), "BF")
     card = load_card(demo / "models" / "stain" / "all" / "model.safetensors")
     with pytest.raises(StainError, match="no target channel has both a real and a virtual image"):
         evaluate_plate(apply_plate, demo / "plates" / "P4" / "virtual.zarr", [card])
@@ -391,7 +392,7 @@ def test_sites_smaller_than_the_patch_train_on_crops_that_fit(blob_data, caplog)
 
 def test_predict_sites_writes_each_site_and_skips_one_without_focus_with_its_reason(demo, tmp_path):
     generator, card = load_stain_model(demo / "models" / "stain" / "all" / "model.safetensors")
-    source = open_plate_source(demo / "plates" / "P4", "BF")
+    source = open_plate_source(PlateFolder(demo / "plates" / "P4").sources_on_disk(), "BF")
     sites = source.usable_sites()
     good_well, good_site = sites[0]
     bad_well, bad_site = next(s for s in sites if s[0] != good_well)

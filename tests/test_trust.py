@@ -18,6 +18,7 @@ from brightpaint.demo.screen import simulate_screen
 from brightpaint.demo.site import simulate_site
 from brightpaint.demo.spec import PlateSpec, ScreenSpec
 from brightpaint.demo.treatments import plate_map
+from brightpaint.layout import PlateFolder
 from brightpaint.trust import (
     AUGMENTATIONS,
     DOMAIN_STATISTICS,
@@ -221,7 +222,7 @@ def test_a_plate_with_shifted_brightfield_contrast_is_flagged_end_to_end(demo, t
             assert sites.loc[outside, "domain_reason"].str.contains("above the training sites'").all()
         else:
             assert outside.mean() <= 0.10, sites.loc[outside, ["well", "site", "domain_reason"]]
-        report = R.plate_report(folder, {"plate": plate}, {}, stain_cards=card)
+        report = R.plate_report(PlateFolder(folder).results_on_disk(), {"plate": plate}, {}, stain_cards=card)
         check = next(c for c in report["checks"] if "stain model's domain" in c["rule"])
         assert check["triggered"] == shifted
         assert (report["verdict"] == "review") == shifted

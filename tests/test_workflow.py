@@ -34,6 +34,7 @@ from brightpaint import report
 from brightpaint.demo.screen import describe_screen
 from brightpaint.illumination import load_illumination
 from brightpaint.ingest import read_field, read_store_layout
+from brightpaint.layout import PlateFolder
 
 RULES = ["validate_plate", "ingest_shard", "assemble_plate"]
 
@@ -186,7 +187,8 @@ def test_tiny_demo_end_to_end(tiny_run, run_snakemake):
             denoised = read_field(folder / "denoised.zarr", row.well, row.site)
             assert denoised.shape == (1, 3, 1, TINY_SPEC.size, TINY_SPEC.size)
             assert np.isfinite(denoised).all() and denoised.std() > 0
-            crops = report.denoise_crops(folder, "BF")  # the report's before / after figure
+            # the report's before / after figure
+            crops = report.denoise_crops(PlateFolder(folder).sources_on_disk(), "BF")
             assert Image.open(io.BytesIO(base64.b64decode(crops.split(",", 1)[1]))).size[0] > 100
             metrics = pd.read_parquet(folder / "stain" / "metrics.parquet")
             assert set(metrics["channel"]) == set(CHANNELS["fluorescence"])
@@ -360,7 +362,7 @@ def test_user_screen_bad_pixels_become_qc_flags_not_crashes(tmp_path, tiny_scree
         assert np.isfinite(flat).all() and abs(float(flat.mean()) - 1) < 0.05
     t2 = pd.read_parquet(tmp_path / "results" / "plates" / "T2" / "focus.parquet")
     assert (t2["plane"] == 0).all() and t2["flag"].str.contains("single_plane").all()
-    flags = report.collect_flags(t1)
+    flags = report.collect_flags(PlateFolder(t1).results_on_disk())
     assert {("ingest", zero_well, str(zero_site)), ("focus", nan_well, str(nan_site))} <= set(
         zip(flags.stage, flags.well, flags.site.astype(str), strict=True))
 

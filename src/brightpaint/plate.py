@@ -1,8 +1,9 @@
 """Plate access, as every stage after ingest reads a plate: its stores (images.zarr and, where
 Noise2Void ran, denoised.zarr), layout, focus table and illumination functions (`PlateSource`,
-`open_plate_source`); a site's illumination-corrected brightfield window around focus
-(`brightfield_planes`) and fluorescence channel (`fluorescence_plane`); robust intensity scales per
-field or per plate (`robust_scale`, `plate_scales`); a seeded subsample of sites (`sample_items`).
+`open_plate_source`, from the paths a `brightpaint.layout.PlateSources` names); a site's
+illumination-corrected brightfield window around focus (`brightfield_planes`) and fluorescence
+channel (`fluorescence_plane`); robust intensity scales per field or per plate (`robust_scale`,
+`plate_scales`); a seeded subsample of sites (`sample_items`).
 
 Virtual channels in a plate's virtual.zarr are named VS_<channel> (`VIRTUAL_PREFIX`) and their
 uncertainty maps SD_<channel> (`UNCERTAINTY_PREFIX`).
@@ -20,6 +21,7 @@ import pandas as pd
 from .focus import focus_window
 from .illumination import IlluminationFunction, correct_illumination, load_illumination
 from .ingest import StoreLayout, channel_plane, read_plane, read_store_layout, stored_sites
+from .layout import PlateSources
 
 VIRTUAL_PREFIX = "VS_"
 UNCERTAINTY_PREFIX = "SD_"  # per-pixel spread of the test-time augmented predictions
@@ -35,7 +37,7 @@ class PlateError(ValueError):
 @dataclass
 class PlateSource:
     """A plate as the stages read it: its store, layout, focus table, illumination functions
-    (brightfield and every fluorescence channel it has) and, optionally, a denoised store whose
+    (brightfield and the fluorescence channels it reads) and, optionally, a denoised store whose
     channels replace the corrected raw ones."""
 
     plate: str
@@ -70,23 +72,24 @@ class PlateSource:
         return [s for s in stored_sites(self.store, wells) if s in good]
 
 
-def open_plate_source(plate_dir: str | Path, brightfield: str, *, platemap: pd.DataFrame | None = None,
+def open_plate_source(sources: PlateSources, brightfield: str, *, platemap: pd.DataFrame | None = None,
                       use_denoised: bool = True) -> PlateSource:
-    """A workflow plate folder (images.zarr, ingest/layout.json, focus.parquet, illum/<channel>.npy
-    and, when present and wanted, denoised.zarr) as a PlateSource."""
-    plate_dir = Path(plate_dir)
-    layout = StoreLayout.from_json((plate_dir / "ingest" / "layout.json").read_text())
-    illumination = {c: load_illumination(plate_dir / "illum" / f"{c}.npy") for c in layout.channels
-                    if (plate_dir / "illum" / f"{c}.npy").is_file()}
+    """A plate's sources as a PlateSource: the paths come from the caller (a workflow script's
+    named inputs, `PlateSources.from_input`; or `PlateFolder.sources_on_disk` for a finished
+    folder), so what is opened is exactly what the job lists. Illumination functions are those of
+    the layout's channels among `sources.illumination`; the denoised store is used when given and
+    wanted."""
+    layout = StoreLayout.from_json(Path(sources.layout).read_text())
+    illumination = {c: load_illumination(sources.illumination[c]) for c in layout.channels
+                    if c in sources.illumination}
     if brightfield not in illumination:
         raise PlateError(f"plate {layout.plate}: no illumination function for brightfield {brightfield!r} "
-                         f"in {plate_dir / 'illum'}")
-    denoised = plate_dir / "denoised.zarr"
-    use = use_denoised and denoised.is_dir()
-    return PlateSource(plate=layout.plate, store=plate_dir / "images.zarr", layout=layout,
-                       focus=pd.read_parquet(plate_dir / "focus.parquet"), brightfield=brightfield,
-                       illumination=illumination, denoised=denoised if use else None,
-                       denoised_layout=read_store_layout(denoised) if use else None, platemap=platemap)
+                         f"among {sorted(sources.illumination.values()) or 'none given'}")
+    denoised = Path(sources.denoised) if use_denoised and sources.denoised else None
+    return PlateSource(plate=layout.plate, store=Path(sources.store), layout=layout,
+                       focus=pd.read_parquet(sources.focus), brightfield=brightfield,
+                       illumination=illumination, denoised=denoised,
+                       denoised_layout=read_store_layout(denoised) if denoised else None, platemap=platemap)
 
 
 def brightfield_planes(source: PlateSource, well: str, site: int, half_width: int) -> np.ndarray:

@@ -1,7 +1,9 @@
 """The per-plate audit report and the screen index (self-contained HTML: figures embedded, opens
 offline).
 
-Everything shown is read from the plate's result files; no number is typed by hand. The pieces:
+Everything shown is read from the plate's result files; no number is typed by hand. Which files,
+the caller says (`brightpaint.layout.PlateResults`: the report rule's named inputs, or a finished
+folder's files): nothing here looks for files in a folder. The pieces:
 
 * `collect_flags` gathers every QC flag of a plate, one row per (stage, well, site, source): ingest
   (sites left out or flagged), focus (blur QC), segmentation (sites skipped) and features (sites
@@ -34,6 +36,7 @@ import pandas as pd
 import yaml
 
 from .ingest import stored_sites
+from .layout import PlateFolder, PlateResults, PlateSources
 from .match import agreement_summary
 from .plate import fluorescence_plane, open_plate_source
 from .provenance import CELLPROFILER_PACKAGES, environment_versions, git_commit, sha256_file
@@ -42,10 +45,12 @@ TEMPLATES = Path(__file__).with_name("templates")
 FIGURE_MAX_PX = 1200
 FLAG_COLUMNS = ["stage", "well", "site", "source", "flag", "reason"]
 DEFAULT_RULES = {"review_flagged_fraction": 0.10, "fail_lost_fraction": 0.10, "domain_fraction": 0.10}
+# paths relative to a plate folder, as the captions name them
+RELATIVE = PlateFolder("")
 
 
-def _read_csv(path: Path) -> pd.DataFrame | None:
-    return pd.read_csv(path, keep_default_na=False) if path.is_file() else None
+def _read_csv(path: str | None) -> pd.DataFrame | None:
+    return pd.read_csv(path, keep_default_na=False) if path else None
 
 
 def _flag_rows(table: pd.DataFrame, stage: str, flag: pd.Series, reason: pd.Series) -> pd.DataFrame:
@@ -55,27 +60,26 @@ def _flag_rows(table: pd.DataFrame, stage: str, flag: pd.Series, reason: pd.Seri
                          "flag": flag.astype(str), "reason": reason.astype(str)})
 
 
-def collect_flags(plate_dir: str | Path) -> pd.DataFrame:
-    """Every QC flag of a plate, from the result files that exist: ingest's site table (status other
+def collect_flags(files: PlateResults) -> pd.DataFrame:
+    """Every QC flag of a plate, from the result files it has: ingest's site table (status other
     than ok), focus (non-empty flag), virtual staining (sites outside the stain model's domain),
     segmentation and features (status skipped / no_objects)."""
-    plate_dir = Path(plate_dir)
     parts = []
-    sites = _read_csv(plate_dir / "ingest" / "qc_sites.csv")
+    sites = _read_csv(files.qc_sites)
     if sites is not None:
         bad = sites[sites["status"].astype(str) != "ok"]
         parts.append(_flag_rows(bad, "ingest", bad["status"], bad.get("reasons", bad["status"])))
-    if (plate_dir / "focus.parquet").is_file():
-        focus = pd.read_parquet(plate_dir / "focus.parquet", columns=["well", "site", "flag", "reason"])
+    if files.focus:
+        focus = pd.read_parquet(files.focus, columns=["well", "site", "flag", "reason"])
         bad = focus[focus["flag"].fillna("").astype(str) != ""]
         parts.append(_flag_rows(bad, "focus", bad["flag"], bad["reason"].fillna("")))
-    stain = _read_csv(plate_dir / "stain" / "sites.csv")
+    stain = _read_csv(files.stain_sites)
     if stain is not None and "domain_outside" in stain.columns:
         bad = stain[stain["domain_outside"].astype(str) == "True"]
         parts.append(_flag_rows(bad, "stain", pd.Series("outside_domain", index=bad.index),
                                 bad["domain_reason"]))
-    for stage in ("segment", "features"):
-        table = _read_csv(plate_dir / stage / "sites.csv")
+    for stage, path in (("segment", files.segment_sites), ("features", files.features_sites)):
+        table = _read_csv(path)
         if table is not None:
             bad = table[table["status"].isin(["skipped", "no_objects"])]
             parts.append(_flag_rows(bad, stage, bad["status"], bad["reason"]))
@@ -169,15 +173,15 @@ def well_heatmap(values: pd.Series, title: str, label: str) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def denoise_crops(plate_dir: str | Path, brightfield: str, size: int = 128) -> str:
+def denoise_crops(sources: PlateSources, brightfield: str, size: int = 128) -> str:
     """Before / after crops of Noise2Void for every denoised channel of a plate's first stored site
     (the illumination-corrected raw plane and the denoised one, centre crop, same contrast), as a PNG
-    data URI."""
+    data URI; `sources` name the plate's denoised store."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    denoised = open_plate_source(plate_dir, brightfield)
-    raw = open_plate_source(plate_dir, brightfield, use_denoised=False)
+    denoised = open_plate_source(sources, brightfield)
+    raw = open_plate_source(sources, brightfield, use_denoised=False)
     well, site = stored_sites(denoised.denoised)[0]
     channels = list(denoised.denoised_layout.channels)
     fig = Figure(figsize=(5, 2.5 * len(channels)), dpi=100)
@@ -246,55 +250,55 @@ def provenance(config: Mapping, repo: str | Path, files: Mapping[str, str | Path
     }
 
 
-def _figure(path: Path, caption: str) -> dict | None:
-    return {"src": png_data_uri(path), "caption": caption, "file": path.name} if path.is_file() else None
+def _figure(path: str | None, caption: str) -> dict | None:
+    return {"src": png_data_uri(path), "caption": caption, "file": Path(path).name} if path else None
 
 
-def plate_report(plate_dir: str | Path, plate_info: Mapping, prov: Mapping,
+def plate_report(files: PlateResults, plate_info: Mapping, prov: Mapping,
                  rules: Mapping | None = None, stain_cards: Iterable[str | Path] = (),
                  brightfield: str = "BF") -> dict:
-    """Everything the plate's report shows, read from its result folder: summary with verdict,
-    inputs, flags, figures and tables of each stage that ran, provenance."""
-    plate_dir = Path(plate_dir)
+    """Everything the plate's report shows, read from its result files (`files`: those the plate
+    has): summary with verdict, inputs, flags, figures and tables of each stage that ran,
+    provenance. `plate_info` is the plate's row of the screen sheet (its `plate` names it)."""
     limits = {**DEFAULT_RULES, **(rules or {})}
-    sites = _read_csv(plate_dir / "ingest" / "qc_sites.csv")
+    sites = _read_csv(files.qc_sites)
     n_sites = 0 if sites is None else len(sites)
     n_wells = 0 if sites is None else sites["well"].nunique()
-    flags = collect_flags(plate_dir)
+    flags = collect_flags(files)
     verdict, checks = plate_verdict(flags, n_sites, rules)
     counts = (flags.groupby(["stage", "flag"]).size().rename("sites").reset_index()
               if len(flags) else pd.DataFrame(columns=["stage", "flag", "sites"]))
-    report = {"plate": str(plate_info.get("plate", plate_dir.name)),
+    report = {"plate": str(plate_info["plate"]),
               "info": {k: str(v) for k, v in plate_info.items()},
               "n_sites": n_sites, "n_wells": int(n_wells), "verdict": verdict, "checks": checks,
               "flag_counts": counts, "flags": flags, "sections": [], "provenance": prov}
-    images = plate_dir / "ingest" / "qc_images.parquet"
     inputs = {}
-    if images.is_file():
-        qc = pd.read_parquet(images, columns=["channel", "flag"])
+    if files.qc_images:
+        qc = pd.read_parquet(files.qc_images, columns=["channel", "flag"])
         qc["flagged"] = qc["flag"].fillna("").astype(str) != ""
         inputs["images per channel"] = (qc.groupby("channel").agg(images=("flag", "size"),
                                                                    flagged=("flagged", "sum"))
                                         .reset_index())
     report["inputs"] = inputs
     sections = report["sections"]
-    illum = sorted((plate_dir / "illum").glob("*.png"))
+    illum = sorted(files.illum_figures.items(), key=lambda item: item[1])
     if illum:
         sections.append({"title": "Illumination functions", "figures": [
-            _figure(p, f"{p.stem}: estimated flat field (illum/{p.stem}.npy)") for p in illum], "tables": {}})
-    if (plate_dir / "focus.parquet").is_file():
-        focus = pd.read_parquet(plate_dir / "focus.parquet", columns=["well", "site", "plane", "flag"])
-        sections.append({"title": "Focus", "figures": [_figure(plate_dir / "focus.png",
+            _figure(path, f"{channel}: estimated flat field ({RELATIVE.illum(channel)})")
+            for channel, path in illum], "tables": {}})
+    if files.focus:
+        focus = pd.read_parquet(files.focus, columns=["well", "site", "plane", "flag"])
+        sections.append({"title": "Focus", "figures": [_figure(files.focus_figure,
                                                                 "chosen plane per site (plate heatmap)")],
                          "tables": {"focus_planes": focus["plane"].value_counts().sort_index()
                                     .rename_axis("plane").rename("sites").reset_index()}})
-    denoise = sorted((plate_dir / "denoise").glob("*.pt"))
-    if denoise or (plate_dir / "denoised.zarr").is_dir():
-        figures = ([{"src": denoise_crops(plate_dir, brightfield), "file": "denoise_crops",
+    denoise = sorted(files.denoise_models)
+    if denoise or files.denoised_sources is not None:
+        figures = ([{"src": denoise_crops(files.denoised_sources, brightfield), "file": "denoise_crops",
                      "caption": "before / after Noise2Void, centre crop of the first site"}]
-                   if (plate_dir / "denoised.zarr").is_dir() else [])
+                   if files.denoised_sources is not None else [])
         sections.append({"title": "Denoising (Noise2Void)", "figures": figures, "tables": {
-            "denoise_models": pd.DataFrame({"model": [p.name for p in denoise],
+            "denoise_models": pd.DataFrame({"model": [Path(p).name for p in denoise],
                                             "sha256": [sha256_file(p) for p in denoise]})}})
     stain_tables = {}
     cards = [json.loads(Path(c).read_text()) for c in stain_cards if Path(c).is_file()]
@@ -309,11 +313,11 @@ def plate_report(plate_dir: str | Path, plate_info: Mapping, prov: Mapping,
         stain_tables["stain_validation"] = pd.DataFrame(
             [{"model": i + 1, "metric": k, "value": v} for i, card in enumerate(cards)
              for k, v in sorted(card.get("metrics", {}).items())])
-    if (plate_dir / "stain" / "metrics.parquet").is_file():
-        metrics = pd.read_parquet(plate_dir / "stain" / "metrics.parquet")
+    if files.stain_metrics:
+        metrics = pd.read_parquet(files.stain_metrics)
         stain_tables["stain_metrics"] = (metrics.groupby(["split", "channel"])
                                          [["pcc", "ssim", "psnr", "nmae"]].mean().reset_index())
-    stain_sites = _read_csv(plate_dir / "stain" / "sites.csv")
+    stain_sites = _read_csv(files.stain_sites)
     if stain_sites is not None and "domain_outside" in stain_sites.columns:
         domain = domain_table(stain_sites, cards)
         stain_tables["brightfield_domain"] = domain
@@ -331,46 +335,44 @@ def plate_report(plate_dir: str | Path, plate_info: Mapping, prov: Mapping,
                 {"channel": [c.removeprefix("uncertainty_") for c in columns],
                  "median": scores.median().to_numpy(), "q90": scores.quantile(0.9).to_numpy(),
                  "max": scores.max().to_numpy()})
-    if (plate_dir / "stain" / "uncertainty.csv").is_file():
-        stain_tables["uncertainty_vs_error"] = pd.read_csv(plate_dir / "stain" / "uncertainty.csv")
-    if stain_tables or (plate_dir / "stain" / "examples.png").is_file():
+    if files.stain_uncertainty:
+        stain_tables["uncertainty_vs_error"] = pd.read_csv(files.stain_uncertainty)
+    if stain_tables or files.stain_examples:
         sections.append({"title": "Virtual staining", "tables": stain_tables, "figures": [
-            _figure(plate_dir / "stain" / "examples.png", "brightfield | real | virtual")]})
-    if (plate_dir / "segment" / "sites.csv").is_file():
-        segment = pd.read_csv(plate_dir / "segment" / "sites.csv", keep_default_na=False)
+            _figure(files.stain_examples, "brightfield | real | virtual")]})
+    if files.segment_sites:
+        segment = pd.read_csv(files.segment_sites, keep_default_na=False)
         tables = {"segment_objects": segment.groupby(["source", "status"])["objects"].agg(["size", "sum"])
                   .rename(columns={"size": "sites", "sum": "objects"}).reset_index()}
-        if (plate_dir / "segment" / "metrics.parquet").is_file():
-            seg = pd.read_parquet(plate_dir / "segment" / "metrics.parquet")
+        if files.segment_metrics:
+            seg = pd.read_parquet(files.segment_metrics)
             tables["segment_metrics"] = (seg.groupby(["objects", "comparison"])[["ap50", "f1_70"]]
                                          .mean().reset_index())
-        figures = [_figure(plate_dir / "segment" / "overlay.png", "segmentation overlays")]
+        figures = [_figure(files.segment_overlay, "segmentation overlays")]
         for source, group in segment.groupby("source"):
             per_well = group.groupby("well")["objects"].sum()
             title = f"{report['plate']}: cells per well ({source} stains)"
             figures.append({"src": well_heatmap(per_well, title, "cells"),
-                            "caption": f"cells per well, {source} stains (segment/sites.csv)",
+                            "caption": f"cells per well, {source} stains ({RELATIVE.segment_sites})",
                             "file": f"objects_per_well_{source}"})
         sections.append({"title": "Segmentation", "tables": tables, "figures": figures})
-    if (plate_dir / "features" / "sites.csv").is_file():
-        feats = pd.read_csv(plate_dir / "features" / "sites.csv", keep_default_na=False)
+    if files.features_sites:
+        feats = pd.read_csv(files.features_sites, keep_default_na=False)
         tables = {"features_sites": feats.groupby(["source", "status"])["cells"].agg(["size", "sum"])
                   .rename(columns={"size": "sites", "sum": "cells"}).reset_index()}
-        selected = plate_dir / "profiles" / "selected.parquet"
-        if selected.is_file():
-            columns = pd.read_parquet(selected).columns
+        if files.profiles_selected:
+            columns = pd.read_parquet(files.profiles_selected).columns
             tables["profiles_features"] = pd.DataFrame(
                 [{"features kept by selection": int(sum(not c.startswith("Metadata_") for c in columns))}])
         sections.append({"title": "Features and profiles", "tables": tables, "figures": []})
-    if (plate_dir / "match" / "summary.parquet").is_file():
-        tables = {"match_summary": pd.read_parquet(plate_dir / "match" / "summary.parquet")}
-        agreement = plate_dir / "match" / "agreement.parquet"
-        if agreement.is_file():
-            agreement = pd.read_parquet(agreement)
+    if files.match_summary:
+        tables = {"match_summary": pd.read_parquet(files.match_summary)}
+        if files.match_agreement:
+            agreement = pd.read_parquet(files.match_agreement)
             if len(agreement):
                 tables["level3_cpcor"] = agreement_summary(agreement)
-        if (plate_dir / "match" / "neighbours.parquet").is_file():
-            tables["match_neighbours"] = pd.read_parquet(plate_dir / "match" / "neighbours.parquet")
+        if files.match_neighbours:
+            tables["match_neighbours"] = pd.read_parquet(files.match_neighbours)
         sections.append({"title": "Matching", "tables": tables, "figures": []})
     for section in sections:
         section["figures"] = [f for f in section["figures"] if f]

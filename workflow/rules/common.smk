@@ -1,7 +1,10 @@
-# Path helpers and the screen's plates, resolved once when the workflow is parsed.
+# Path helpers and the screen's plates, resolved once when the workflow is parsed. A plate folder's
+# files are named by brightpaint.layout.PlateFolder alone: PLATE gives the rules' wildcard patterns,
+# plate_folder(plate) a plate's paths.
 import re
 from pathlib import Path
 
+from brightpaint.layout import PlateFolder, ProfileFolder
 from brightpaint.workflow import Screen, segment_weights_path, workflow_file
 
 SCREEN = Screen.from_config(config)
@@ -18,8 +21,11 @@ wildcard_constraints:
     channel="|".join(map(re.escape, [config["channels"]["brightfield"], *config["channels"]["fluorescence"]])),
 
 
-def plate_dir(plate):
-    return f"{RESULTS}/plates/{plate}"
+PLATE = PlateFolder.of(RESULTS, "{plate}")
+
+
+def plate_folder(plate):
+    return PlateFolder.of(RESULTS, plate)
 
 
 def plate_inputs(wildcards):
@@ -32,15 +38,8 @@ def plate_param(field):
 
 
 def ingest_outputs(plates):
-    return [
-        path
-        for plate in plates
-        for path in (
-            f"{plate_dir(plate)}/images.zarr",
-            f"{plate_dir(plate)}/ingest/qc_images.parquet",
-            f"{plate_dir(plate)}/ingest/qc_sites.csv",
-        )
-    ]
+    folders = [plate_folder(plate) for plate in plates]
+    return [path for folder in folders for path in (folder.store, folder.qc_images, folder.qc_sites)]
 
 
 def preprocess_outputs(plates):
@@ -48,17 +47,25 @@ def preprocess_outputs(plates):
     denoised store where denoising is on and the plate has channels to denoise."""
     outputs = []
     for plate in plates:
-        outputs += [f"{plate_dir(plate)}/illum/{c}.npy" for c in SCREEN.plate_channels(plate)]
-        outputs += [f"{plate_dir(plate)}/focus.parquet", f"{plate_dir(plate)}/focus.png"]
+        folder = plate_folder(plate)
+        outputs += [folder.illum(c) for c in SCREEN.plate_channels(plate)]
+        outputs += [folder.focus, folder.focus_figure]
         if SCREEN.denoise_channels(plate):
-            outputs.append(f"{plate_dir(plate)}/denoised.zarr")
+            outputs.append(folder.denoised)
     return outputs
 
 
 def n2v_model(plate, channel):
     if config["denoise"]["scope"] == "screen":
         return f"{RESULTS}/models/n2v/{channel}.pt"
-    return f"{RESULTS}/plates/{plate}/denoise/{channel}.n2v.pt"
+    return plate_folder(plate).n2v_model(channel)
+
+
+def plate_n2v_models(plate):
+    """The plate's own Noise2Void models (none with denoise.scope screen)."""
+    if config["denoise"]["scope"] == "screen":
+        return []
+    return [n2v_model(plate, c) for c in SCREEN.denoise_channels(plate)]
 
 
 def kept_model_input(path):
@@ -75,10 +82,12 @@ def n2v_training_inputs(wildcards):
         plates, keep = [wildcards.plate], str
     else:
         plates, keep = SCREEN.plates_with_channel(wildcards.channel), kept_model_input
+    folders = [plate_folder(p) for p in plates]
     return {
-        "stores": [keep(f"{RESULTS}/plates/{p}/images.zarr") for p in plates],
-        "layouts": [keep(f"{RESULTS}/plates/{p}/ingest/layout.json") for p in plates],
-        "illum": [keep(f"{RESULTS}/plates/{p}/illum/{wildcards.channel}.npy") for p in plates],
+        "stores": [keep(folder.store) for folder in folders],
+        "layouts": [keep(folder.layout) for folder in folders],
+        "images": [keep(folder.images) for folder in folders],
+        "illum": [keep(folder.illum(wildcards.channel)) for folder in folders],
     }
 
 
@@ -96,10 +105,12 @@ N2V_TRAIN = dict(
 
 def denoise_shard_inputs(wildcards):
     channels = SCREEN.denoise_channels(wildcards.plate)
+    folder = plate_folder(wildcards.plate)
     return {
-        "store": f"{RESULTS}/plates/{wildcards.plate}/images.zarr",
-        "layout": f"{RESULTS}/plates/{wildcards.plate}/ingest/layout.json",
-        "illum": [f"{RESULTS}/plates/{wildcards.plate}/illum/{c}.npy" for c in channels],
+        "store": folder.store,
+        "layout": folder.layout,
+        "images": folder.images,
+        "illum": [folder.illum(c) for c in channels],
         "models": [n2v_model(wildcards.plate, c) for c in channels],
     }
 
@@ -118,22 +129,32 @@ def stain_model_files():
     return [f"{RESULTS}/models/stain/{model}/model.safetensors" for model in STAIN_MODELS]
 
 
+def plate_sources(plate, channels, denoised=True):
+    """What plate access reads of a plate (brightpaint.layout.PlateSources): its store, layout, focus
+    table, the illumination functions of `channels` and, with `denoised`, the denoised store when
+    denoising made one."""
+    return plate_folder(plate).sources(channels, denoised=denoised and bool(SCREEN.denoise_channels(plate)))
+
+
 def plate_stain_sources(plate, fluorescence=True):
-    """What virtual staining reads of a plate: its store, layout, focus table, illumination functions
-    (brightfield, plus the targets it has with `fluorescence`) and the denoised store when denoising
-    made one."""
+    """What virtual staining reads of a plate: its sources with the illumination functions of
+    brightfield, plus the targets it has and the denoised store with `fluorescence`."""
     channels = [config["channels"]["brightfield"]]
     if fluorescence:
         channels += [c for c in SCREEN.stain_targets() if c in SCREEN.plate_channels(plate)]
-    inputs = [
-        f"{plate_dir(plate)}/images.zarr",
-        f"{plate_dir(plate)}/ingest/layout.json",
-        f"{plate_dir(plate)}/focus.parquet",
-        *[f"{plate_dir(plate)}/illum/{c}.npy" for c in channels],
-    ]
-    if fluorescence and SCREEN.denoise_channels(plate):
-        inputs.append(f"{plate_dir(plate)}/denoised.zarr")
-    return inputs
+    return plate_sources(plate, channels, denoised=fluorescence)
+
+
+def stain_source_inputs(fluorescence):
+    """An input function: a plate's stain sources as named inputs (store, layout, focus, illum,
+    denoised)."""
+    return lambda wildcards: plate_stain_sources(wildcards.plate, fluorescence).named_inputs()
+
+
+def training_sources():
+    """Every training plate's stain sources, as plain params: the multi-plate scripts open these and
+    check them against their job's inputs (stain_training_inputs lists the same paths)."""
+    return [plate_stain_sources(plate).as_params() for plate in STAIN_TRAINING_PLATES]
 
 
 # Generalisation matrix: groups of the training plates' wells (cell type x phenotype), each with a model.
@@ -158,10 +179,10 @@ def generalisation_evaluation_inputs(wildcards):
     return {
         "model": f"{RESULTS}/generalisation/{wildcards.group}/model.safetensors",
         "cards": [f"{RESULTS}/generalisation/{group}/card.json" for group in GENERALISATION_GROUPS],
-        "sources": [kept_model_input(path) for plate in plates for path in plate_stain_sources(plate)],
+        "sources": [kept_model_input(path) for plate in plates for path in plate_stain_sources(plate).paths()],
         "platemaps": [kept_model_input(SCREEN.plate_row(plate)["platemap"]) for plate in plates],
-        "labels": [kept_model_input(f"{plate_dir(plate)}/labels.zarr") for plate in plates],
-        "diameters": [kept_model_input(f"{plate_dir(plate)}/segment/diameters.json") for plate in plates],
+        "labels": [kept_model_input(plate_folder(plate).labels) for plate in plates],
+        "diameters": [kept_model_input(plate_folder(plate).segment_diameters) for plate in plates],
         "nuclei_weights": SEGMENT_WEIGHTS["nuclei"],
     }
 
@@ -169,7 +190,9 @@ def generalisation_evaluation_inputs(wildcards):
 def stain_training_inputs(wildcards):
     return {
         "sources": [
-            kept_model_input(path) for plate in STAIN_TRAINING_PLATES for path in plate_stain_sources(plate)
+            kept_model_input(path)
+            for plate in STAIN_TRAINING_PLATES
+            for path in plate_stain_sources(plate).paths()
         ],
         "platemaps": [kept_model_input(SCREEN.plate_row(plate)["platemap"]) for plate in STAIN_TRAINING_PLATES],
     }
@@ -179,12 +202,10 @@ def stain_outputs(plates):
     """Every plate's virtual channels; for plates with real stains, the level-1 evaluation."""
     outputs = []
     for plate in plates:
-        outputs.append(f"{plate_dir(plate)}/virtual.zarr")
+        folder = plate_folder(plate)
+        outputs.append(folder.virtual)
         if SCREEN.has_real_stains(plate):
-            outputs += [
-                f"{plate_dir(plate)}/stain/{name}"
-                for name in ("metrics.parquet", "uncertainty.csv", "examples.png")
-            ]
+            outputs += [folder.stain_metrics, folder.stain_uncertainty, folder.stain_examples]
     return outputs
 
 
@@ -196,7 +217,6 @@ SEGMENT_WEIGHTS = {
     for kind, key in (("nuclei", "nuclei_weights"), ("cells", "cell_weights"))
 }
 SEGMENT_PARAMS = dict(
-    plate_dir=lambda wildcards: plate_dir(wildcards.plate),
     brightfield=config["channels"]["brightfield"],
     nuclei=config["channels"]["nuclei"],
     cell=config["channels"]["cell"],
@@ -206,22 +226,15 @@ SEGMENT_PARAMS = dict(
 
 
 def segment_inputs(wildcards):
-    """The plate's stain sources (real nuclei / cell channels where it has them), its virtual stains
-    and their site table, and the two weight files."""
+    """The plate's sources as named inputs (real nuclei / cell channels where it has them), its
+    virtual stains and their site table, and the two weight files."""
     plate = wildcards.plate
     real = [c for c in (config["channels"]["nuclei"], config["channels"]["cell"]) if c in SCREEN.plate_channels(plate)]
-    sources = [
-        f"{plate_dir(plate)}/images.zarr",
-        f"{plate_dir(plate)}/ingest/layout.json",
-        f"{plate_dir(plate)}/focus.parquet",
-        *[f"{plate_dir(plate)}/illum/{c}.npy" for c in [config["channels"]["brightfield"], *real]],
-    ]
-    if SCREEN.denoise_channels(plate):
-        sources.append(f"{plate_dir(plate)}/denoised.zarr")
+    sources = plate_sources(plate, [config["channels"]["brightfield"], *real])
     return {
-        "sources": sources,
-        "virtual": f"{plate_dir(plate)}/virtual.zarr",
-        "stain_sites": f"{plate_dir(plate)}/stain/sites.csv",
+        **sources.named_inputs(),
+        "virtual": plate_folder(plate).virtual,
+        "stain_sites": plate_folder(plate).stain_sites,
         "nuclei_weights": SEGMENT_WEIGHTS["nuclei"],
         "cell_weights": SEGMENT_WEIGHTS["cells"],
     }
@@ -229,15 +242,11 @@ def segment_inputs(wildcards):
 
 def segment_outputs(plates):
     """Every plate's labels, site table and level-2 evaluation."""
+    folders = [plate_folder(plate) for plate in plates]
     return [
         path
-        for plate in plates
-        for path in (
-            f"{plate_dir(plate)}/labels.zarr",
-            f"{plate_dir(plate)}/segment/sites.csv",
-            f"{plate_dir(plate)}/segment/metrics.parquet",
-            f"{plate_dir(plate)}/segment/overlay.png",
-        )
+        for folder in folders
+        for path in (folder.labels, folder.segment_sites, folder.segment_metrics, folder.segment_overlay)
     ]
 
 
@@ -251,7 +260,7 @@ FEATURES_TILED_PIPELINE = (
     else None
 )
 CELLPROFILER = workflow_file(FEATURES["cellprofiler"], workflow.basedir, "features.cellprofiler")
-SCREEN_DIR = f"{RESULTS}/screen"
+SCREEN_FOLDER = ProfileFolder.screen(RESULTS)
 
 
 def feature_sources(plate):
@@ -261,57 +270,50 @@ def feature_sources(plate):
 
 
 def features_inputs(wildcards):
-    """What feature extraction reads of a plate: its real stains (store, illumination functions,
-    denoised store) where it has them, its virtual stains, labels and the segmentation's site table,
-    and the CellProfiler pipeline."""
+    """What feature extraction reads of a plate: its sources as named inputs (plate access needs the
+    brightfield's; the real stains' illumination functions and denoised store where it measures
+    them), its virtual stains, labels and the segmentation's site table, and the CellProfiler
+    pipeline."""
     plate = wildcards.plate
+    folder = plate_folder(plate)
+    real = "real" in feature_sources(plate)
+    channels = SCREEN.plate_channels(plate) if real else [config["channels"]["brightfield"]]
     inputs = {
-        "virtual": f"{plate_dir(plate)}/virtual.zarr",
-        "labels": f"{plate_dir(plate)}/labels.zarr",
-        "segment_sites": f"{plate_dir(plate)}/segment/sites.csv",
+        **plate_sources(plate, channels, denoised=real).named_inputs(),
+        "virtual": folder.virtual,
+        "labels": folder.labels,
+        "segment_sites": folder.segment_sites,
         "pipeline": FEATURES_PIPELINE,
     }
     if FEATURES_TILED_PIPELINE:
         inputs["tiled_pipeline"] = FEATURES_TILED_PIPELINE
-    if "real" in feature_sources(plate):
-        inputs["sources"] = plate_stain_sources(plate)
     return inputs
-
-
-def plate_profile_files(plate):
-    return {
-        level: f"{plate_dir(plate)}/profiles/{level}.parquet"
-        for level in ("wells", "normalised", "selected", "consensus")
-    }
-
-
-def match_files(folder):
-    return {name: f"{folder}/match/{name}.parquet" for name in ("summary", "neighbours", "agreement")}
 
 
 def features_outputs(plates):
     """Every plate's features, profiles and matching tables; with no plate selection, the screen's."""
     outputs = []
     for plate in plates:
-        outputs += [f"{plate_dir(plate)}/features/cells.parquet", f"{plate_dir(plate)}/features/sites.csv"]
-        outputs += [*plate_profile_files(plate).values(), *match_files(plate_dir(plate)).values()]
+        folder = plate_folder(plate)
+        outputs += [folder.features_cells, folder.features_sites, *folder.profiles.values(), *folder.matches.values()]
     if not SCREEN.selection:
-        outputs += [*match_files(SCREEN_DIR).values()]
+        outputs += [*SCREEN_FOLDER.matches.values()]
     return outputs
 
 
 # Reports: a plate's report reads every output the default run makes of it, the stain model cards and
 # its input files (checksums); the index reads every plate's summary and the screen's matching.
 def plate_outputs(plate):
+    folder = plate_folder(plate)
     return [
         *ingest_outputs([plate]),
         *preprocess_outputs([plate]),
         *stain_outputs([plate]),
         *segment_outputs([plate]),
-        f"{plate_dir(plate)}/features/cells.parquet",
-        f"{plate_dir(plate)}/features/sites.csv",
-        *plate_profile_files(plate).values(),
-        *match_files(plate_dir(plate)).values(),
+        folder.features_cells,
+        folder.features_sites,
+        *folder.profiles.values(),
+        *folder.matches.values(),
     ]
 
 
@@ -323,8 +325,24 @@ def stain_cards():
     return [f"{RESULTS}/models/stain/{model}/card.json" for model in STAIN_MODELS]
 
 
+def plate_results(plate):
+    """What a plate's report reads (brightpaint.layout.PlateResults): its tables and figures, the
+    illumination figures of its channels, its own Noise2Void models and, where denoising ran, its
+    sources with the denoised store (before / after crops)."""
+    channels = SCREEN.plate_channels(plate)
+    denoised = plate_sources(plate, channels) if SCREEN.denoise_channels(plate) else None
+    return plate_folder(plate).results(
+        channels,
+        denoise_models=plate_n2v_models(plate),
+        denoised_sources=denoised,
+        real_stains=SCREEN.has_real_stains(plate),
+    )
+
+
 def report_inputs(wildcards):
+    """What the report reads, as named inputs, and every output the default run makes of the plate."""
     return {
+        **plate_results(wildcards.plate).named_inputs(),
         "outputs": plate_outputs(wildcards.plate),
         "models": stain_model_files(),
         "cards": stain_cards(),
@@ -333,7 +351,7 @@ def report_inputs(wildcards):
 
 
 def report_outputs(plates):
-    outputs = [f"{plate_dir(plate)}/report.html" for plate in plates]
+    outputs = [plate_folder(plate).report_html for plate in plates]
     if not SCREEN.selection:
         outputs.append(f"{RESULTS}/index.html")
     return outputs

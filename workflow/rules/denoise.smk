@@ -7,7 +7,7 @@ rule denoise_train_plate:
     input:
         unpack(n2v_training_inputs),
     output:
-        model=f"{RESULTS}/plates/{{plate}}/denoise/{{channel}}.n2v.pt",
+        model=PLATE.n2v_model("{channel}"),
     params:
         **N2V_TRAIN["params"],
     resources:
@@ -47,7 +47,7 @@ rule denoise_shard:
     input:
         unpack(denoise_shard_inputs),
     output:
-        store=temp(directory(f"{RESULTS}/plates/{{plate}}/denoise/shards/{{shard}}.zarr")),
+        store=temp(directory(PLATE.denoise_shard("{shard}"))),
     params:
         channels=lambda wildcards: SCREEN.denoise_channels(wildcards.plate),
         n_shards=config["shards"],
@@ -68,10 +68,10 @@ rule denoise_shard:
 
 rule denoise_plate:
     input:
-        stores=expand(f"{RESULTS}/plates/{{{{plate}}}}/denoise/shards/{{shard}}.zarr", shard=SHARDS),
-        layout=f"{RESULTS}/plates/{{plate}}/ingest/layout.json",
+        stores=[PLATE.denoise_shard(shard) for shard in SHARDS],
+        layout=PLATE.layout,
     output:
-        store=directory(f"{RESULTS}/plates/{{plate}}/denoised.zarr"),
+        store=directory(PLATE.denoised),
     params:
         channels=lambda wildcards: SCREEN.denoise_channels(wildcards.plate),
     conda:

@@ -6,11 +6,10 @@ rule features_shard:
     input:
         unpack(features_inputs),
     output:
-        cells=temp(f"{RESULTS}/plates/{{plate}}/features/shards/{{shard}}.parquet"),
-        images=temp(f"{RESULTS}/plates/{{plate}}/features/shards/{{shard}}.images.parquet"),
-        sites=temp(f"{RESULTS}/plates/{{plate}}/features/shards/{{shard}}.csv"),
+        cells=temp(PLATE.features_shard_cells("{shard}")),
+        images=temp(PLATE.features_shard_images("{shard}")),
+        sites=temp(PLATE.features_shard_sites("{shard}")),
     params:
-        plate_dir=lambda wildcards: plate_dir(wildcards.plate),
         brightfield=config["channels"]["brightfield"],
         channels=config["channels"]["fluorescence"],
         sources=lambda wildcards: feature_sources(wildcards.plate),
@@ -31,13 +30,13 @@ rule features_shard:
 
 rule features_plate:
     input:
-        cells=expand(f"{RESULTS}/plates/{{{{plate}}}}/features/shards/{{shard}}.parquet", shard=SHARDS),
-        images=expand(f"{RESULTS}/plates/{{{{plate}}}}/features/shards/{{shard}}.images.parquet", shard=SHARDS),
-        sites=expand(f"{RESULTS}/plates/{{{{plate}}}}/features/shards/{{shard}}.csv", shard=SHARDS),
+        cells=[PLATE.features_shard_cells(shard) for shard in SHARDS],
+        images=[PLATE.features_shard_images(shard) for shard in SHARDS],
+        sites=[PLATE.features_shard_sites(shard) for shard in SHARDS],
     output:
-        cells=f"{RESULTS}/plates/{{plate}}/features/cells.parquet",
-        images=f"{RESULTS}/plates/{{plate}}/features/images.parquet",
-        sites=f"{RESULTS}/plates/{{plate}}/features/sites.csv",
+        cells=PLATE.features_cells,
+        images=PLATE.features_images,
+        sites=PLATE.features_sites,
     conda:
         MAIN_ENV
     log:

@@ -4,10 +4,11 @@
 
 rule focus_shard:
     input:
-        store=f"{RESULTS}/plates/{{plate}}/images.zarr",
-        layout=f"{RESULTS}/plates/{{plate}}/ingest/layout.json",
+        store=PLATE.store,
+        layout=PLATE.layout,
+        images=PLATE.images,
     output:
-        table=temp(f"{RESULTS}/plates/{{plate}}/focus/shards/{{shard}}.parquet"),
+        table=temp(PLATE.focus_shard("{shard}")),
     params:
         n_shards=config["shards"],
         method=config["focus"]["method"],
@@ -25,11 +26,11 @@ rule focus_shard:
 
 rule focus_plate:
     input:
-        tables=expand(f"{RESULTS}/plates/{{{{plate}}}}/focus/shards/{{shard}}.parquet", shard=SHARDS),
+        tables=[PLATE.focus_shard(shard) for shard in SHARDS],
     output:
-        table=f"{RESULTS}/plates/{{plate}}/focus.parquet",
+        table=PLATE.focus,
         figure=report(
-            f"{RESULTS}/plates/{{plate}}/focus.png",
+            PLATE.focus_figure,
             caption="../report/focus.rst",
             category="Preprocessing",
             subcategory="{plate}",

@@ -16,7 +16,7 @@ rule generalisation_train:
     params:
         group=lambda wildcards: GENERALISATION_GROUPS[wildcards.group],
         plates=[SCREEN.plate_row(plate) for plate in STAIN_TRAINING_PLATES],
-        plate_dirs=[plate_dir(plate) for plate in STAIN_TRAINING_PLATES],
+        sources=training_sources(),
         targets=SCREEN.stain_targets(),
         brightfield=config["channels"]["brightfield"],
         settings=GENERALISATION_SETTINGS,
@@ -44,7 +44,7 @@ rule generalisation_evaluate:
         group="|".join(map(re.escape, GENERALISATION_GROUPS)),
     params:
         groups=list(GENERALISATION_GROUPS),
-        plate_dirs=[plate_dir(plate) for plate in STAIN_TRAINING_PLATES],
+        sources=training_sources(),
         brightfield=config["channels"]["brightfield"],
         nuclei=config["channels"]["nuclei"],
         segment=SEGMENT,

@@ -4,12 +4,12 @@
 
 rule illumination:
     input:
-        store=f"{RESULTS}/plates/{{plate}}/images.zarr",
-        layout=f"{RESULTS}/plates/{{plate}}/ingest/layout.json",
+        store=PLATE.store,
+        layout=PLATE.layout,
     output:
-        function=f"{RESULTS}/plates/{{plate}}/illum/{{channel}}.npy",
+        function=PLATE.illum("{channel}"),
         figure=report(
-            f"{RESULTS}/plates/{{plate}}/illum/{{channel}}.png",
+            PLATE.illum_figure("{channel}"),
             caption="../report/illumination.rst",
             category="Preprocessing",
             subcategory="{plate}",

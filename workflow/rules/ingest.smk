@@ -6,9 +6,9 @@ rule validate_plate:
     input:
         plate_inputs,
     output:
-        images=f"{RESULTS}/plates/{{plate}}/ingest/images.parquet",
-        flags=f"{RESULTS}/plates/{{plate}}/ingest/validation_flags.csv",
-        layout=f"{RESULTS}/plates/{{plate}}/ingest/layout.json",
+        images=PLATE.images,
+        flags=PLATE.validation_flags,
+        layout=PLATE.layout,
     params:
         manifest=plate_param("manifest"),
         platemap=plate_param("platemap"),
@@ -32,8 +32,8 @@ rule ingest_shard:
         images=rules.validate_plate.output.images,
         layout=rules.validate_plate.output.layout,
     output:
-        store=temp(directory(f"{RESULTS}/plates/{{plate}}/ingest/shards/{{shard}}.zarr")),
-        qc=temp(f"{RESULTS}/plates/{{plate}}/ingest/shards/{{shard}}_qc.parquet"),
+        store=temp(directory(PLATE.ingest_shard("{shard}"))),
+        qc=temp(PLATE.ingest_shard_qc("{shard}")),
     params:
         n_shards=config["shards"],
         saturation_flag=config["ingest"]["saturation_flag"],
@@ -51,17 +51,17 @@ rule ingest_shard:
 
 rule assemble_plate:
     input:
-        stores=expand(f"{RESULTS}/plates/{{{{plate}}}}/ingest/shards/{{shard}}.zarr", shard=SHARDS),
-        qc=expand(f"{RESULTS}/plates/{{{{plate}}}}/ingest/shards/{{shard}}_qc.parquet", shard=SHARDS),
+        stores=[PLATE.ingest_shard(shard) for shard in SHARDS],
+        qc=[PLATE.ingest_shard_qc(shard) for shard in SHARDS],
         images=rules.validate_plate.output.images,
         flags=rules.validate_plate.output.flags,
         layout=rules.validate_plate.output.layout,
         manifest=plate_param("manifest"),
         platemap=plate_param("platemap"),
     output:
-        store=directory(f"{RESULTS}/plates/{{plate}}/images.zarr"),
-        qc_images=f"{RESULTS}/plates/{{plate}}/ingest/qc_images.parquet",
-        qc_sites=f"{RESULTS}/plates/{{plate}}/ingest/qc_sites.csv",
+        store=directory(PLATE.store),
+        qc_images=PLATE.qc_images,
+        qc_sites=PLATE.qc_sites,
     conda:
         MAIN_ENV
     log:

@@ -4,11 +4,11 @@
 
 rule match_plate:
     input:
-        selected=f"{RESULTS}/plates/{{plate}}/profiles/selected.parquet",
-        consensus=f"{RESULTS}/plates/{{plate}}/profiles/consensus.parquet",
-        normalised=[f"{RESULTS}/plates/{{plate}}/profiles/normalised.parquet"],
+        selected=PLATE.profile("selected"),
+        consensus=PLATE.profile("consensus"),
+        normalised=[PLATE.profile("normalised")],
     output:
-        **match_files(f"{RESULTS}/plates/{{plate}}"),
+        **PLATE.matches,
     params:
         settings=config["match"],
     threads: 1
@@ -24,11 +24,11 @@ rule match_plate:
 
 rule match_screen:
     input:
-        selected=f"{SCREEN_DIR}/profiles/selected.parquet",
-        consensus=f"{SCREEN_DIR}/profiles/consensus.parquet",
-        normalised=[plate_profile_files(p)["normalised"] for p in SCREEN.plate_ids()],
+        selected=SCREEN_FOLDER.profile("selected"),
+        consensus=SCREEN_FOLDER.profile("consensus"),
+        normalised=[plate_folder(p).profile("normalised") for p in SCREEN.plate_ids()],
     output:
-        **match_files(SCREEN_DIR),
+        **SCREEN_FOLDER.matches,
     params:
         settings=config["match"],
     threads: 1

@@ -4,10 +4,10 @@
 
 rule profiles_plate:
     input:
-        cells=f"{RESULTS}/plates/{{plate}}/features/cells.parquet",
+        cells=PLATE.features_cells,
         platemap=lambda wildcards: SCREEN.plate_row(wildcards.plate)["platemap"],
     output:
-        **plate_profile_files("{plate}"),
+        **PLATE.profiles,
     params:
         plate_info=lambda wildcards: SCREEN.plate_row(wildcards.plate),
         settings=config["profiles"],
@@ -24,10 +24,10 @@ rule profiles_plate:
 
 rule profiles_screen:
     input:
-        normalised=[plate_profile_files(p)["normalised"] for p in SCREEN.plate_ids()],
+        normalised=[plate_folder(p).profile("normalised") for p in SCREEN.plate_ids()],
     output:
-        selected=f"{SCREEN_DIR}/profiles/selected.parquet",
-        consensus=f"{SCREEN_DIR}/profiles/consensus.parquet",
+        selected=SCREEN_FOLDER.profile("selected"),
+        consensus=SCREEN_FOLDER.profile("consensus"),
     params:
         settings=config["profiles"],
     threads: config["threads"]["profiles"]

@@ -7,14 +7,13 @@ rule report_plate:
         unpack(report_inputs),
     output:
         html=report(
-            f"{RESULTS}/plates/{{plate}}/report.html",
+            PLATE.report_html,
             caption="../report/plate_report.rst",
             category="Audit reports",
             labels={"plate": "{plate}"},
         ),
-        summary=f"{RESULTS}/plates/{{plate}}/report.json",
+        summary=PLATE.report_json,
     params:
-        plate_dir=lambda wildcards: plate_dir(wildcards.plate),
         info=lambda wildcards: SCREEN.plate_row(wildcards.plate),
         rules=config["report"],
         # the settings (not the plate selection: running one plate must not make the others' reports stale)
@@ -38,11 +37,14 @@ rule report_plate:
 
 rule report_index:
     input:
-        summaries=[f"{plate_dir(p)}/report.json" for p in SCREEN.plate_ids()],
-        screen=match_files(SCREEN_DIR)["summary"],
+        summaries=[plate_folder(p).report_json for p in SCREEN.plate_ids()],
+        screen=SCREEN_FOLDER.match("summary"),
         generalisation=generalisation_outputs(),
     output:
         f"{RESULTS}/index.html",
+    params:
+        # each summary's page, linked from the index
+        reports=[plate_folder(p).report_html for p in SCREEN.plate_ids()],
     threads: 1
     conda:
         MAIN_ENV

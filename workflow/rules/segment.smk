@@ -28,7 +28,7 @@ rule segment_calibrate:
     input:
         unpack(segment_inputs),
     output:
-        f"{RESULTS}/plates/{{plate}}/segment/diameters.json",
+        PLATE.segment_diameters,
     params:
         **SEGMENT_PARAMS,
     resources:
@@ -47,10 +47,10 @@ rule segment_calibrate:
 rule segment_shard:
     input:
         unpack(segment_inputs),
-        diameters=f"{RESULTS}/plates/{{plate}}/segment/diameters.json",
+        diameters=PLATE.segment_diameters,
     output:
-        store=temp(directory(f"{RESULTS}/plates/{{plate}}/segment/shards/{{shard}}.zarr")),
-        sites=temp(f"{RESULTS}/plates/{{plate}}/segment/shards/{{shard}}.csv"),
+        store=temp(directory(PLATE.segment_shard("{shard}"))),
+        sites=temp(PLATE.segment_shard_sites("{shard}")),
     params:
         **SEGMENT_PARAMS,
         n_shards=config["shards"],
@@ -70,13 +70,13 @@ rule segment_shard:
 
 rule segment_plate:
     input:
-        stores=expand(f"{RESULTS}/plates/{{{{plate}}}}/segment/shards/{{shard}}.zarr", shard=SHARDS),
-        sites=expand(f"{RESULTS}/plates/{{{{plate}}}}/segment/shards/{{shard}}.csv", shard=SHARDS),
-        virtual=f"{RESULTS}/plates/{{plate}}/virtual.zarr",
-        diameters=f"{RESULTS}/plates/{{plate}}/segment/diameters.json",
+        stores=[PLATE.segment_shard(shard) for shard in SHARDS],
+        sites=[PLATE.segment_shard_sites(shard) for shard in SHARDS],
+        virtual=PLATE.virtual,
+        diameters=PLATE.segment_diameters,
     output:
-        store=directory(f"{RESULTS}/plates/{{plate}}/labels.zarr"),
-        sites=f"{RESULTS}/plates/{{plate}}/segment/sites.csv",
+        store=directory(PLATE.labels),
+        sites=PLATE.segment_sites,
     conda:
         MAIN_ENV
     log:
@@ -90,12 +90,12 @@ rule segment_plate:
 rule segment_evaluate:
     input:
         unpack(segment_inputs),
-        labels=f"{RESULTS}/plates/{{plate}}/labels.zarr",
-        sites=f"{RESULTS}/plates/{{plate}}/segment/sites.csv",
+        labels=PLATE.labels,
+        sites=PLATE.segment_sites,
     output:
-        metrics=f"{RESULTS}/plates/{{plate}}/segment/metrics.parquet",
+        metrics=PLATE.segment_metrics,
         figure=report(
-            f"{RESULTS}/plates/{{plate}}/segment/overlay.png",
+            PLATE.segment_overlay,
             caption="../report/segmentation.rst",
             category="Segmentation",
             subcategory="{plate}",

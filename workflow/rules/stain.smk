@@ -14,7 +14,7 @@ rule stain_train:
         model="|".join(map(re.escape, STAIN_MODELS)),
     params:
         plates=[SCREEN.plate_row(plate) for plate in STAIN_TRAINING_PLATES],
-        plate_dirs=[plate_dir(plate) for plate in STAIN_TRAINING_PLATES],
+        sources=training_sources(),
         targets=lambda wildcards: STAIN_MODELS[wildcards.model],
         brightfield=config["channels"]["brightfield"],
         settings=STAIN["model"],
@@ -36,13 +36,12 @@ rule stain_train:
 
 rule stain_shard:
     input:
-        sources=lambda wildcards: plate_stain_sources(wildcards.plate, fluorescence=False),
+        unpack(stain_source_inputs(fluorescence=False)),
         models=stain_model_files(),
     output:
-        store=temp(directory(f"{RESULTS}/plates/{{plate}}/stain/shards/{{shard}}.zarr")),
-        sites=temp(f"{RESULTS}/plates/{{plate}}/stain/shards/{{shard}}.csv"),
+        store=temp(directory(PLATE.stain_shard("{shard}"))),
+        sites=temp(PLATE.stain_shard_sites("{shard}")),
     params:
-        plate_dir=lambda wildcards: plate_dir(wildcards.plate),
         brightfield=config["channels"]["brightfield"],
         n_shards=config["shards"],
         device=STAIN["device"],
@@ -66,13 +65,13 @@ rule stain_shard:
 
 rule stain_plate:
     input:
-        stores=expand(f"{RESULTS}/plates/{{{{plate}}}}/stain/shards/{{shard}}.zarr", shard=SHARDS),
-        sites=expand(f"{RESULTS}/plates/{{{{plate}}}}/stain/shards/{{shard}}.csv", shard=SHARDS),
-        layout=f"{RESULTS}/plates/{{plate}}/ingest/layout.json",
+        stores=[PLATE.stain_shard(shard) for shard in SHARDS],
+        sites=[PLATE.stain_shard_sites(shard) for shard in SHARDS],
+        layout=PLATE.layout,
         models=stain_model_files(),
     output:
-        store=directory(f"{RESULTS}/plates/{{plate}}/virtual.zarr"),
-        sites=f"{RESULTS}/plates/{{plate}}/stain/sites.csv",
+        store=directory(PLATE.virtual),
+        sites=PLATE.stain_sites,
     params:
         augmentations=STAIN["augmentations"],
     conda:
@@ -87,22 +86,21 @@ rule stain_plate:
 
 rule stain_evaluate:
     input:
-        sources=lambda wildcards: plate_stain_sources(wildcards.plate),
-        virtual=f"{RESULTS}/plates/{{plate}}/virtual.zarr",
-        sites=f"{RESULTS}/plates/{{plate}}/stain/sites.csv",
+        unpack(stain_source_inputs(fluorescence=True)),
+        virtual=PLATE.virtual,
+        sites=PLATE.stain_sites,
         models=stain_model_files(),
     output:
-        metrics=f"{RESULTS}/plates/{{plate}}/stain/metrics.parquet",
-        uncertainty=f"{RESULTS}/plates/{{plate}}/stain/uncertainty.csv",
+        metrics=PLATE.stain_metrics,
+        uncertainty=PLATE.stain_uncertainty,
         figure=report(
-            f"{RESULTS}/plates/{{plate}}/stain/examples.png",
+            PLATE.stain_examples,
             caption="../report/stain.rst",
             category="Virtual staining",
             subcategory="{plate}",
             labels={"plate": "{plate}", "figure": "examples"},
         ),
     params:
-        plate_dir=lambda wildcards: plate_dir(wildcards.plate),
         brightfield=config["channels"]["brightfield"],
         eval_sites=STAIN["eval_sites"],
     threads: 1

@@ -17,7 +17,7 @@ device = resolve_device(params.device, what="Noise2Void")
 channels = list(params.channels)
 illumination = {c: load_illumination(path) for c, path in zip(channels, inp.illum, strict=True)}
 models = {c: load_n2v(path)[0] for c, path in zip(channels, inp.models, strict=True)}
-sites = pd.read_parquet(Path(inp.layout).with_name("images.parquet"), columns=["well", "site"])
+sites = pd.read_parquet(inp.images, columns=["well", "site"])
 wells = shard_wells(list(sites["well"]), params.n_shards, int(snakemake.wildcards.shard))  # noqa: F821
 selected = sites[sites["well"].isin(wells)].drop_duplicates()
 table = write_derived_store(

@@ -17,10 +17,11 @@ channel = snakemake.wildcards.channel  # noqa: F821
 device = resolve_device(params.device, what="Noise2Void")
 images, plates = [], []
 per_plate = max(1, params.max_sites // max(1, len(inp.stores)))
-for store, layout_path, illum_path in zip(inp.stores, inp.layouts, inp.illum, strict=True):
+for store, layout_path, images_path, illum_path in zip(inp.stores, inp.layouts, inp.images, inp.illum,
+                                                      strict=True):
     layout = StoreLayout.from_json(Path(layout_path).read_text())
     function = load_illumination(illum_path)
-    accepted = pd.read_parquet(Path(layout_path).with_name("images.parquet"), columns=["well"])
+    accepted = pd.read_parquet(images_path, columns=["well"])
     wells = sorted(set(accepted["well"]))
     images += sample_training_images(store, layout, channel, wells, max_sites=per_plate, seed=params.seed,
                                      correct=lambda image, f=function: correct_illumination(image, f))

@@ -7,13 +7,14 @@ import pandas as pd
 from brightpaint.atomic import atomic_path
 from brightpaint.features.extract import extract_features, measurable_sites, plate_site_readers
 from brightpaint.ingest import shard_wells
+from brightpaint.layout import PlateSources
 from brightpaint.logs import log_to_rule
 from brightpaint.plate import open_plate_source
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
 shard = int(snakemake.wildcards.shard)  # noqa: F821
-source = open_plate_source(params.plate_dir, params.brightfield)
+source = open_plate_source(PlateSources.from_input(inp), params.brightfield)
 segment_sites = pd.read_csv(inp.segment_sites, keep_default_na=False)
 wells = shard_wells(list(segment_sites["well"]), params.n_shards, shard)
 sites, skipped = measurable_sites(source.plate, segment_sites, wells, params.sources)

@@ -12,7 +12,7 @@ from brightpaint.logs import log_to_rule
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
 layout = StoreLayout.from_json(Path(inp.layout).read_text())
-images = pd.read_parquet(Path(inp.layout).with_name("images.parquet"), columns=["well"])
+images = pd.read_parquet(inp.images, columns=["well"])
 wells = shard_wells(list(images["well"]), params.n_shards, int(snakemake.wildcards.shard))  # noqa: F821
 table = plate_focus(inp.store, wells, layout, method=params.method, half_width=params.half_width)
 with atomic_path(out.table) as tmp:

@@ -8,6 +8,7 @@ from brightpaint.atomic import atomic_path
 from brightpaint.generalisation import evaluate_model, held_out_sites
 from brightpaint.inference import resolve_device, torch_threads
 from brightpaint.io import read_platemap
+from brightpaint.layout import PlateSources
 from brightpaint.logs import log_to_rule
 from brightpaint.plate import open_plate_source
 from brightpaint.segment.run import Segmenter
@@ -19,8 +20,10 @@ log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
 device = resolve_device(params.device, what="generalisation matrix")
 generator, card = load_stain_model(inp.model)
-sources = [open_plate_source(folder, params.brightfield, platemap=read_platemap(platemap))
-           for folder, platemap in zip(params.plate_dirs, inp.platemaps, strict=True)]
+# each plate's sources as the registry names them, checked to be among the job's inputs
+sources = [open_plate_source(PlateSources.from_params(files).among(inp, snakemake.rule),  # noqa: F821
+                             params.brightfield, platemap=read_platemap(platemap))
+           for files, platemap in zip(params.sources, inp.platemaps, strict=True)]
 tests = {group: held_out_sites(json.loads(Path(path).read_text()), sources, params.test_sites)
          for group, path in zip(params.groups, inp.cards, strict=True)}
 settings = SegmentSettings.from_config(params.segment)

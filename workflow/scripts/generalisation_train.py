@@ -6,6 +6,7 @@ from brightpaint.atomic import atomic_path
 from brightpaint.generalisation import group_sources
 from brightpaint.groups import Group
 from brightpaint.io import read_platemap
+from brightpaint.layout import PlateSources
 from brightpaint.logs import log_to_rule
 from brightpaint.plate import open_plate_source
 from brightpaint.stain.files import save_stain_model
@@ -15,8 +16,10 @@ from brightpaint.stain.train import fit_stain_model
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
 group = Group(**params.group)
-plates = [(open_plate_source(folder, params.brightfield, platemap=read_platemap(platemap)), row)
-          for folder, platemap, row in zip(params.plate_dirs, inp.platemaps, params.plates, strict=True)]
+# each plate's sources as the registry names them, checked to be among the job's inputs
+plates = [(open_plate_source(PlateSources.from_params(files).among(inp, snakemake.rule),  # noqa: F821
+                             params.brightfield, platemap=read_platemap(platemap)), row)
+          for files, platemap, row in zip(params.sources, inp.platemaps, params.plates, strict=True)]
 sources = group_sources(group, [(source, str(row["cell_type"])) for source, row in plates])
 if not sources:
     raise StainError(f"generalisation group {group.name}: no training plate has wells of cell type "

@@ -15,9 +15,9 @@ log = log_to_rule(snakemake)  # noqa: F821
 inp, out = snakemake.input, snakemake.output  # noqa: F821
 index_dir = Path(out[0]).resolve().parent
 plates = []
-for path in inp.summaries:
+for path, html in zip(inp.summaries, snakemake.params.reports, strict=True):  # noqa: F821
     summary = json.loads(Path(path).read_text())
-    summary["href"] = str(Path(path).resolve().with_name("report.html").relative_to(index_dir))
+    summary["href"] = str(Path(html).resolve().relative_to(index_dir))
     plates.append(summary)
 tables = {"screen matching": pd.read_parquet(inp.screen)}
 figures = []

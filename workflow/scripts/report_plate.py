@@ -3,6 +3,7 @@
 import json
 
 from brightpaint.atomic import atomic_path
+from brightpaint.layout import PlateResults
 from brightpaint.logs import log_to_rule
 from brightpaint.report import (
     cellprofiler_site_packages,
@@ -20,7 +21,7 @@ files = {"input: screen sheet": params.sheet, "input: manifest": manifest, "inpu
          **{f"CellProfiler pipeline {i + 1}": path for i, path in enumerate(params.pipelines)}}
 prov = provenance(params.config, params.repo, files, params.benchmarks,
                   cellprofiler_site_packages(params.cellprofiler))
-report = plate_report(params.plate_dir, params.info, prov, params.rules, stain_cards=inp.cards,
+report = plate_report(PlateResults.from_input(inp), params.info, prov, params.rules, stain_cards=inp.cards,
                       brightfield=params.brightfield)
 with atomic_path(out.html) as tmp:
     tmp.write_text(render_plate_report(report))

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from brightpaint.atomic import atomic_path
 from brightpaint.inference import resolve_device, torch_threads
+from brightpaint.layout import PlateSources
 from brightpaint.logs import log_to_rule
 from brightpaint.plate import open_plate_source
 from brightpaint.segment.plates import calibrate_plate, plate_readers
@@ -15,7 +16,7 @@ log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
 device = resolve_device(params.device, what="segmentation")
 settings = SegmentSettings.from_config(params.settings)
-source = open_plate_source(params.plate_dir, params.brightfield)
+source = open_plate_source(PlateSources.from_input(inp), params.brightfield)
 readers = plate_readers(source, inp.virtual, params.nuclei, params.cell)
 models = (load_cellpose_model(inp.nuclei_weights, device), load_cellpose_model(inp.cell_weights, device))
 with torch_threads(snakemake.threads):  # noqa: F821

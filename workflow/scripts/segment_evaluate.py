@@ -3,6 +3,7 @@
 import pandas as pd
 
 from brightpaint.atomic import atomic_path
+from brightpaint.layout import PlateSources
 from brightpaint.logs import log_to_rule
 from brightpaint.plate import open_plate_source
 from brightpaint.segment.evaluate import evaluate_plate, overlay_figure, summarise_metrics
@@ -10,7 +11,7 @@ from brightpaint.segment.plates import plate_readers
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
-source = open_plate_source(params.plate_dir, params.brightfield)
+source = open_plate_source(PlateSources.from_input(inp), params.brightfield)
 sites = pd.read_csv(inp.sites, keep_default_na=False)
 table = evaluate_plate(inp.labels, source.plate, sites, truth_pattern=params.truth_masks,
                        exclude_border=params.settings["exclude_border"])

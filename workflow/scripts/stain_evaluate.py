@@ -3,6 +3,7 @@
 import pandas as pd
 
 from brightpaint.atomic import atomic_path
+from brightpaint.layout import PlateSources
 from brightpaint.logs import log_to_rule
 from brightpaint.plate import open_plate_source
 from brightpaint.stain.evaluate import evaluate_plate, examples_figure
@@ -11,7 +12,7 @@ from brightpaint.trust import attach_uncertainty, uncertainty_error_correlation
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
-source = open_plate_source(params.plate_dir, params.brightfield)
+source = open_plate_source(PlateSources.from_input(inp), params.brightfield)
 cards = [load_card(path) for path in inp.models]
 table = attach_uncertainty(evaluate_plate(source, inp.virtual, cards, max_sites=params.eval_sites),
                            pd.read_csv(inp.sites, keep_default_na=False))

@@ -3,6 +3,7 @@
 from brightpaint.atomic import atomic_path
 from brightpaint.inference import resolve_device, torch_threads
 from brightpaint.ingest import shard_wells, stored_sites
+from brightpaint.layout import PlateSources
 from brightpaint.logs import log_to_rule
 from brightpaint.plate import open_plate_source
 from brightpaint.stain.files import load_stain_model
@@ -11,7 +12,7 @@ from brightpaint.stain.predict import predict_sites
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
 device = resolve_device(params.device, what="virtual staining")
-source = open_plate_source(params.plate_dir, params.brightfield, use_denoised=False)
+source = open_plate_source(PlateSources.from_input(inp), params.brightfield, use_denoised=False)
 models = [load_stain_model(path) for path in inp.models]
 wells = shard_wells(sorted({w for w, _ in stored_sites(source.store)}), params.n_shards,
                     int(snakemake.wildcards.shard))  # noqa: F821

@@ -2,6 +2,7 @@
 
 from brightpaint.atomic import atomic_path
 from brightpaint.io import read_platemap
+from brightpaint.layout import PlateSources
 from brightpaint.logs import log_to_rule
 from brightpaint.plate import open_plate_source
 from brightpaint.stain.files import save_stain_model
@@ -10,8 +11,10 @@ from brightpaint.stain.train import fit_stain_model
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
-sources = [open_plate_source(folder, params.brightfield, platemap=read_platemap(platemap))
-           for folder, platemap in zip(params.plate_dirs, inp.platemaps, strict=True)]
+# each plate's sources as the registry names them, checked to be among the job's inputs
+sources = [open_plate_source(PlateSources.from_params(files).among(inp, snakemake.rule),  # noqa: F821
+                             params.brightfield, platemap=read_platemap(platemap))
+           for files, platemap in zip(params.sources, inp.platemaps, strict=True)]
 generator, card, history = fit_stain_model(
     sources, list(params.targets), StainSettings.from_config(dict(params.settings)),
     brightfield=params.brightfield, plates=[{k: str(v) for k, v in row.items()} for row in params.plates],
