@@ -121,6 +121,9 @@ def fluorescence_plane(source: PlateSource, well: str, site: int, channel: str) 
     if channel not in source.layout.channels:
         raise PlateError(f"plate {source.plate}: no channel {channel!r} (channels: "
                          f"{source.layout.channels})")
+    if channel not in source.illumination:  # its function was not among the paths plate access got
+        raise PlateError(f"plate {source.plate}: no illumination function for channel {channel!r} "
+                         f"(given: {sorted(source.illumination)})")
     return correct_illumination(read_plane(source.store, well, site, *channel_plane(source.layout, channel)),
                                 source.illumination[channel])
 
