@@ -86,9 +86,10 @@ def test_dry_run_of_the_demo_config_lists_every_job(tmp_path, run_snakemake):
                       "segment_plate": n, "segment_evaluate": n, "features_shard": n * n_shards,
                       "features_plate": n, "profiles_plate": n, "profiles_screen": 1, "match_plate": n,
                       "match_screen": 1, "report_plate": n, "report_index": 1, "all": 1,
-                      # Noise2Void, on by default: a model per stained plate and stain
-                      "denoise_train_plate": n_stained * len(default["channels"]["fluorescence"]),
+                      # Noise2Void, on by default; the demo config: one model per stain for the screen
+                      "denoise_train_screen": len(default["channels"]["fluorescence"]),
                       "denoise_shard": n_stained * n_shards, "denoise_plate": n_stained}
+    assert default["denoise"]["scope"] == "screen"
 
 
 def test_denoise_scope_screen_trains_one_model_per_channel(tmp_path, tiny_screen_source, run_snakemake):
@@ -102,8 +103,9 @@ def test_denoise_scope_screen_trains_one_model_per_channel(tmp_path, tiny_screen
     assert counts["denoise_plate"] == 1  # the train plate; apply plates have no stains
 
 
-def test_lint_is_clean(tmp_path, run_snakemake):
-    result = run_snakemake(REPO, "--lint")
+def test_lint_is_clean(tmp_path, tiny_screen_source, run_snakemake):
+    config = user_screen(tmp_path, tiny_screen_source)
+    result = run_snakemake(tmp_path, "--lint", "--configfile", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
 
