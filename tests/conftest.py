@@ -128,7 +128,7 @@ def tiny_run(tmp_path_factory, tiny_screen_source, run_snakemake) -> TinyRun:
     (TINY_UNTIL), made once per session; tests read it and must not change it (copy it first)."""
     workdir = tmp_path_factory.mktemp("tiny_run")
     config = tiny_demo_config(workdir, tiny_screen_source)
-    result = run_snakemake(workdir, "--cores", "2", "--configfile", str(config), *TINY_UNTIL)
+    result = run_snakemake(workdir, "--cores", "2", "--configfile", str(config), *TINY_UNTIL, timeout=1800)
     if result.returncode != 0:
         pytest.fail("the tiny run failed:\n" + result.stdout[-3000:] + result.stderr[-3000:])
     return TinyRun(workdir, config)
