@@ -47,6 +47,11 @@ class Screen:
         if not Path(sheet).is_file():
             raise ConfigError(f"screen sheet {sheet!r} (config `screen`) not found in {Path.cwd()}")
         table = read_screen_sheet(sheet)
+        if not os.path.isabs(sheet):
+            # a sheet given relative to the working directory keeps its files relative too: a moved
+            # or copied run folder then reads the same inputs and params, and reruns nothing
+            for column in ("manifest", "platemap"):
+                table[column] = [os.path.relpath(path) for path in table[column]]
         screen = cls(sheet=sheet, table=table,
                      brightfield=channels["brightfield"], fluorescence=list(channels["fluorescence"]),
                      selection=list(config.get("plates") or []),
