@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .objects import RelatedObjects, equivalent_diameters, filter_sizes, relate_objects, touching_border
-from .settings import TILE_MULTIPLE, SegmentError, SegmentSettings
+from .settings import SegmentError, SegmentSettings
 
 
 def scale_channel(image: np.ndarray, gamma: float = 1.0) -> np.ndarray:
@@ -67,12 +67,14 @@ def run_cellpose(model, inputs: np.ndarray, *, diameter: float, settings: Segmen
 
 def cellpose_tile(shape: tuple[int, int], rescale: float, tile: int) -> int:
     """Cellpose's tile size (`bsize`): `tile`, or with 0 the side of the site as Cellpose's network
-    sees it (rescaled, then padded to a multiple of 16 plus 16: cellpose.transforms.get_pad_yx), so
-    the whole site is one tile."""
+    sees it (rescaled, then padded by Cellpose's own rule), so the whole site is one tile."""
     if tile:
         return int(tile)
-    side = max(int(s * rescale) for s in shape)
-    return int(TILE_MULTIPLE * np.ceil(side / TILE_MULTIPLE) + TILE_MULTIPLE)
+    from cellpose.transforms import get_pad_yx  # Cellpose's modules are heavy to import (~1 s)
+
+    height, width = (int(s * rescale) for s in shape)
+    y1, y2, x1, x2 = get_pad_yx(height, width)
+    return max(height + y1 + y2, width + x1 + x2)
 
 
 # The assumptions tried: half-octave steps from half to four times the network's own diameter.
