@@ -2,7 +2,9 @@
 # Stages live in workflow/rules/<stage>.smk; the science lives in the brightpaint package.
 from pathlib import Path
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
+
+from brightpaint.workflow import check_config
 
 min_version("9.0")
 
@@ -12,7 +14,9 @@ min_version("9.0")
 configfile: Path(workflow.basedir) / "config" / "config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+# the schema and the channel rules, as `brightpaint validate` checks them: one ConfigError naming
+# every key that is wrong
+check_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
 
 
 report: "workflow/report/workflow.rst"

@@ -314,12 +314,17 @@ def test_brightpaint_cli_simulate_and_validate(tmp_path):
     subprocess.run([cli, "simulate", "--out", str(out), "--wells", "2", "--sites", "1", "--size", "64",
                     "--plates", "2"], check=True, capture_output=True, text=True)
     assert (out / "plates.tsv").is_file()
-    ok = subprocess.run([cli, "validate", str(out / "plates.tsv")], capture_output=True, text=True)
+    # two wells hold one negative control, too few to normalise profiles against: every well is
+    config = tmp_path / "my.yaml"
+    config.write_text(yaml.safe_dump({"channels": CHANNELS, "profiles": {"normalise_samples": "all"}}))
+    ok = subprocess.run([cli, "validate", str(out / "plates.tsv"), "--config", str(config)],
+                        capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "2 plate(s) valid" in ok.stdout
     manifest = pd.read_csv(out / "P1" / "manifest.csv")
     (out / "P1" / manifest["path"].iloc[0]).unlink()
-    bad = subprocess.run([cli, "validate", str(out / "plates.tsv")], capture_output=True, text=True)
+    bad = subprocess.run([cli, "validate", str(out / "plates.tsv"), "--config", str(config)],
+                         capture_output=True, text=True)
     assert bad.returncode == 1
     assert f"well {manifest['well'].iloc[0]}, site 1" in bad.stderr and "file not found" in bad.stderr
 

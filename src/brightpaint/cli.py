@@ -9,12 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from .demo.screen import simulate_screen
 from .demo.spec import DEFAULT_PLATES, ScreenSpec, spec_from_config
-from .io import InputError, manifest_from_folder, read_screen_sheet
-from .validate import validate_plate
+from .errors import UserError
+from .io import manifest_from_folder
+from .validate import ImageLimits, validate_plate
+from .workflow import DEFAULT_CONFIG, Screen, check_config, merged_config, read_config_file
 
 DEMO_CHANNELS = {"brightfield": "BF", "nuclei": "DNA", "cell": "CYTO",
                  "fluorescence": ["DNA", "CYTO", "DAMAGE"]}
@@ -27,61 +27,71 @@ def _simulate(args: argparse.Namespace) -> int:
         out = args.out or settings.pop("outdir", None)
         settings.pop("outdir", None)
         if not out:
-            raise SystemExit(f"{args.config}: `simulate.outdir` is not set (or give --out)")
+            raise UserError(f"{args.config}: `simulate.outdir` is not set (or give --out)")
         try:
             spec = spec_from_config(settings)
         except (TypeError, ValueError) as err:
-            raise SystemExit(f"{args.config}: simulate: {err}") from err
+            raise UserError(f"{args.config}: simulate: {err}") from err
     else:
         if not args.out:
-            raise SystemExit("give --out (the screen folder to write) or --config")
+            raise UserError("give --out (the screen folder to write) or --config")
         if not 1 <= args.plates <= len(DEFAULT_PLATES):
-            raise SystemExit(f"--plates must be 1..{len(DEFAULT_PLATES)}")
+            raise UserError(f"--plates must be 1..{len(DEFAULT_PLATES)}")
         out = args.out
-        spec = ScreenSpec(plates=DEFAULT_PLATES[: args.plates], wells=args.wells, sites=args.sites,
-                          size=args.size, z_planes=args.z_planes, seed=args.seed)
+        try:
+            spec = ScreenSpec(plates=DEFAULT_PLATES[: args.plates], wells=args.wells,
+                              sites=args.sites, size=args.size, z_planes=args.z_planes,
+                              seed=args.seed)
+        except ValueError as err:  # the spec names its field: z_planes -> --z-planes
+            option = str(err).split(":")[0].replace("_", "-")
+            raise UserError(f"--{option}: {str(err).split(': ', 1)[-1]}") from err
     sheet = simulate_screen(out, spec, workers=args.workers)
     print(f"screen written: {sheet}")
     return 0
 
 
 def _config_section(path: str, key: str) -> dict:
-    """One section of a YAML config file, or a clear exit naming the file and what is wrong."""
-    try:
-        config = yaml.safe_load(Path(path).read_text())
-    except OSError as err:
-        raise SystemExit(f"config {path}: cannot be read ({err.strerror})") from err
-    except yaml.YAMLError as err:
-        raise SystemExit(f"config {path}: not valid YAML ({err})") from err
-    section = config.get(key) if isinstance(config, dict) else None
+    """One section of a YAML config file, or a UserError naming the file and what is wrong."""
+    section = read_config_file(path).get(key)
     if not isinstance(section, dict):
-        raise SystemExit(f"config {path}: no `{key}:` section (a mapping)")
+        raise UserError(f"config {path}: no `{key}:` section (a mapping)")
     return section
 
 
+def validation_config(sheet: str, config_path: str | None) -> dict:
+    """The config the workflow would run with: config/config.yaml's defaults, the user's file on top
+    (or the demo's channels without one), and `screen` = the sheet given on the command line."""
+    user = read_config_file(config_path) if config_path else {"channels": DEMO_CHANNELS}
+    defaults = read_config_file(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else {}
+    return merged_config(defaults, {**user, "screen": sheet})
+
+
 def _validate(args: argparse.Namespace) -> int:
-    channels = DEMO_CHANNELS
-    if args.config:
-        channels = yaml.safe_load(Path(args.config).read_text())["channels"]
-    failures = []
-    try:
-        sheet = read_screen_sheet(args.sheet)
-    except InputError as err:
-        print(err, file=sys.stderr)
-        return 1
+    """The checks the workflow makes when it is parsed (config schema, channel roles, the sheet,
+    the config's plate selection) and in each plate's validate_plate job, in that order."""
+    config = validation_config(args.sheet, args.config)
+    check_config(config, source=f"config {args.config}" if args.config else "the default config")
+    screen = Screen.from_config(config)
+    screen.stain_training_plates()  # the workflow's parse-time check of the stain settings
+    on_missing = args.on_missing or config["ingest"]["on_missing"]
+    limits = ImageLimits.from_config(config["ingest"])
     root = str(Path(args.sheet).parent.resolve())
-    for row in sheet.itertuples():
+    failures = []
+    for plate in screen.selected_plates():
+        row = screen.plate_row(plate)
         try:
-            images, flags = validate_plate(row.manifest, row.platemap, row.plate, row.role, channels,
-                                           root, args.on_missing, threads=args.threads)
-        except InputError as err:
+            images, flags = validate_plate(row["manifest"], row["platemap"], plate, row["role"],
+                                           config["channels"], root, on_missing,
+                                           threads=args.threads, limits=limits,
+                                           profiles=config["profiles"], plate_info=row)
+        except UserError as err:
             failures.append(str(err))
             continue
-        print(f"plate {row.plate}: {len(images)} images, {len(flags)} QC flag(s)")
+        print(f"plate {plate}: {len(images)} images, {len(flags)} QC flag(s)")
     if failures:
         print("\n".join(failures), file=sys.stderr)
         return 1
-    print(f"{len(sheet)} plate(s) valid")
+    print(f"{len(screen.selected_plates())} plate(s) valid")
     return 0
 
 
@@ -114,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     val = commands.add_parser("validate", help="check a screen sheet, its manifests, plate maps "
                                                "and image headers; list every problem")
     val.add_argument("sheet")
-    val.add_argument("--config", help="a config file whose `channels:` to use (default: demo's)")
-    val.add_argument("--on-missing", choices=["error", "flag"], default="error")
+    val.add_argument("--config", help="the config file the workflow will run with (its `screen:` "
+                                      "is replaced by SHEET; default: the demo's channels)")
+    val.add_argument("--on-missing", choices=["error", "flag"],
+                     help="default: the config's ingest.on_missing")
     val.add_argument("--threads", type=int, default=2)
     val.set_defaults(run=_validate)
 
@@ -131,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     mff.set_defaults(run=_manifest_from_folder)
 
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except UserError as err:
+        # a problem with what the user gave: its message (file, line, field) is the whole story
+        print(f"brightpaint {args.command}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

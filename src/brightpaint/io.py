@@ -7,6 +7,7 @@ raised together in one `InputError`, so a user fixes a sheet in one go instead o
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
+
+from .errors import UserError
 
 SHEET_COLUMNS = ["plate", "manifest", "platemap", "batch", "cell_type", "role"]
 MANIFEST_COLUMNS = ["plate", "well", "site", "channel", "z", "path"]
@@ -31,7 +34,8 @@ _WELL = re.compile(r"^([A-Pa-p])0*([1-9][0-9]?)$")
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with a user's input, located as precisely as the input allows."""
+    """One thing wrong with a user's input, located as precisely as the input allows: the file and
+    its line, or, for an image, the manifest row that names it (`named_at`)."""
 
     file: str
     message: str
@@ -40,9 +44,12 @@ class Problem:
     channel: str | None = None
     z: int | None = None
     kind: str = "error"
+    line: int | None = None
+    named_at: str | None = None
 
     def __str__(self) -> str:
-        where = [self.file]
+        where = [self.file + (f" (line {self.line})" if self.line is not None else "")
+                 + (f" (named at {self.named_at})" if self.named_at else "")]
         if self.well is not None:
             where.append(f"well {self.well}")
         if self.site is not None:
@@ -54,7 +61,7 @@ class Problem:
         return f"{', '.join(where)}: {self.message}"
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """Everything wrong with an input, listed at once."""
 
     def __init__(self, problems: list[Problem], what: str = "input"):
@@ -62,6 +69,22 @@ class InputError(ValueError):
         lines = [f"{len(self.problems)} problem(s) in {what}:"]
         lines += [f"  - {p}" for p in self.problems]
         super().__init__("\n".join(lines))
+
+
+# Plate ids and channel names become file and folder names (results/plates/<plate>/illum/<channel>.npy):
+# one rule for both keeps every such path inside its folder. A first character that is a letter, digit
+# or underscore rules out '.', '..', hidden names and names an argument parser reads as an option.
+NAME_MAX_LENGTH = 64
+NAME_RULE = (f"1 to {NAME_MAX_LENGTH} letters, digits, _ . -, starting with a letter, digit or _")
+_NAME = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{NAME_MAX_LENGTH - 1}}}")
+
+
+def name_problem(name: object, what: str) -> str | None:
+    """Why `name` (a plate id or channel name, `what` says which) cannot name a file, or None."""
+    if isinstance(name, str) and _NAME.fullmatch(name):
+        return None
+    shown = name if not isinstance(name, str) or len(name) <= 80 else name[:80] + "..."
+    return f"{what} {shown!r} is not a valid name: {NAME_RULE}"
 
 
 def normalise_well(well: str) -> str | None:
@@ -78,13 +101,51 @@ def well_row_column(well: str) -> tuple[str, str]:
 
 
 def _read_table(path: Path, sep: str, what: str) -> pd.DataFrame:
+    """A delimited text table, every field as text (ids like plate '001' or well 'A01' must not become
+    numbers), indexed by each row's line number in the file, so that problems name the right line
+    after blank lines or quoted line breaks. Blank lines are skipped; a row with more or fewer fields
+    than the header (a delimiter at the end of a line, say) is a problem naming its line."""
     if not path.is_file():
         raise InputError([Problem(str(path), f"{what} not found")], what)
+    problems, rows, lines = [], [], []
+    miscounted: dict[int, list[int]] = {}  # number of fields -> lines with that many (not the header's)
+    header: list[str] | None = None
+    header_line = 1
     try:
-        # Read everything as text: ids like plate '001' or well 'A01' must not become numbers.
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, comment=None)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
-        raise InputError([Problem(str(path), f"cannot parse {what}: {err}")], what) from err
+        # utf-8-sig: spreadsheet programs often write a byte-order mark first
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle, delimiter=sep)
+            start = 1
+            for fields in reader:
+                line, start = start, reader.line_num + 1
+                if not fields or (len(fields) == 1 and not fields[0].strip()):
+                    continue
+                if header is None:
+                    header, header_line = [name.strip() for name in fields], line
+                    continue
+                if len(fields) != len(header):
+                    miscounted.setdefault(len(fields), []).append(line)
+                    continue
+                rows.append(fields)
+                lines.append(line)
+    except (UnicodeDecodeError, csv.Error) as err:
+        where = {"line": start} if header is not None else {}
+        raise InputError([Problem(str(path), f"cannot parse {what}: {err}", **where)], what) from err
+    if header is None:
+        raise InputError([Problem(str(path), f"{what} is empty (no header line)")], what)
+    for count, bad in sorted(miscounted.items()):
+        # one problem per kind: a delimiter at the end of every line must not give 30,000 problems
+        extra = " (a delimiter at the end of the line?)" if count > len(header) else ""
+        more = f"; so do {len(bad) - 1} more row(s), the last at line {bad[-1]}" if len(bad) > 1 else ""
+        problems.append(Problem(str(path), f"{count} fields, the header has {len(header)}{extra}"
+                                           f"{more}", line=bad[0]))
+    duplicated = sorted({name for name in header if header.count(name) > 1})
+    if duplicated:
+        problems.append(Problem(str(path), f"column(s) {duplicated} appear more than once",
+                                line=header_line))
+    if problems:
+        raise InputError(problems, what)
+    return pd.DataFrame(rows, columns=header, index=pd.Index(lines, name="line"), dtype=str)
 
 
 def _missing_columns(df: pd.DataFrame, required: list[str], path: Path) -> list[Problem]:
@@ -149,27 +210,51 @@ def read_screen_sheet(path: str | Path) -> pd.DataFrame:
         raise InputError(problems, "screen sheet")
     root = path.parent.resolve()
     df = df[SHEET_COLUMNS].apply(lambda col: col.str.strip())
+    if df.empty:
+        raise InputError([Problem(str(path), "no plate: the sheet has a header but no plate rows")],
+                         "screen sheet")
     for plate, count in df["plate"].value_counts().items():
         if count > 1:
-            problems.append(Problem(str(path), f"plate id {plate!r} appears {count} times"))
-    for i, row in df.iterrows():
-        line = f"{path} (line {i + 2}, plate {row['plate']!r})"
-        if not row["plate"] or not re.fullmatch(r"[A-Za-z0-9_.-]+", row["plate"]):
-            problems.append(Problem(line, "plate id must be non-empty letters, digits, _ . -"))
+            lines = [int(i) for i in df.index[df["plate"] == plate]]
+            problems.append(Problem(str(path), f"plate id {plate!r} appears {count} times (lines "
+                                               f"{', '.join(map(str, lines))})"))
+    for line, row in df.iterrows():
+        where = {"file": str(path), "line": int(line)}
+        bad_id = name_problem(row["plate"], "plate id")
+        if bad_id:
+            problems.append(Problem(message=bad_id, **where))
         if row["role"] not in ROLES:
-            problems.append(Problem(line, f"role {row['role']!r} is not one of {ROLES}"))
+            problems.append(Problem(message=f"plate {row['plate']!r}: role {row['role']!r} is not "
+                                            f"one of {ROLES}", **where))
         for column in ("manifest", "platemap"):
-            resolved = resolve_inside(root, row[column], root)
-            if resolved is None:
-                problems.append(Problem(line, f"{column} path {row[column]!r} leaves the screen "
-                                              f"folder {root}"))
+            bad_path = path_text_problem(row[column])
+            resolved = None if bad_path else resolve_inside(root, row[column], root)
+            if bad_path:
+                problems.append(Problem(message=f"plate {row['plate']!r}: {column} {bad_path}",
+                                        **where))
+            elif resolved is None:
+                problems.append(Problem(message=f"plate {row['plate']!r}: {column} path "
+                                                f"{row[column]!r} leaves the screen folder {root}",
+                                        **where))
             elif not resolved.is_file():
-                problems.append(Problem(line, f"{column} file {resolved} not found"))
+                problems.append(Problem(message=f"plate {row['plate']!r}: {column} file {resolved} "
+                                                "not found", **where))
             else:
-                df.loc[i, column] = str(resolved)
+                df.loc[line, column] = str(resolved)
     if problems:
         raise InputError(problems, "screen sheet")
     return df.reset_index(drop=True)
+
+
+def path_text_problem(text: str) -> str | None:
+    """Why a path written in a table cannot be a file name at all (before it is resolved), or None."""
+    if not text:
+        return "path is empty"
+    if "\x00" in text:
+        return "path contains a NUL character"
+    if len(text) > 4096:
+        return f"path is {len(text)} characters long (at most 4096)"
+    return None
 
 
 def is_loaddata(df: pd.DataFrame) -> bool:
@@ -181,7 +266,8 @@ def loaddata_to_manifest(df: pd.DataFrame, source: Path) -> pd.DataFrame:
 
     Metadata_Plate, Metadata_Well and Metadata_Site name the site; an optional Metadata_Z (or
     Metadata_Plane) gives the z index of brightfield planes stored one row per plane. PathName may be
-    absolute or relative to the CSV; the manifest's paths are relative to the CSV's folder.
+    absolute or relative to the CSV; the manifest's paths are relative to the CSV's folder. Each
+    manifest row keeps the index (the line number, from `_read_table`) of the LoadData row it came from.
     """
     problems = _missing_columns(df, ["Metadata_Plate", "Metadata_Well", "Metadata_Site"], source)
     # LoadData CSVs also list illumination functions (FileName_IllumDNA = ...npy); those are not images.
@@ -194,8 +280,8 @@ def loaddata_to_manifest(df: pd.DataFrame, source: Path) -> pd.DataFrame:
         raise InputError(problems, "LoadData CSV")
     z_column = next((c for c in ("Metadata_Z", "Metadata_Plane") if c in df.columns), None)
     base = source.parent.resolve()
-    rows = []
-    for _, row in df.iterrows():
+    rows, lines = [], []
+    for line, row in df.iterrows():
         for channel in channels:
             name = row[f"FileName_{channel}"]
             if not name:  # LoadData leaves a channel empty where a site lacks it
@@ -209,7 +295,8 @@ def loaddata_to_manifest(df: pd.DataFrame, source: Path) -> pd.DataFrame:
             rows.append({"plate": row["Metadata_Plate"], "well": row["Metadata_Well"],
                          "site": row["Metadata_Site"], "channel": channel,
                          "z": row[z_column] if z_column else "0", "path": str(relative)})
-    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+            lines.append(line)
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS, index=pd.Index(lines, name="line"))
 
 
 def read_manifest(path: str | Path, plate: str | None = None,
@@ -230,43 +317,55 @@ def read_manifest(path: str | Path, plate: str | None = None,
     if problems:
         raise InputError(problems, "image manifest")
     df = df[MANIFEST_COLUMNS].apply(lambda col: col.astype(str).str.strip())
+    if df.empty:
+        raise InputError([Problem(str(path), "no image rows (the manifest has a header only)")],
+                         "image manifest")
     root = Path(root).resolve() if root is not None else path.parent.resolve()
     base = path.parent.resolve()
     files, wells, sites, zs = [], [], [], []
-    for i, row in df.iterrows():
-        line = f"{path} (line {i + 2})"
+    for line, row in df.iterrows():
+        where = {"file": str(path), "line": int(line)}
         well = normalise_well(row["well"])
         if well is None:
-            problems.append(Problem(line, f"well {row['well']!r} is not a 384-well plate well "
-                                          "(A01..P24)"))
+            problems.append(Problem(message=f"well {row['well']!r} is not a 384-well plate well "
+                                            "(A01..P24)", **where))
         site = _as_int(row["site"], minimum=1)
         if site is None:
-            problems.append(Problem(line, f"site {row['site']!r} is not an integer >= 1",
-                                    well=well))
+            problems.append(Problem(message=f"site {_shown(row['site'])} is not an integer from 1 "
+                                            f"to {MAX_INDEX}", well=well, **where))
         z = _as_int(row["z"], minimum=0)
         if z is None:
-            problems.append(Problem(line, f"z {row['z']!r} is not an integer >= 0", well=well,
-                                    site=site, channel=row["channel"]))
-        if not row["channel"]:
-            problems.append(Problem(line, "empty channel name", well=well, site=site))
-        resolved = resolve_inside(base, row["path"], root)
-        if resolved is None:
-            problems.append(Problem(line, f"path {row['path']!r} leaves the screen folder {root}",
-                                    well=well, site=site, channel=row["channel"], z=z))
+            problems.append(Problem(message=f"z {_shown(row['z'])} is not an integer from 0 to "
+                                            f"{MAX_INDEX}", well=well, site=site, **where))
+        bad_channel = name_problem(row["channel"], "channel")
+        if bad_channel:
+            problems.append(Problem(message=bad_channel, well=well, site=site, **where))
+        bad_plate = name_problem(row["plate"], "plate id")
+        if bad_plate and plate is None:  # with the sheet's id given, any other id is named below
+            problems.append(Problem(message=bad_plate, **where))
+        bad_path = path_text_problem(row["path"])
+        resolved = None if bad_path else resolve_inside(base, row["path"], root)
+        if bad_path:
+            problems.append(Problem(message=bad_path, well=well, site=site, z=z, **where))
+        elif resolved is None:
+            problems.append(Problem(message=f"path {row['path']!r} leaves the screen folder {root}",
+                                    well=well, site=site, channel=row["channel"], z=z, **where))
         files.append(str(resolved) if resolved else "")
         wells.append(well)
         sites.append(site)
         zs.append(z)
     df["well"], df["site"], df["z"], df["file"] = wells, sites, zs, files
-    plates = sorted(set(df["plate"]))
-    if plate is not None and plates != [plate]:
-        problems.append(Problem(str(path), f"manifest lists plate(s) {plates}; the screen sheet "
-                                           f"expects only {plate!r}"))
+    if plate is not None:
+        for other, rows in df[df["plate"] != plate].groupby("plate"):
+            problems.append(Problem(str(path), f"plate id {_shown(other)} on {len(rows)} row(s) "
+                                               f"(first: line {int(rows.index[0])}); the screen "
+                                               f"sheet expects only {plate!r}"))
     if not problems:
         key = ["plate", "well", "site", "channel", "z"]
         for _, dup in df[df.duplicated(key, keep=False)].groupby(key):
             first = dup.iloc[0]
-            problems.append(Problem(str(path), f"{len(dup)} rows for the same image: "
+            problems.append(Problem(str(path), f"{len(dup)} rows for the same image (lines "
+                                               f"{', '.join(str(int(i)) for i in dup.index)}): "
                                                f"{list(dup['path'])}", well=first["well"],
                                     site=int(first["site"]), channel=first["channel"],
                                     z=int(first["z"])))
@@ -274,21 +373,33 @@ def read_manifest(path: str | Path, plate: str | None = None,
         raise InputError(problems, "image manifest")
     df["site"] = df["site"].astype(int)
     df["z"] = df["z"].astype(int)
+    # the manifest line of every image travels with it: later problems (headers, pixels) name it
+    df["line"] = [int(i) for i in df.index]
     return df.sort_values(["well", "site", "channel", "z"]).reset_index(drop=True)
 
 
-def _as_int(text: str, minimum: int) -> int | None:
-    try:
-        value = int(float(text)) if re.fullmatch(r"\d+(\.0*)?", text) else int(text)
-    except ValueError:
+# Sites and z are stored as 32-bit integers downstream; a larger number is a typing error.
+MAX_INDEX = 2**31 - 1
+
+
+def _as_int(text: str, minimum: int, maximum: int = MAX_INDEX) -> int | None:
+    """An integer written as digits (or digits and '.0': spreadsheets write 1.0), within bounds."""
+    if not re.fullmatch(r"[0-9]{1,12}(\.0*)?", text):
         return None
-    return value if value >= minimum else None
+    value = int(text.split(".")[0])
+    return value if minimum <= value <= maximum else None
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """A field as a message shows it: quoted, cut short when long."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def read_platemap(path: str | Path) -> pd.DataFrame:
     """Read a plate map: one row per well, control_type in {negcon, poscon, trt}, numeric dose.
 
-    moa and target may be empty (controls, unannotated compounds); dose may be empty for controls.
+    moa and target may be empty (controls, unannotated compounds); dose may be empty for controls,
+    never for treated wells, and is a finite number where given.
     """
     path = Path(path)
     df = _read_table(path, ",", "plate map")
@@ -296,31 +407,51 @@ def read_platemap(path: str | Path) -> pd.DataFrame:
     if problems:
         raise InputError(problems, "plate map")
     df = df[PLATEMAP_COLUMNS].apply(lambda col: col.str.strip())
+    if df.empty:
+        raise InputError([Problem(str(path), "no wells (the plate map has a header only)")],
+                         "plate map")
     doses = []
-    for i, row in df.iterrows():
-        line = f"{path} (line {i + 2})"
+    for line, row in df.iterrows():
+        where = {"file": str(path), "line": int(line)}
         well = normalise_well(row["well"])
         if well is None:
-            problems.append(Problem(line, f"well {row['well']!r} is not a 384-well plate well"))
-        df.loc[i, "well"] = well
+            problems.append(Problem(message=f"well {_shown(row['well'])} is not a 384-well plate "
+                                            "well", **where))
+        df.loc[line, "well"] = well
         if row["control_type"] not in CONTROL_TYPES:
-            problems.append(Problem(line, f"control_type {row['control_type']!r} is not one of "
-                                          f"{CONTROL_TYPES}", well=well))
-        try:
-            doses.append(float(row["dose"]) if row["dose"] else np.nan)
-        except ValueError:
-            problems.append(Problem(line, f"dose {row['dose']!r} is not a number", well=well))
-            doses.append(np.nan)
+            problems.append(Problem(message=f"control_type {_shown(row['control_type'])} is not "
+                                            f"one of {CONTROL_TYPES}", well=well, **where))
+        dose, bad_dose = _dose(row["dose"], row["control_type"])
+        doses.append(dose)
+        if bad_dose:
+            problems.append(Problem(message=bad_dose, well=well, **where))
         if not row["perturbation"]:
-            problems.append(Problem(line, "empty perturbation (use e.g. DMSO for controls)",
+            problems.append(Problem(message="empty perturbation (use e.g. DMSO for controls)",
+                                    well=well, **where))
+    for well, rows in df.groupby("well"):
+        if well and len(rows) > 1:
+            problems.append(Problem(str(path), f"well listed {len(rows)} times (lines "
+                                               f"{', '.join(str(int(i)) for i in rows.index)})",
                                     well=well))
-    for well, count in df["well"].value_counts().items():
-        if well and count > 1:
-            problems.append(Problem(str(path), f"well listed {count} times", well=well))
     if problems:
         raise InputError(problems, "plate map")
     df["dose"] = doses
     return df.sort_values("well").reset_index(drop=True)
+
+
+def _dose(text: str, control_type: str) -> tuple[float, str | None]:
+    """(the dose, why it cannot be used or None): a finite number; empty only on control wells."""
+    if not text:
+        if control_type == "trt":
+            return np.nan, "empty dose on a treated (trt) well"
+        return np.nan, None
+    try:
+        dose = float(text)
+    except ValueError:
+        return np.nan, f"dose {_shown(text)} is not a number"
+    if not np.isfinite(dose):
+        return np.nan, f"dose {_shown(text)} is not a finite number"
+    return dose, None
 
 
 def manifest_from_folder(folder: str | Path, pattern: str, plate: str | None = None,
@@ -335,10 +466,14 @@ def manifest_from_folder(folder: str | Path, pattern: str, plate: str | None = N
     """
     regex = pattern_to_regex(pattern)
     if "well" not in regex.groupindex or "channel" not in regex.groupindex:
-        raise ValueError(f"pattern {pattern!r} must contain {{well}} and {{channel}}")
+        raise UserError(f"pattern {pattern!r} must contain {{well}} and {{channel}}")
     if plate is None and "plate" not in regex.groupindex:
-        raise ValueError("give plate= or a {plate} placeholder in the pattern")
+        raise UserError("give plate= or a {plate} placeholder in the pattern")
+    if plate is not None and name_problem(plate, "plate id"):
+        raise UserError(name_problem(plate, "plate id"))
     folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"folder {folder} not found (or not a folder)")
     rows = []
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = file.relative_to(folder).as_posix()
@@ -351,7 +486,7 @@ def manifest_from_folder(folder: str | Path, pattern: str, plate: str | None = N
                      or groups["well"], "site": site, "channel": groups["channel"],
                      "z": int(groups["z"]) if groups.get("z") else z_default, "path": relative})
     if not rows:
-        raise ValueError(f"no file in {folder} matches {pattern!r}")
+        raise UserError(f"no file in {folder} matches {pattern!r}")
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
 
@@ -373,7 +508,7 @@ def pattern_to_regex(pattern: str) -> re.Pattern:
         elif part.startswith("{") and part.endswith("}"):
             name = part[1:-1]
             if name not in _PLACEHOLDERS:
-                raise ValueError(f"unknown placeholder {part} in pattern {pattern!r}; "
+                raise UserError(f"unknown placeholder {part} in pattern {pattern!r}; "
                                  f"use {sorted(_PLACEHOLDERS)}")
             out.append(_PLACEHOLDERS[name])
         else:

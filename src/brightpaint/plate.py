@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .errors import UserError
 from .focus import focus_window
 from .illumination import IlluminationFunction, correct_illumination, load_illumination
 from .ingest import StoreLayout, channel_plane, read_plane, read_store_layout, stored_sites
@@ -29,7 +30,7 @@ SPREAD_QUANTILE = 0.995
 MIN_SPREAD = 1e-6
 
 
-class PlateError(ValueError):
+class PlateError(UserError):
     """A plate's images cannot be read as asked: names the plate / well / site / channel and what is
     wrong (no in-focus plane, a missing channel or illumination function, NaN pixels)."""
 

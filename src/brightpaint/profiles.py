@@ -262,6 +262,49 @@ def _scaler(method: str, epsilon: float):
     return {"standardize": StandardScaler, "robustize": RobustScaler}[method]()
 
 
+def reference_mask(meta: pd.DataFrame, samples: str, what: str) -> np.ndarray:
+    """Which rows of `meta` (metadata columns) are reference rows: those matching the pandas
+    condition `samples`, or every row for "all"."""
+    if samples == "all":
+        return np.ones(len(meta), dtype=bool)
+    try:  # on the metadata only: DataFrame.query is quadratic in the number of columns
+        chosen = meta.eval(samples)
+    except Exception as err:  # pandas raises several types for a bad query
+        raise ValueError(f"{what}: samples query {samples!r} failed: {err}") from err
+    if not (isinstance(chosen, pd.Series) and chosen.dtype == bool):
+        raise ValueError(f"{what}: samples {samples!r} is not a condition on metadata columns")
+    return chosen.to_numpy()
+
+
+def reference_wells_problem(platemap: pd.DataFrame, imaged_wells: Sequence[str],
+                            plate_info: Mapping, settings: Mapping | None = None) -> str | None:
+    """Why a plate cannot be normalised as config `profiles:` asks, told from its plate map before
+    any image is processed, or None: too few imaged wells match `normalise_samples` (the scaling
+    methods need 2). A condition on columns that exist only after the features (a feature, the
+    stain source) cannot be judged this early: None."""
+    s = {**PROFILE_DEFAULTS, **(settings or {})}
+    samples, method = s["normalise_samples"], s["normalise"]
+    imaged = platemap[platemap["well"].isin(set(imaged_wells))]
+    meta = pd.DataFrame({PLATE: str(plate_info.get("plate", "")), WELL: imaged["well"]})
+    for name in PLATEMAP_FIELDS:
+        meta[f"{META}{name}"] = _blank_to_nan(imaged[name])
+    meta[DOSE] = pd.to_numeric(meta[DOSE])
+    for name in PLATE_INFO_FIELDS:
+        meta[f"{META}{name}"] = plate_info.get(name)
+    try:
+        chosen = int(reference_mask(meta, samples, "profiles.normalise_samples").sum())
+    except ValueError as err:
+        if "is not defined" in str(err):  # a column the wells get later
+            return None
+        return str(err)
+    needed = 2 if method in SCALED_METHODS else 1
+    if chosen < needed:
+        return (f"{chosen} imaged well(s) match profiles.normalise_samples {samples!r}; "
+                f"normalise {method} needs at least {needed} reference wells per plate (add "
+                "negative-control wells, or set normalise_samples: all)")
+    return None
+
+
 def normalise_profiles(wells: pd.DataFrame, method: str = "mad_robustize",
                        samples: str = NEGCON_SAMPLES, by: Sequence[str] = (PLATE, SOURCE),
                        zero_scale: str = "nan", min_samples: int = 2,
@@ -300,18 +343,7 @@ def normalise_profiles(wells: pd.DataFrame, method: str = "mad_robustize",
     for key, rows in groups.items():
         name = _group_name(by, key) if by else key
         group_meta = meta_table.iloc[rows]
-        if samples == "all":
-            reference = rows
-        else:
-            try:  # on the metadata only: DataFrame.query is quadratic in the number of columns
-                chosen = group_meta.eval(samples)
-            except Exception as err:  # pandas raises several types for a bad query
-                raise ValueError(f"normalise_profiles: samples query {samples!r} failed on {name}: "
-                                 f"{err}") from err
-            if not (isinstance(chosen, pd.Series) and chosen.dtype == bool):
-                raise ValueError(f"normalise_profiles: samples {samples!r} is not a condition on "
-                                 "metadata columns")
-            reference = rows[chosen.to_numpy()]
+        reference = rows[reference_mask(group_meta, samples, f"normalise_profiles: {name}")]
         if len(reference) == 0:
             raise ValueError(f"normalise_profiles: {name}: no rows match samples={samples!r} (no "
                              "reference wells to normalise against; use samples='all' or add "

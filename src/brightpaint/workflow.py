@@ -8,18 +8,112 @@ generator writes it first: `brightpaint simulate --config config/demo.yaml`).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import jsonschema
 import pandas as pd
+import yaml
 
+from .errors import UserError
 from .groups import screen_groups
-from .io import read_screen_sheet
+from .io import name_problem, read_screen_sheet
 from .segment.settings import SegmentError
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError):
+    """A config setting cannot be used; the message names the key."""
+
+
+# The workflow's own files, beside the package (an editable install: src/brightpaint -> repo root).
+WORKFLOW_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = WORKFLOW_ROOT / "config" / "config.yaml"
+CONFIG_SCHEMA = WORKFLOW_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A YAML config file as a mapping, or a ConfigError naming the file and what is wrong."""
+    try:
+        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"config {path}: cannot be read ({err.strerror or err})") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config {path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config {path}: not valid YAML{where}: {problem}") from err
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"config {path}: a YAML mapping (key: value lines) expected, found a "
+                          f"{type(config).__name__}")
+    return config
+
+
+def merged_config(defaults: Mapping, override: Mapping) -> dict:
+    """`override` on top of `defaults`, mappings merged key by key (what Snakemake does with
+    --configfile over the Snakefile's configfile)."""
+    out = dict(defaults)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merged_config(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def check_config(config: Mapping, schema: str | Path = CONFIG_SCHEMA, source: str = "the config"
+                 ) -> None:
+    """The config against the workflow's schema and the channel rules; a ConfigError listing every
+    problem, each with its key (`ingest.on_missing: 'x' is not one of ...`). The Snakefile and
+    `brightpaint validate` both call this."""
+    schema_doc = yaml.safe_load(Path(schema).read_text())
+    validator = jsonschema.Draft202012Validator(schema_doc)
+    problems = []
+    for error in sorted(validator.iter_errors(dict(config)), key=lambda e: list(map(str, e.path))):
+        key = ".".join(str(part) for part in error.path) or "(top level)"
+        problems.append(f"{key}: {error.message}")
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) in {source}:\n"
+                          + "\n".join(f"  - {p}" for p in problems))
+    try:
+        check_channels(config["channels"])
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from err
+
+
+def check_channels(channels: object) -> None:
+    """Config `channels:`: a mapping whose names are valid names (they name files), with nuclei and
+    cell among the fluorescence channels, brightfield not among them, and no channel twice."""
+    if not isinstance(channels, Mapping):
+        raise ConfigError(f"channels: a mapping (brightfield, nuclei, cell, fluorescence) expected, "
+                          f"found {type(channels).__name__} {channels!r:.80}")
+    missing = [k for k in ("brightfield", "nuclei", "cell", "fluorescence") if k not in channels]
+    if missing:
+        raise ConfigError(f"channels: missing key(s) {missing}")
+    fluorescence = channels["fluorescence"]
+    if not isinstance(fluorescence, list):
+        raise ConfigError(f"channels.fluorescence: a list of channel names expected, found "
+                          f"{fluorescence!r:.80}")
+    problems = [name_problem(channels[key], f"channels.{key}")
+                for key in ("brightfield", "nuclei", "cell")]
+    problems += [name_problem(name, "channels.fluorescence entry") for name in fluorescence]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError("; ".join(problems))
+    twice = sorted({name for name in fluorescence if fluorescence.count(name) > 1})
+    if twice:
+        raise ConfigError(f"channels.fluorescence lists {twice} more than once")
+    for role in ("nuclei", "cell"):
+        if channels[role] not in fluorescence:
+            raise ConfigError(f"channels.{role} = {channels[role]!r} must be one of "
+                              f"channels.fluorescence {fluorescence}")
+    if channels["brightfield"] in fluorescence:
+        raise ConfigError(f"channels.brightfield {channels['brightfield']!r} is also listed "
+                          "in channels.fluorescence")
 
 
 @dataclass
@@ -35,14 +129,8 @@ class Screen:
 
     @classmethod
     def from_config(cls, config: dict) -> Screen:
-        channels = config["channels"]
-        for role in ("nuclei", "cell"):
-            if channels[role] not in channels["fluorescence"]:
-                raise ConfigError(f"channels.{role} = {channels[role]!r} must be one of "
-                                  f"channels.fluorescence {channels['fluorescence']}")
-        if channels["brightfield"] in channels["fluorescence"]:
-            raise ConfigError(f"channels.brightfield {channels['brightfield']!r} is also listed "
-                              "in channels.fluorescence")
+        channels = config.get("channels")
+        check_channels(channels)
         sheet = config["screen"]
         if not Path(sheet).is_file():
             raise ConfigError(f"screen sheet {sheet!r} (config `screen`) not found in {Path.cwd()}")

@@ -16,6 +16,8 @@ rule validate_plate:
         screen_folder=SCREEN.sheet_folder,
         channels=config["channels"],
         on_missing=config["ingest"]["on_missing"],
+        max_image_pixels=config["ingest"]["max_image_pixels"],
+        max_planes=config["ingest"]["max_planes"],
     threads: config["threads"]["validate"]
     conda:
         MAIN_ENV

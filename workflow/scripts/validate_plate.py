@@ -5,7 +5,7 @@ from pathlib import Path
 from brightpaint.atomic import atomic_path
 from brightpaint.ingest import plan_layout
 from brightpaint.logs import log_to_rule
-from brightpaint.validate import validate_plate
+from brightpaint.validate import ImageLimits, validate_plate
 
 log = log_to_rule(snakemake)  # noqa: F821
 p, out = snakemake.params, snakemake.output  # noqa: F821
@@ -13,8 +13,9 @@ plate = snakemake.wildcards.plate  # noqa: F821
 # Image paths in a manifest are relative to the screen folder, resolved only here: an absolute path
 # in params would make a moved or copied results folder rerun every plate.
 root = str(Path(p.screen_folder).resolve())
+limits = ImageLimits(max_image_pixels=p.max_image_pixels, max_planes=p.max_planes)
 images, flags = validate_plate(p.manifest, p.platemap, plate, p.role, dict(p.channels), root,
-                               p.on_missing, threads=snakemake.threads)  # noqa: F821
+                               p.on_missing, threads=snakemake.threads, limits=limits)  # noqa: F821
 layout = plan_layout(images, plate, dict(p.channels))
 with atomic_path(out.flags) as tmp:
     flags.to_csv(tmp, index=False)
