@@ -239,7 +239,9 @@ def test_undecodable_data_fails_the_shard_without_partial_store(tiny_screen, tmp
     path.write_bytes(bytes(data))
     images, _ = validate(tiny_screen)
     layout = plan_layout(images, "T1", CHANNELS)
-    with pytest.raises(OSError, match=rf"{row['path']}: well {row['well']}, site {row['site']}, channel DNA"):
+    with pytest.raises(InputError, match=rf"{row['path']} \(named at manifest line \d+\), well "
+                                         rf"{row['well']}, site {row['site']}, channel DNA, z 0: "
+                                         "cannot decode image data"):
         write_shard_store(images, sorted(set(images["well"])), layout, tmp_path / "shard.zarr",
                           root=tiny_screen)
     assert leftovers(tmp_path) == []
@@ -267,7 +269,9 @@ def test_image_replaced_after_validation_by_a_link_outside_is_not_read(tiny_scre
     text = str(err.value)
     assert "1 problem(s) in plate T1" in text
     validated = tiny_screen.resolve() / "T1" / row["path"]  # the path validate_plate resolved
-    assert f"{validated}, well {row['well']}, site {row['site']}, channel DNA, z 0" in text
+    line = int(images.loc[images["file"] == str(validated), "line"].iloc[0])
+    assert (f"{validated} (named at manifest line {line}), well {row['well']}, site {row['site']}, "
+            "channel DNA, z 0") in text
     outside = tmp_path.resolve() / "outside.tif"
     assert f"its real path {outside} leaves the screen folder {tiny_screen.resolve()}" in text
     assert f"manifest path {row['path']!r}" in text

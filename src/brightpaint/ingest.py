@@ -139,12 +139,22 @@ def _omero(layout: StoreLayout, ranges: dict[str, tuple[float, float]]) -> dict:
     return {"channels": channels}
 
 
+def _manifest_line(image) -> str | None:
+    """Where the manifest lists an image of validate_plate's table (its `line` column)."""
+    line = getattr(image, "line", None)
+    return f"manifest line {int(line)}" if line is not None and not pd.isna(line) else None
+
+
+def _image_problem(image, message: str) -> Problem:
+    return Problem(image.file, message, image.well, int(image.site), image.channel, int(image.z),
+                   named_at=_manifest_line(image))
+
+
 def _left_screen_folder(image, real: Path, root: str | Path) -> Problem:
     """The problem of a validated image whose real path now lies outside the screen folder."""
-    return Problem(image.file, f"its real path {real} leaves the screen folder {Path(root).resolve()} "
-                               f"(manifest path {image.path!r}): the file was replaced after "
-                               "validation; nothing was read from it",
-                   image.well, int(image.site), image.channel, int(image.z))
+    return _image_problem(image, f"its real path {real} leaves the screen folder "
+                                 f"{Path(root).resolve()} (manifest path {image.path!r}): the file was "
+                                 "replaced after validation; nothing was read from it")
 
 
 def check_inside_screen_folder(images: pd.DataFrame, root: str | Path, plate: str) -> None:
@@ -170,15 +180,16 @@ def read_site_tiffs(array: zarr.Array, layout: StoreLayout, site_images: pd.Data
             if handle is not None:
                 with handle:
                     pixels = tifffile.imread(handle)
-        except Exception as err:
-            raise OSError(f"{image.file}: well {image.well}, site {image.site}, channel "
-                          f"{image.channel}, z {image.z}: cannot decode image data "
-                          f"({type(err).__name__}: {err})") from err
+        except Exception as err:  # tifffile and its codecs raise many types for damaged data
+            raise InputError([_image_problem(image, f"cannot decode image data "
+                                                    f"({type(err).__name__}: {err})")],
+                             f"plate {layout.plate}") from err
         if handle is None:
             raise InputError([_left_screen_folder(image, real, root)], f"plate {layout.plate}")
         if pixels.shape != layout.shape:
-            raise ValueError(f"{image.file}: well {image.well}, site {image.site}: shape "
-                             f"{pixels.shape} differs from the plate's {layout.shape}")
+            raise InputError([_image_problem(image, f"shape {pixels.shape} differs from the plate's "
+                                                    f"{layout.shape} (changed since validation)")],
+                             f"plate {layout.plate}")
         array[0, layout.channels.index(image.channel), image.z] = pixels.astype(layout.dtype,
                                                                                 copy=False)
         stats = image_stats(pixels)
