@@ -73,8 +73,10 @@ def _validate(args: argparse.Namespace) -> int:
     check_config(config, source=f"config {args.config}" if args.config else "the default config")
     screen = Screen.from_config(config)
     screen.stain_training_plates()  # the workflow's parse-time check of the stain settings
-    on_missing = args.on_missing or config["ingest"]["on_missing"]
-    limits = ImageLimits.from_config(config["ingest"])
+    # .get: without the repository's config/config.yaml (a non-editable install) the defaults hold
+    ingest = config.get("ingest", {})
+    on_missing = args.on_missing or ingest.get("on_missing", "error")
+    limits = ImageLimits.from_config(ingest)
     root = str(Path(args.sheet).parent.resolve())
     failures = []
     for plate in screen.selected_plates():
@@ -83,7 +85,7 @@ def _validate(args: argparse.Namespace) -> int:
             images, flags = validate_plate(row["manifest"], row["platemap"], plate, row["role"],
                                            config["channels"], root, on_missing,
                                            threads=args.threads, limits=limits,
-                                           profiles=config["profiles"], plate_info=row)
+                                           profiles=config.get("profiles", {}), plate_info=row)
         except UserError as err:
             failures.append(str(err))
             continue
