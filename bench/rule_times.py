@@ -5,7 +5,9 @@
 RUN_DIR is a run's working directory (its results/benchmarks hold one file per job). Per rule: jobs,
 summed wall seconds (what the rule costs a 1-core machine), the longest job, summed CPU seconds and
 the share of the run's summed seconds; with --before, the same for another run beside it. The run's
-own wall-clock time is read from Snakemake's log of the run (.snakemake/log), or given with --wall.
+timeline says how busy the run kept the machine (seconds with 0, 1, 2... jobs running; per rule the
+seconds it ran alone). The run's own wall-clock time is read from Snakemake's log of the run
+(.snakemake/log), or given with --wall.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from report_json import emit
 from runs import job_benchmarks
@@ -27,6 +30,23 @@ def per_rule(run: Path) -> pd.DataFrame:
                                      cpu_seconds=("cpu_time", "sum"), max_rss_mb=("max_rss", "max"))
     table["share"] = table["seconds"] / table["seconds"].sum()
     return table.sort_values("seconds", ascending=False).round(3)
+
+
+def timeline(run: Path, step: float = 1.0) -> dict:
+    """How busy the run kept the machine: seconds with no job, one job and two or more jobs running,
+    and per rule the seconds during which it was the only job running (what holds the run up on a
+    machine with cores to spare). Start times are the benchmark files' times less the job's seconds."""
+    jobs = job_benchmarks(run / "results")
+    start, end = (jobs["end"] - jobs["s"]).to_numpy(), jobs["end"].to_numpy()
+    ticks = np.arange(start.min(), end.max(), step)
+    running = (start[None, :] <= ticks[:, None]) & (ticks[:, None] < end[None, :])
+    count = running.sum(axis=1)
+    alone = running[count == 1].argmax(axis=1)
+    alone_by_rule = pd.Series(step, index=jobs["rule"].to_numpy()[alone]).groupby(level=0).sum()
+    return {"span_seconds": round(float(end.max() - start.min()), 1),
+            "seconds_by_jobs_running": {str(k): round(float(np.sum(count == k) * step), 1)
+                                        for k in range(int(count.max()) + 1)},
+            "seconds_alone_by_rule": alone_by_rule.sort_values(ascending=False).round(1).to_dict()}
 
 
 def run_wall_seconds(run: Path) -> float | None:
@@ -60,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "summed_job_seconds": round(float(table["seconds"].sum()), 1),
                                 "summed_cpu_seconds": round(float(table["cpu_seconds"].sum()), 1),
                                 "jobs": int(table["jobs"].sum()),
+                                "timeline": timeline(run),
                                 "rules": table.reset_index().to_dict(orient="records")}
     side = pd.concat({name: t[["jobs", "seconds", "cpu_seconds"]] for name, t in tables.items()}, axis=1)
     print(side.sort_values(side.columns[1], ascending=False).to_string(), file=sys.stderr)

@@ -24,7 +24,8 @@ def benchmark_patterns() -> list[tuple[str, re.Pattern]]:
 
 def job_benchmarks(results: Path) -> pd.DataFrame:
     """One row per finished job of the run whose results folder is `results`: rule, job (benchmark
-    file), wall seconds `s`, `cpu_time` and `max_rss` (MB) as Snakemake's benchmark measured them."""
+    file), wall seconds `s`, `cpu_time` and `max_rss` (MB) as Snakemake's benchmark measured them, and
+    `end`, the job's end in epoch seconds (its benchmark file is written when the job ends)."""
     patterns = benchmark_patterns()
     rows = []
     for tsv in sorted((Path(results) / "benchmarks").rglob("*.tsv")):
@@ -34,5 +35,5 @@ def job_benchmarks(results: Path) -> pd.DataFrame:
         row = pd.read_csv(tsv, sep="\t").iloc[-1]
         rows.append({"rule": rule, "job": job,
                      "s": float(row["s"]), "cpu_time": float(row["cpu_time"]),
-                     "max_rss": float(row["max_rss"])})
-    return pd.DataFrame(rows, columns=["rule", "job", "s", "cpu_time", "max_rss"])
+                     "max_rss": float(row["max_rss"]), "end": tsv.stat().st_mtime})
+    return pd.DataFrame(rows, columns=["rule", "job", "s", "cpu_time", "max_rss", "end"])

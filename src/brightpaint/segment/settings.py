@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from ..errors import UserError
+
 TILE_MULTIPLE = 16  # Cellpose's network halves the image four times
 
 
-class SegmentError(ValueError):
+class SegmentError(UserError):
     """A segmentation input or weight file that cannot be used, named with what is wrong."""
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from ..errors import UserError
 from . import models
 
 TARGET_NORMS = ("plate", "fov")
 
 
-class StainError(ValueError):
+class StainError(UserError):
     """Bad input to virtual staining: names the plate / channel / file and what is wrong."""
 
 
