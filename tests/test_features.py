@@ -255,6 +255,28 @@ def test_building_the_pipeline_reproduces_the_shipped_file(tmp_path, part, shipp
     assert built.read_bytes() == shipped.read_bytes()
 
 
+@pytest.mark.cellprofiler
+def test_a_pipeline_built_for_other_channel_names_measures_them(tmp_path):
+    """A screen whose stains are not the demo's (Hoechst, Actin, gH2AX): the pipeline the workflow
+    builds for its channels (features.pipeline: auto) measures every object on them, with the known
+    intensities under the screen's own names."""
+    needs_cellprofiler()
+    names = {"DNA": "Hoechst", "CYTO": "Actin", "DAMAGE": "gH2AX"}
+    site, tiled = (write_pipeline(tmp_path / f"{part}.cppipe", list(names.values()), python=CP_PYTHON,
+                                  part=part) for part in ("site", "tiled"))
+    images, labels = SITES[("P1", "A01", 1, "real")]
+    renamed = {names[channel]: image for channel, image in images.items()}
+    cells, _, qc = extract_features([("S9", "A01", 1, "real")], lambda *key: renamed,
+                                    lambda *key: labels, site, tmp_path / "work", tiled_pipeline=tiled)
+    assert qc["status"].tolist() == ["ok"] and qc["cells"].tolist() == [len(SITE_A)]
+    by_label = cells.set_index(OBJECT_KEY)
+    for label in SITE_A:
+        row = by_label.loc[label]
+        assert row["Nuclei_Intensity_MeanIntensity_Hoechst"] * ADU == pytest.approx(DNA_VALUE)
+        assert row["Cells_Intensity_MeanIntensity_Actin"] * ADU == pytest.approx(cyto_value(label))
+    assert not [c for c in cells.columns if re.search(r"_(DNA|CYTO|DAMAGE)(_|$)", c)]
+
+
 def _touches_border(mask: np.ndarray) -> bool:
     return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
 

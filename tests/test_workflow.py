@@ -32,6 +32,7 @@ from PIL import Image
 
 from brightpaint import report
 from brightpaint.demo.screen import describe_screen
+from brightpaint.features.pipelines import pipeline_names
 from brightpaint.illumination import load_illumination
 from brightpaint.ingest import read_field, read_store_layout
 from brightpaint.layout import PlateFolder
@@ -83,7 +84,8 @@ def test_dry_run_of_the_demo_config_lists_every_job(tmp_path, run_snakemake):
                       "assemble_plate": n, "illumination": channels, "focus_shard": n * n_shards,
                       "focus_plate": n, "stain_train": 1, "stain_shard": n * n_shards, "stain_plate": n,
                       "stain_evaluate": n_stained, "segment_calibrate": n, "segment_shard": n * n_shards,
-                      "segment_plate": n, "segment_evaluate": n, "features_shard": n * n_shards,
+                      "segment_plate": n, "segment_evaluate": n, "features_pipeline": 1,
+                      "features_shard": n * n_shards,
                       "features_plate": n, "profiles_plate": n, "profiles_screen": 1, "match_plate": n,
                       "match_screen": 1, "report_plate": n, "report_index": 1, "all": 1,
                       # Noise2Void, on by default; the demo config: one model per stain for the screen
@@ -261,6 +263,33 @@ def test_user_screen_with_only_screen_and_channels(tmp_path, tiny_screen_source,
     assert not re.search(r"wildcards: .*plate=T[12]\b", output), output[-3000:]
 
 
+def test_feature_pipeline_is_built_for_the_screens_own_channels(tmp_path, tiny_screen_source,
+                                                                 run_snakemake):
+    """A screen whose stains are Hoechst / Actin / gH2AX, virtual staining only two of them: the
+    workflow builds the feature pipeline for the channels every measured source has."""
+    screen = tmp_path / "myscreen"
+    shutil.copytree(tiny_screen_source, screen)
+    names = {"DNA": "Hoechst", "CYTO": "Actin", "DAMAGE": "gH2AX"}
+    for manifest in screen.glob("*/manifest.csv"):
+        table = pd.read_csv(manifest)
+        table.assign(channel=table["channel"].replace(names)).to_csv(manifest, index=False)
+    channels = {"brightfield": "BF", "nuclei": "Hoechst", "cell": "Actin",
+                "fluorescence": ["Hoechst", "Actin", "gH2AX"]}
+    config = tmp_path / "my.yaml"
+    config.write_text(yaml.safe_dump({"screen": "myscreen/plates.tsv", "channels": channels,
+                                      "stain": {"targets": ["Hoechst", "Actin"]}}))
+    built = [f"results/screen/features/pipeline_{part}.cppipe" for part in ("site", "tiled")]
+    result = run_snakemake(tmp_path, *built, "--cores", "1", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for pipeline in built:
+        assert pipeline_names(tmp_path / pipeline) == (["Hoechst", "Actin"], ["Nuclei", "Cells", "Cytoplasm"])
+    # the features of every plate read the built pipeline
+    plan = run_snakemake(tmp_path, "-n", "--configfile", str(config), "--until", "features_shard")
+    assert plan.returncode == 0, plan.stdout[-3000:] + plan.stderr[-3000:]
+    assert "features_pipeline" not in job_counts(plan.stdout + plan.stderr)
+    assert job_counts(plan.stdout + plan.stderr)["features_shard"] == 2 * len(TINY_SPEC.plates)
+
+
 def add_plate(screen: Path, source: str, plate: str) -> None:
     """Append `plate` to the screen sheet: a copy of plate `source`'s images, manifest and plate map."""
     shutil.copytree(screen / source, screen / plate)
@@ -433,7 +462,8 @@ def test_plan_grows_with_plates_times_shards(tmp_path, n_plates, shards, run_sna
                 | {"illumination": n_plates + 3 * train, "stain_evaluate": train, "stain_train": 1,
                    # Noise2Void (on by default): a model per train plate and stain, a job per shard
                    "denoise_train_plate": 3 * train, "denoise_shard": train * shards, "denoise_plate": train,
-                   "profiles_screen": 1, "match_screen": 1, "report_index": 1, "all": 1})
+                   "features_pipeline": 1, "profiles_screen": 1, "match_screen": 1, "report_index": 1,
+                   "all": 1})
     # every plate is flat and a user's screen gets no phenotype groups by default: no matrix
     assert matrix_groups(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), {"flat"}) == 0
     assert job_counts(output) == expected

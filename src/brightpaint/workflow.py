@@ -8,7 +8,7 @@ generator writes it first: `brightpaint simulate --config config/demo.yaml`).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -204,6 +204,12 @@ class Screen:
     def stain_targets(self) -> list[str]:
         """Fluorescence channels that virtual staining predicts (config stain.targets; empty: all)."""
         return list(self.stain.get("targets") or self.fluorescence)
+
+    def feature_channels(self, sources: Sequence[str]) -> list[str]:
+        """The channels the feature pipeline measures: one pipeline serves every source, so with
+        virtual stains among `sources` the channels virtual staining predicts, else every
+        fluorescence channel."""
+        return self.stain_targets() if "virtual" in sources else list(self.fluorescence)
 
     def stain_models(self) -> dict[str, list[str]]:
         """Model name -> its target channels: one model `all` for every target, or with

@@ -253,12 +253,26 @@ def segment_outputs(plates):
 # Features, profiles and matching: CellProfiler on real (where a plate has them) and virtual stains,
 # pycytominer per plate and for the screen, kNN / mAP matching.
 FEATURES = config["features"]
-FEATURES_PIPELINE = workflow_file(FEATURES["pipeline"], workflow.basedir, "features.pipeline")
-FEATURES_TILED_PIPELINE = (
-    workflow_file(FEATURES["tiled_pipeline"], workflow.basedir, "features.tiled_pipeline")
-    if str(FEATURES.get("tiled_pipeline", "")).strip()
-    else None
-)
+# `auto`: the pipeline's two halves built for this screen's channels (rule features_pipeline)
+FEATURES_CHANNELS = SCREEN.feature_channels(FEATURES["sources"])
+BUILT_PIPELINES = {part: f"{RESULTS}/screen/features/pipeline_{part}.cppipe" for part in ("site", "tiled")}
+
+
+def feature_pipeline(key):
+    """The pipeline file config features.<key> names: the built half for `auto` (the tiled half only
+    with the built site half), None for "" (no tiled half), else the user's file."""
+    value = str(FEATURES[key]).strip()
+    auto = str(FEATURES["pipeline"]).strip() == "auto"
+    if value == "auto":
+        return BUILT_PIPELINES["site" if key == "pipeline" else "tiled"] if auto else None
+    if value == "":
+        return None
+    return workflow_file(value, workflow.basedir, f"features.{key}")
+
+
+FEATURES_PIPELINE = feature_pipeline("pipeline")
+FEATURES_TILED_PIPELINE = feature_pipeline("tiled_pipeline")
+FEATURES_PIPELINES = [p for p in (FEATURES_PIPELINE, FEATURES_TILED_PIPELINE) if p]
 CELLPROFILER = workflow_file(FEATURES["cellprofiler"], workflow.basedir, "features.cellprofiler")
 SCREEN_FOLDER = ProfileFolder.screen(RESULTS)
 
@@ -347,6 +361,7 @@ def report_inputs(wildcards):
         "models": stain_model_files(),
         "cards": stain_cards(),
         "sources": SCREEN.plate_inputs(wildcards.plate),
+        "pipelines": FEATURES_PIPELINES,
     }
 
 

@@ -1,5 +1,23 @@
 # Features: CellProfiler 5 headless measures every object of a shard of wells, real and virtual stains
-# alike, in one call per shard (its start-up costs seconds); per-cell tables in parquet.
+# alike, in one call per shard (its start-up costs seconds); per-cell tables in parquet. The pipeline
+# is built for the screen's channels (config features.pipeline: auto) unless the user gives one.
+
+
+rule features_pipeline:
+    output:
+        site=BUILT_PIPELINES["site"],
+        tiled=BUILT_PIPELINES["tiled"],
+    params:
+        channels=FEATURES_CHANNELS,
+        cellprofiler=CELLPROFILER,
+    conda:
+        MAIN_ENV
+    log:
+        f"{RESULTS}/logs/features_pipeline.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/features_pipeline.tsv"
+    script:
+        "../scripts/features_pipeline.py"
 
 
 rule features_shard:

@@ -21,7 +21,6 @@ rule report_plate:
         sheet=SCREEN.sheet,
         repo=workflow.basedir,
         cellprofiler=CELLPROFILER,
-        pipelines=[p for p in (FEATURES_PIPELINE, FEATURES_TILED_PIPELINE) if p],
         benchmarks=lambda wildcards: f"{RESULTS}/benchmarks/{wildcards.plate}",
         brightfield=config["channels"]["brightfield"],
     threads: 1
