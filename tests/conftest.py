@@ -67,9 +67,8 @@ def tier_of(item) -> str:
 def pytest_collection_modifyitems(config, items):
     for item in items:
         item.add_marker(getattr(pytest.mark, tier_of(item)))
-    # unit, then workflow, then acceptance tests (file order kept within a tier): the demo run starts
-    # in the background as the session starts (fixture `demo_run_started`) and the faster tiers run
-    # beside it, so its tests come last
+    # unit, then workflow, then acceptance tests (file order kept within a tier): a failing fast test
+    # shows in minutes, before the demo run (fixture `demo_run`) starts
     order = {"unit": 0, "workflow": 1, "acceptance": 2}
     items.sort(key=lambda item: order[tier_of(item)])
 
@@ -150,55 +149,22 @@ def write_demo_screen(workdir: Path) -> Path:
     return simulate_screen(outdir, spec_from_config(settings), workers=2)
 
 
-class DemoRun(NamedTuple):
-    workdir: Path
-    process: subprocess.Popen
-    log: Path
-
-
-@pytest.fixture(scope="session", autouse=True)
-def demo_run_started(request, tmp_path_factory) -> DemoRun | None:
-    """The demo run (what `make demo` does: write the demo screen, run the workflow on it with the demo
-    config), started in the background as the session starts when a selected test needs it, so that
-    the unit and workflow tiers run beside it. The test session lowers its own priority below the
-    run's: the demo run is the session's longest path, the other tests fill the cores it leaves idle."""
-    wanted = any(tier_of(item) == "acceptance" for item in request.session.items)
-    if not wanted or os.environ.get("BRIGHTPAINT_DEMO_RUN"):
-        yield None
-        return
-    workdir = tmp_path_factory.mktemp("demo_run")
-    bin_dir = Path(sys.executable).parent
-    log = workdir / "demo_run.log"
-    command = (f"{bin_dir / 'brightpaint'} simulate --config {DEMO_CONFIG} --workers 2 && "
-               f"{bin_dir / 'snakemake'} -s {REPO / 'Snakefile'} --cores 2 --configfile {DEMO_CONFIG}")
-    with open(log, "w") as handle:
-        process = subprocess.Popen(["bash", "-c", command], cwd=workdir, stdout=handle,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
-    os.nice(5)
-    try:
-        yield DemoRun(workdir, process, log)
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=60)
-
-
 @pytest.fixture(scope="session")
-def demo_run(demo_run_started) -> Path:
+def demo_run(tmp_path_factory) -> Path:
     """The working directory of a run of the workflow on the demo screen with the demo config (what
-    `make demo` does), made once per test session (started in the background by
-    `demo_run_started`). BRIGHTPAINT_DEMO_RUN=DIR reuses a finished run in DIR (for working on the
-    tests; CI always makes a fresh one)."""
+    `make demo` does), made once per test session. BRIGHTPAINT_DEMO_RUN=DIR reuses a finished run in
+    DIR (for working on the tests; CI always makes a fresh one).
+
+    The run has the machine to itself: the tests that need it come last (tiers sorted above). Run
+    beside the other tiers it was slower, not faster: its longest job, the virtual-staining model's
+    training, runs torch on 2 threads, and with another process on the cores it took 3x as long (its 10
+    epochs: 237 s in a quiet fresh-clone run, 775 s beside the unit and workflow tiers)."""
     reuse = os.environ.get("BRIGHTPAINT_DEMO_RUN")
     if reuse:
         return Path(reuse)
-    try:
-        code = demo_run_started.process.wait(timeout=5000)
-    except subprocess.TimeoutExpired:
-        demo_run_started.process.kill()
-        code = "a timeout after 5000 s"
-    if code != 0:
-        output = demo_run_started.log.read_text(errors="replace")
-        pytest.fail(f"the demo run failed ({code}), log {demo_run_started.log}:\n" + output[-8000:])
-    return demo_run_started.workdir
+    workdir = tmp_path_factory.mktemp("demo_run")
+    write_demo_screen(workdir)
+    result = snakemake(workdir, "--cores", "2", "--configfile", str(DEMO_CONFIG), timeout=5000)
+    if result.returncode != 0:
+        pytest.fail("the demo run failed:\n" + result.stdout[-4000:] + result.stderr[-4000:])
+    return workdir
