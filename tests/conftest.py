@@ -157,8 +157,8 @@ def demo_run(tmp_path_factory) -> Path:
 
     The run has the machine to itself: the tests that need it come last (tiers sorted above). Run
     beside the other tiers it was slower, not faster: its longest job, the virtual-staining model's
-    training, runs torch on 2 threads, and with another process on the cores it took 3x as long (its 10
-    epochs: 237 s in a quiet fresh-clone run, 775 s beside the unit and workflow tiers)."""
+    training, runs torch on 2 threads, and with other processes on the cores it took 1.6x as long (its
+    10 epochs on the same machine: 484 s alone, 775 s beside the unit and workflow tiers)."""
     reuse = os.environ.get("BRIGHTPAINT_DEMO_RUN")
     if reuse:
         return Path(reuse)
