@@ -1,5 +1,6 @@
 """Virtual-staining throughput: prediction (sites/s at 1080 x 1080 and 2048 x 2048, tiles/s) and
-training step time, on CPU and, where torch sees one, on the GPU.
+training step time (fp32 and, where the hardware has bf16 units, bf16 mixed precision), on CPU and,
+where torch sees one, on the GPU.
 
     python bench/stain.py --out bench/results/stain.json [--device auto] [--threads 2] \
         [--arch unet] [--model results/models/stain/all/model.safetensors]
@@ -23,7 +24,14 @@ import numpy as np
 import torch
 import yaml
 
-from brightpaint.inference import predict_tiled, resolve_device, tile_starts, torch_threads
+from brightpaint.inference import (
+    autocast,
+    predict_tiled,
+    resolve_device,
+    resolve_precision,
+    tile_starts,
+    torch_threads,
+)
 from brightpaint.stain import models
 from brightpaint.stain.files import load_stain_model
 from brightpaint.stain.settings import StainSettings
@@ -66,7 +74,7 @@ def time_prediction(generator, device, size: int, tile: int, overlap: int, batch
             "gpu_utilisation_percent": float(np.mean(used)) if used else None}
 
 
-def time_training(settings: StainSettings, device, steps: int) -> dict:
+def time_training(settings: StainSettings, device, steps: int, precision: str) -> dict:
     generator = models.build_generator(settings.arch, 2 * settings.half_width + 1, 3,
                                              width=settings.width, depth=settings.depth, seed=0).to(device)
     optimiser = torch.optim.Adam(generator.parameters(), lr=settings.lr)
@@ -80,13 +88,15 @@ def time_training(settings: StainSettings, device, steps: int) -> dict:
         synchronise(device)
         start = time.perf_counter()
         optimiser.zero_grad(set_to_none=True)
-        loss_fn(generator(x), y, mask).backward()
+        with autocast(device, precision):
+            prediction = generator(x)
+        loss_fn(prediction.float(), y, mask).backward()
         optimiser.step()
         synchronise(device)
         if step >= 2:  # the first steps allocate and pick kernels
             times.append(time.perf_counter() - start)
     return {"arch": settings.arch, "loss": settings.loss, "batch": settings.batch, "patch": settings.patch,
-            "seconds_per_step": float(np.median(times)), "steps": steps}
+            "precision": precision, "seconds_per_step": float(np.median(times)), "steps": steps}
 
 
 def main() -> None:
@@ -114,7 +124,9 @@ def main() -> None:
         tile = defaults["tile"] if device.type == "cpu" else 1024
         prediction = [time_prediction(generator, device, size, tile, defaults["overlap"], defaults["batch"],
                                       args.repeats) for size in (1080, 2048)]
-        training = time_training(settings, device, args.train_steps)
+        # both precisions where bf16 has hardware units (what `precision: auto` picks), else fp32 only
+        precisions = sorted({"fp32", resolve_precision("auto", device)})
+        training = [time_training(settings, device, args.train_steps, p) for p in precisions]
     result = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()

@@ -18,7 +18,7 @@ import torch
 from conftest import CHANNELS, shared_data
 from scipy import ndimage
 
-from brightpaint.inference import predict_tiled
+from brightpaint.inference import cpu_has_bf16_matrix_units, predict_tiled, resolve_precision
 from brightpaint.ingest import read_plane, read_store_layout
 from brightpaint.layout import PlateFolder
 from brightpaint.metrics import image_metrics, pearson
@@ -209,6 +209,27 @@ def test_training_is_seeded(blob_data):
         assert torch.equal(a, b), name
     assert any(not torch.equal(a, c) for a, c in zip(first.state_dict().values(),
                                                        other.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_both_precisions_learn_the_mapping_and_record_which_ran(blob_data, precision):
+    """bf16 mixed precision (the default where the hardware has bf16 units) learns what fp32 learns;
+    the history says which precision ran."""
+    settings = StainSettings(width=8, depth=2, patch=32, batch=8, steps_per_epoch=40, max_epochs=2,
+                             patience=2, lr=3e-3, precision=precision)
+    _, history = train_stain_model(blob_data, ["A", "B"], settings, threads=1)
+    assert set(history["precision"]) == {precision}
+    assert history["val_pcc_A"].max() >= 0.8
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_bf16_units():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_bf16_matrix_units() else "fp32")
+    assert [resolve_precision(p, cpu) for p in ("fp32", "bf16")] == ["fp32", "bf16"]
+    with pytest.raises(ValueError, match="precision: 'fp16' is not one of"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(StainError, match="stain.precision: 'half'"):
+        StainSettings(precision="half").checked()
 
 
 def test_training_learns_and_keeps_the_best_epoch(blob_data):

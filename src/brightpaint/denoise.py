@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .inference import predict_tiled, resolve_device, torch_threads
+from .inference import autocast, predict_tiled, resolve_device, resolve_precision, torch_threads
 from .ingest import StoreLayout, channel_plane, read_plane, stored_sites
 from .provenance import sha256_file
 
@@ -232,9 +232,10 @@ def check_training_parameters(steps: int, patch: int, batch: int, mask_fraction:
 
 
 def fit(model: UNet, images: list[np.ndarray], *, steps: int, patch: int, batch: int, lr: float,
-        mask_fraction: float, seed: int, device: torch.device) -> list[float]:
+        mask_fraction: float, seed: int, device: torch.device, precision: str = "fp32") -> list[float]:
     """Run the blind-spot training loop on normalised images; return the loss of every step. Adam
-    with a cosine-decaying learning rate (to lr / 20) settles the weights within a short run."""
+    with a cosine-decaying learning rate (to lr / 20) settles the weights within a short run. The
+    forward pass runs in `precision` (inference.autocast), the loss in fp32."""
     rng = np.random.default_rng(seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps, eta_min=lr / 20)
@@ -242,7 +243,9 @@ def fit(model: UNet, images: list[np.ndarray], *, steps: int, patch: int, batch:
     losses = []
     for _ in range(steps):
         inputs, targets, mask = training_batch(rng, images, batch, patch, mask_fraction, device)
-        loss = masked_mse(model(inputs), targets, mask)
+        with autocast(device, precision):
+            prediction = model(inputs)
+        loss = masked_mse(prediction.float(), targets, mask)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -262,31 +265,33 @@ def normalisation_summary(stats: list[tuple[float, float]]) -> dict:
 
 def train_n2v(images: list[np.ndarray], *, steps: int = 300, patch: int = 64, batch: int = 16,
               lr: float = 3e-3, mask_fraction: float = 0.02, depth: int = 2, base: int = 16,
-              seed: int = 0, device: str = "cpu", threads: int = 2,
+              seed: int = 0, device: str = "cpu", precision: str = "auto", threads: int = 2,
               channel: str = "image") -> tuple[UNet, dict]:
     """Train a Noise2Void U-Net on noisy 2-D images of one channel (no clean targets needed).
 
     The defaults are sized for short CPU runs (300 steps of 16 x 64 x 64 patches, ~20-25 s on 2
     cores): 2 % masked pixels rather than the paper's 0.2 % give ten times more loss pixels per
     step, and lr 3e-3 rather than 4e-4 (both measured better at 300 steps on the demo's DNA and
-    CYTO stains). Returns the model (eval mode, CPU) and the history: per-step loss, seconds, and
-    the parameters that `save_n2v` records (the model carries them as `model.n2v_info`). `channel`
-    names the images in messages and metadata."""
+    CYTO stains). `precision` (inference.resolve_precision): "auto" trains in bf16 mixed precision
+    where the hardware has bf16 units. Returns the model (eval mode, CPU) and the history: per-step
+    loss, seconds, and the parameters that `save_n2v` records (the model carries them as
+    `model.n2v_info`). `channel` names the images in messages and metadata."""
     check_training_parameters(steps, patch, batch, mask_fraction, depth, base, threads)
     checked = check_images(images, channel, patch)
     normalised = [normalise(image) for image in checked]
     target = resolve_device(device, what="Noise2Void")
+    precision = resolve_precision(precision, target)
     start = time.perf_counter()
     with torch_threads(threads):
         model = build_model(depth, base, seed).to(target)
         losses = fit(model, [data for data, _, _ in normalised], steps=steps, patch=patch, batch=batch,
-                     lr=lr, mask_fraction=mask_fraction, seed=seed, device=target)
+                     lr=lr, mask_fraction=mask_fraction, seed=seed, device=target, precision=precision)
     seconds = time.perf_counter() - start
     model = model.cpu().eval()
     model.n2v_info = {
         "channel": channel, "steps": steps, "patch": patch, "batch": batch, "lr": lr,
         "mask_fraction": mask_fraction, "neighbourhood": NEIGHBOURHOOD, "seed": seed,
-        "device": str(target), "threads": threads, "n_images": len(checked),
+        "device": str(target), "precision": precision, "threads": threads, "n_images": len(checked),
         "n_images_skipped": len(images) - len(checked), "train_seconds": round(seconds, 3),
         "final_loss": float(np.mean(losses[-max(1, steps // 10):])),  # mean of the last 10 %
         "normalisation": normalisation_summary([(mean, std) for _, mean, std in normalised]),

@@ -98,6 +98,7 @@ N2V_TRAIN = dict(
         batch=config["denoise"]["batch"],
         max_sites=config["denoise"]["max_sites"],
         device=config["denoise"]["device"],
+        precision=config["denoise"]["precision"],
         seed=config["denoise"]["seed"],
     ),
 )

@@ -27,7 +27,8 @@ for store, layout_path, images_path, illum_path in zip(inp.stores, inp.layouts, 
                                      correct=lambda image, f=function: correct_illumination(image, f))
     plates.append(layout.plate)
 model, history = train_n2v(images, steps=params.steps, patch=params.patch, batch=params.batch,
-                           seed=params.seed, device=params.device, threads=snakemake.threads,  # noqa: F821
+                           seed=params.seed, device=params.device, precision=params.precision,
+                           threads=snakemake.threads,  # noqa: F821
                            channel=channel)
 with atomic_path(out.model) as tmp:
     metadata = save_n2v(model, tmp, {"channel": channel, "plates": plates, "n_images": len(images)})

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from ..errors import UserError
+from ..inference import PRECISIONS
 from . import models
 
 TARGET_NORMS = ("plate", "fov")
@@ -36,6 +37,7 @@ class StainSettings:
     max_sites: int = 256  # training sites held in memory (sampled across plates, seeded)
     augment: bool = True
     seed: int = 0
+    precision: str = "auto"  # inference.PRECISIONS: auto trains in bf16 where the hardware has bf16 units
     gan_l1_weight: float = 100.0
     gan_gp_weight: float = 10.0
     gan_adversarial: float = 0.5  # times the adaptive weight (adversarial <= reconstruction gradient)
@@ -53,6 +55,8 @@ class StainSettings:
             raise StainError(f"stain.arch: {self.arch!r} is not one of {models.ARCHITECTURES}")
         if self.loss not in models.LOSSES:
             raise StainError(f"stain.loss: {self.loss!r} is not one of {models.LOSSES}")
+        if self.precision not in PRECISIONS:
+            raise StainError(f"stain.precision: {self.precision!r} is not one of {PRECISIONS}")
         if self.target_norm not in TARGET_NORMS:
             raise StainError(f"stain.target_norm: {self.target_norm!r} is not one of {TARGET_NORMS}")
         for name in ("width", "depth", "patch", "batch", "steps_per_epoch", "max_epochs", "patience",

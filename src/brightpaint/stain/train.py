@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..inference import predict_tiled, resolve_device, torch_threads
+from ..inference import autocast, predict_tiled, resolve_device, resolve_precision, torch_threads
 from ..metrics import pearson
 from ..plate import VIRTUAL_PREFIX, PlateSource, brightfield_planes
 from ..trust import DOMAIN_STATISTICS, brightfield_statistics, describe_domain
@@ -67,8 +67,10 @@ def train_stain_model(data: TrainingSet, targets: Sequence[str], settings: Stain
                       device: str = "cpu", threads: int = 2) -> tuple[torch.nn.Module, pd.DataFrame]:
     """Train a generator on `data`; returns it (eval mode, CPU, best validation epoch's weights) and
     the history (one row per epoch: train loss, validation L1 and per-channel PCC, crop size,
-    seconds)."""
+    precision, seconds)."""
     target = resolve_device(device, what="virtual staining")
+    precision = resolve_precision(settings.precision, target)
+    LOGGER.info("virtual staining trains in %s (requested %r)", precision, settings.precision)
     n_inputs, n_outputs = data.train[0].inputs.shape[0], len(targets)
     rng = np.random.default_rng(settings.seed)
     reconstruction = models.reconstruction_loss(settings.loss)
@@ -96,10 +98,12 @@ def train_stain_model(data: TrainingSet, targets: Sequence[str], settings: Stain
                                                                     settings.augment))
                 if settings.gan:
                     loss = _gan_step(generator, critic, optimiser, critic_optimiser, x, y, mask,
-                                     reconstruction, settings)
+                                     reconstruction, settings, precision)
                 else:
                     optimiser.zero_grad(set_to_none=True)
-                    loss = reconstruction(generator(x), y, mask)
+                    with autocast(target, precision):
+                        prediction = generator(x)
+                    loss = reconstruction(prediction.float(), y, mask)
                     loss.backward()
                     optimiser.step()
                     loss = float(loss.detach())
@@ -107,7 +111,8 @@ def train_stain_model(data: TrainingSet, targets: Sequence[str], settings: Stain
                 losses.append(loss)
             scores = validation_scores(generator, data.validation, targets, target)
             history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **scores,
-                            "patch": patch, "seconds": time.perf_counter() - start})
+                            "patch": patch, "precision": precision,
+                            "seconds": time.perf_counter() - start})
             LOGGER.info("virtual staining epoch %d: train %.4f, validation L1 %.4f", epoch + 1,
                         history[-1]["train_loss"], scores["val_l1"])
             if scores["val_l1"] < best_loss:
@@ -126,12 +131,15 @@ def train_stain_model(data: TrainingSet, targets: Sequence[str], settings: Stain
 
 
 def _gan_step(generator, critic, optimiser, critic_optimiser, x, y, mask, reconstruction,
-              settings: StainSettings) -> float:
+              settings: StainSettings, precision: str = "fp32") -> float:
     """One conditional WGAN-GP step: the critic (on [brightfield, fluorescence] pairs, missing target
     channels zeroed in both) with gradient penalty, then the generator with weighted L1 plus an
-    adversarial term whose weight adapts so its gradient never exceeds the reconstruction's."""
+    adversarial term whose weight adapts so its gradient never exceeds the reconstruction's. The
+    generator's forward pass runs in `precision`, the critic in fp32."""
     channel_mask = mask[:, :, None, None]
-    fake = generator(x)
+    with autocast(x.device, precision):
+        fake = generator(x)
+    fake = fake.float()
     real_pair = torch.cat([x, y * channel_mask], 1)
     fake_pair = torch.cat([x, fake.detach() * channel_mask], 1)
     critic_optimiser.zero_grad(set_to_none=True)
@@ -176,6 +184,7 @@ def model_card(settings: StainSettings, data: TrainingSet, targets: Sequence[str
         "metrics": {k: float(v) for k, v in best.items() if k.startswith("val_")}
         | {"best_epoch": int(best["epoch"]), "epochs_run": int(len(history))},
         "patch_used": int(best["patch"]),
+        "precision_used": str(best.get("precision", "fp32")),
     }
 
 
