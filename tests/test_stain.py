@@ -246,7 +246,8 @@ def test_a_missing_target_channel_is_masked_not_learned_as_zero():
     # every training site lacks channel B; its target is zeros with mask 0
     train = [blob_site(rng, "P", f"A{i:02d}", mask=(1.0, 0.0)) for i in range(1, 7)]
     validation = [blob_site(rng, "P", "B01")]
-    settings = StainSettings(width=8, depth=2, patch=32, batch=4, steps_per_epoch=10, max_epochs=1)
+    settings = StainSettings(width=8, depth=2, patch=32, batch=4, steps_per_epoch=10, max_epochs=1,
+                             patience=3)
     generator, history = train_stain_model(TrainingSet(train, validation, {}, {}), ["A", "B"], settings,
                                            threads=1)
     untrained = models.build_generator("unet", 3, 2, width=8, depth=2, seed=0)
@@ -402,13 +403,15 @@ def test_a_screen_without_training_plates_is_a_config_error(tiny_screen):
 
 
 def test_sites_smaller_than_the_patch_train_on_crops_that_fit(blob_data, caplog):
-    settings = StainSettings(width=8, depth=2, patch=128, batch=2, steps_per_epoch=1, max_epochs=1)
+    settings = StainSettings(width=8, depth=2, patch=128, batch=2, steps_per_epoch=1, max_epochs=1,
+                             patience=3)
     with caplog.at_level(logging.WARNING, logger="brightpaint"):
         _, history = train_stain_model(blob_data, ["A", "B"], settings, threads=1)
     assert history["patch"].tolist() == [64]
     assert "training on 64 px crops" in caplog.text
     with pytest.raises(StainError, match="must be a multiple of 4"):
-        train_stain_model(blob_data, ["A", "B"], StainSettings(width=8, depth=2, patch=30), threads=1)
+        train_stain_model(blob_data, ["A", "B"], StainSettings(width=8, depth=2, patch=30, steps_per_epoch=50,
+                                                               max_epochs=10, patience=3), threads=1)
 
 
 def test_predict_sites_writes_each_site_and_skips_one_without_focus_with_its_reason(demo, tmp_path):

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from ..defaults import config_field
 from ..errors import UserError
 from ..inference import PRECISIONS
 from . import models
 
 TARGET_NORMS = ("plate", "fov")
+
+
+def _model(name: str):
+    return config_field("stain", "model", name)
 
 
 class StainError(UserError):
@@ -20,35 +25,45 @@ class StainError(UserError):
 class StainSettings:
     """Everything that shapes a model; recorded in its card."""
 
-    arch: str = "unet"  # models.ARCHITECTURES
-    width: int = 32
-    depth: int = 3
-    loss: str = "l1"  # models.LOSSES
-    gan: bool = False  # conditional WGAN-GP on top of the reconstruction loss
-    half_width: int = 1  # brightfield planes on each side of focus as extra input channels
-    target_norm: str = "plate"  # plate | fov
-    patch: int = 128
-    batch: int = 8
-    lr: float = 2e-3
-    steps_per_epoch: int = 50
-    max_epochs: int = 10
-    patience: int = 3
-    val_fraction: float = 0.2
-    max_sites: int = 256  # training sites held in memory (sampled across plates, seeded)
-    augment: bool = True
-    seed: int = 0
-    precision: str = "auto"  # inference.PRECISIONS: auto trains in bf16 where the hardware has bf16 units
+    # Defaults: config/config.yaml `stain: model:` (the one place they are stated; see `defaults`).
+    arch: str = _model("arch")  # models.ARCHITECTURES
+    width: int = _model("width")
+    depth: int = _model("depth")
+    loss: str = _model("loss")  # models.LOSSES
+    gan: bool = _model("gan")  # conditional WGAN-GP on top of the reconstruction loss
+    half_width: int = _model("half_width")  # brightfield planes on each side of focus as extra inputs
+    target_norm: str = _model("target_norm")  # plate | fov
+    patch: int = _model("patch")
+    batch: int = _model("batch")
+    lr: float = _model("lr")
+    steps_per_epoch: int = _model("steps_per_epoch")
+    max_epochs: int = _model("max_epochs")
+    patience: int = _model("patience")
+    val_fraction: float = _model("val_fraction")
+    max_sites: int = _model("max_sites")  # training sites held in memory (sampled across plates, seeded)
+    augment: bool = _model("augment")
+    seed: int = _model("seed")
+    precision: str = _model("precision")  # inference.PRECISIONS: auto = bf16 where the hardware has it
+    # The GAN's loss weights are not workflow settings (the config schema has no key for them): they
+    # are stated here only. L1 x 100 as pix2pix, gradient penalty x 10 as WGAN-GP.
     gan_l1_weight: float = 100.0
     gan_gp_weight: float = 10.0
     gan_adversarial: float = 0.5  # times the adaptive weight (adversarial <= reconstruction gradient)
 
     @classmethod
     def from_config(cls, config: dict) -> StainSettings:
+        """config/config.yaml's `stain: model:` defaults with `config` on top, checked (the workflow
+        passes the whole merged section; an unknown key is a StainError)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
             raise StainError(f"stain settings: unknown key(s) {unknown}; known: {sorted(known)}")
         return cls(**config).checked()
+
+    @classmethod
+    def defaults(cls, **overrides) -> StainSettings:
+        """The defaults (config/config.yaml `stain: model:`) with `overrides`, checked."""
+        return cls.from_config(overrides)
 
     def checked(self) -> StainSettings:
         if self.arch not in models.ARCHITECTURES:
