@@ -18,7 +18,7 @@ import yaml
 
 from .errors import UserError
 
-# Beside the package (an editable install: src/brightpaint -> repo root), as workflow.DEFAULT_CONFIG.
+# Beside the package (an editable install: src/brightpaint -> repo root); workflow.py uses it too.
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
 
 

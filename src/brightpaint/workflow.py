@@ -16,6 +16,7 @@ import jsonschema
 import pandas as pd
 import yaml
 
+from .defaults import DEFAULT_CONFIG
 from .errors import UserError
 from .groups import screen_groups
 from .io import name_problem, read_screen_sheet
@@ -27,8 +28,7 @@ class ConfigError(UserError):
 
 
 # The workflow's own files, beside the package (an editable install: src/brightpaint -> repo root).
-WORKFLOW_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = WORKFLOW_ROOT / "config" / "config.yaml"
+WORKFLOW_ROOT = DEFAULT_CONFIG.parents[1]
 CONFIG_SCHEMA = WORKFLOW_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 
