@@ -447,3 +447,31 @@ def test_cellprofiler_failure_is_an_error_quoting_its_output(tmp_path):
     with pytest.raises(FeatureError, match=r"CellProfiler failed \(exit \d+\)[\s\S]*\S"):
         run_cellprofiler(bad, csv, tmp_path / "out", log=tmp_path / "cp.log")
     assert (tmp_path / "cp.log").read_text().startswith(str(CELLPROFILER))
+
+
+def test_granularity_plugin_measures_what_cellprofilers_module_does_without_the_summaries(tmp_path):
+    """MeasureGranularitySpectrum (the project's plugin) against CellProfiler's own MeasureGranularity
+    with the same settings, on two crowded sites: every object and image column equal bit for bit;
+    only CellProfiler's per-image Mean/Median/Max/Min/StDev of each object feature are gone."""
+    needs_cellprofiler()
+    rows = [write_site_inputs(tmp_path / "in", "P1", "A01", site, *crowded_site(site)) for site in (1, 2)]
+    csv = write_loaddata(rows, tmp_path / "in" / "load.csv")
+    standard = tmp_path / "standard.cppipe"
+    text = SITE_PIPELINE.read_text()
+    assert text.count("MeasureGranularitySpectrum:[") == 1
+    standard.write_text(text.replace("MeasureGranularitySpectrum:[", "MeasureGranularity:["))
+    out = {name: run_cellprofiler(pipeline, csv, tmp_path / name)
+           for name, pipeline in (("plugin", SITE_PIPELINE), ("standard", standard))}
+    summary = re.compile(r"^(Mean|Median|Max|Min|StDev)_Granularity_")
+    bookkeeping = re.compile(r"ExecutionTime|ModuleError|PathName|URL")  # module names, folders
+    for table in ("Image", *OBJECTS):
+        plugin, cellprofiler = (pd.read_csv(out[name] / f"{table}.csv")
+                                .pipe(lambda t: t[[c for c in t.columns if not bookkeeping.search(c)]])
+                                for name in ("plugin", "standard"))
+        dropped = sorted(set(cellprofiler.columns) - set(plugin.columns))
+        assert set(plugin.columns) <= set(cellprofiler.columns)
+        assert all(summary.match(name) for name in dropped), dropped[:5]
+        # 3 channels x 3 objects x 16 steps x 5 statistics, in the image table only
+        assert len(dropped) == (3 * 3 * 16 * 5 if table == "Image" else 0)
+        assert any(name.startswith("Granularity_16_") for name in plugin.columns)
+        pd.testing.assert_frame_equal(plugin, cellprofiler[plugin.columns], check_exact=True, obj=table)

@@ -24,9 +24,11 @@ in the per-object CSVs, like the Cell Painting Gallery's outputs):
  4. MeasureObjectIntensity: all channels x all objects.
  5. MeasureTexture: all channels x all objects (not whole images: 2.7 s per site for nothing the
     image-quality module lacks), one scale (3 px), 256 gray levels.
- 6. MeasureGranularity: all channels, within all objects; subsampling 0.5 and background
-    reduction 0.5 with a 10 px element, 16-step spectrum (the Cell Painting Gallery's values; on
-    a 256 px site that covers granules up to ~32 px radius, i.e. nuclei and cell-scale texture).
+ 6. MeasureGranularitySpectrum (the project's plugin, cellprofiler_plugins/: CellProfiler's
+    MeasureGranularity without its per-image summaries of every object feature): all channels,
+    within all objects; subsampling 0.5 and background reduction 0.5 with a 10 px element,
+    16-step spectrum (the Cell Painting Gallery's values; on a 256 px site that covers granules
+    up to ~32 px radius, i.e. nuclei and cell-scale texture).
  7. MeasureObjectIntensityDistribution: all channels; Nuclei (own centres), Cells and Cytoplasm
     (Nuclei as centres); 4 scaled bins, max radius 100, no Zernike.
  8. MeasureColocalization: all channel pairs within all objects; correlation/slope, Manders, RWC,
@@ -66,7 +68,6 @@ filter_active_readers(["imageio_reader"])  # never Bio-Formats (it would downloa
 
 from cellprofiler.modules.exporttospreadsheet import ExportToSpreadsheet  # noqa: E402
 from cellprofiler.modules.measurecolocalization import MeasureColocalization  # noqa: E402
-from cellprofiler.modules.measuregranularity import MeasureGranularity  # noqa: E402
 from cellprofiler.modules.measureimagequality import MeasureImageQuality  # noqa: E402
 from cellprofiler.modules.measureobjectintensity import MeasureObjectIntensity  # noqa: E402
 from cellprofiler.modules.measureobjectintensitydistribution import (  # noqa: E402
@@ -77,6 +78,11 @@ from cellprofiler.modules.measureobjectsizeshape import MeasureObjectSizeShape  
 from cellprofiler.modules.measuretexture import MeasureTexture  # noqa: E402
 from cellprofiler_core.modules.loaddata import LoadData  # noqa: E402
 from cellprofiler_core.pipeline import Pipeline  # noqa: E402
+
+# the project's CellProfiler plugins (cellprofiler_plugins/; CellProfiler loads them itself with
+# --plugins-directory when it runs the pipeline, brightpaint.features.runner)
+sys.path.insert(0, str(Path(__file__).resolve().with_name("cellprofiler_plugins")))
+from measuregranularityspectrum import MeasureGranularitySpectrum  # noqa: E402
 
 CHANNELS = ("DNA", "CYTO", "DAMAGE")
 OBJECTS = ("Nuclei", "Cells", "Cytoplasm")
@@ -160,8 +166,8 @@ def _texture(channels: list[str], objects: list[str]) -> MeasureTexture:
     return module
 
 
-def _granularity(channels: list[str], objects: list[str]) -> MeasureGranularity:
-    module = MeasureGranularity()
+def _granularity(channels: list[str], objects: list[str]) -> MeasureGranularitySpectrum:
+    module = MeasureGranularitySpectrum()
     module.images_list.value = ", ".join(channels)
     module.wants_objects.value = True
     module.objects_list.value = ", ".join(objects)

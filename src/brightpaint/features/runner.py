@@ -19,6 +19,8 @@ from .schema import ADU_MAX, SITE_KEYS, FeatureError, site_where
 REPO = Path(__file__).resolve().parents[3]
 CELLPROFILER = Path(os.environ.get("BRIGHTPAINT_CELLPROFILER",
                                    REPO / ".venv-cellprofiler" / "bin" / "cellprofiler"))
+# the project's CellProfiler modules (MeasureGranularitySpectrum), which the built pipelines use
+PLUGINS = Path(__file__).resolve().with_name("cellprofiler_plugins")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                     "NUMBA_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -122,7 +124,7 @@ def run_cellprofiler(pipeline: str | Path, loaddata_csv: str | Path, out_dir: st
     with tempfile.TemporaryDirectory(prefix="cellprofiler-", dir=out_dir) as temporary:
         command = [str(cellprofiler), "-c", "-r", "-p", str(pipeline), "--data-file", str(loaddata_csv),
                    "-o", str(out_dir), "-i", str(loaddata_csv.parent), "-t", temporary,
-                   "-L", "WARNING", "-e", "imageio_reader"]
+                   "--plugins-directory", str(PLUGINS), "-L", "WARNING", "-e", "imageio_reader"]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                                     env=thread_environment(threads), stdin=subprocess.DEVNULL)
