@@ -24,7 +24,7 @@ rule generalisation_train:
         device=STAIN["device"],
     resources:
         gpu=1 if STAIN["device"] == "cuda" else 0,
-    threads: config["threads"]["stain_train"]
+    threads: config["threads"]["generalisation"]
     conda:
         MAIN_ENV
     log:
@@ -54,7 +54,7 @@ rule generalisation_evaluate:
         overlap=STAIN["overlap"],
     resources:
         gpu=1 if STAIN["device"] == "cuda" else 0,
-    threads: config["threads"]["stain_predict"]
+    threads: config["threads"]["generalisation"]
     conda:
         MAIN_ENV
     log:
