@@ -162,10 +162,12 @@ def write_concatenated(paths: Sequence[str | Path], out: str | Path, row_group_r
     schemas = {p: pq.read_schema(p) for p in paths}
     filled = [p for p in paths if pq.ParquetFile(p).metadata.num_rows]
     columns = list(dict.fromkeys(name for schema in schemas.values() for name in schema.names)) or SITE_KEYS
+    # the pandas dtypes (nullable Int64 included) stored with each shard, from its schema alone (one
+    # conversion per shard: per column, ~1,000 columns made it the plate step's main cost)
+    empty = {p: schemas[p].empty_table().to_pandas() for p in filled}
     dtypes = {}
     for name in columns:
-        # the pandas dtypes (nullable Int64 included) stored with each shard, from its schema alone
-        found = [schemas[p].empty_table().to_pandas()[name].dtype for p in filled if name in schemas[p].names]
+        found = [empty[p][name].dtype for p in filled if name in schemas[p].names]
         if found and all(d == found[0] for d in found):
             dtype = found[0]
         elif found and all(isinstance(d, np.dtype) and d.kind in "iuf" for d in found):
