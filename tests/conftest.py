@@ -76,7 +76,10 @@ def pytest_collection_modifyitems(config, items):
 def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the workflow's Snakefile with `workdir` as working directory (results land there)."""
     snakemake = Path(sys.executable).with_name("snakemake")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # SLURM_CONF: these runs are local. The SLURM executor plugin runs `scontrol show config` as
+    # snakemake starts, which waits 9 s whenever a slurm.conf names a controller that is not running
+    # (e.g. one left by a killed SLURM test): 9 s per snakemake call.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_CONF": os.devnull}
     return subprocess.run([str(snakemake), "-s", str(REPO / "Snakefile"), *args],
                           cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
 
