@@ -40,7 +40,7 @@ test-fast: setup
 
 lint: env
 	$(BIN)/ruff check src tests bench workflow
-	$(BIN)/snakemake --lint
+	$(BIN)/snakemake --lint --configfile $(DEMO_CONFIG)
 
 bench: env
 	$(BIN)/python bench/ingest_throughput.py --out bench/results/ingest_throughput.json
