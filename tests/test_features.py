@@ -5,6 +5,8 @@ Painting Gallery's (cpg0043) CellProfiler outputs, empty and unusable sites."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -475,3 +477,18 @@ def test_granularity_plugin_measures_what_cellprofilers_module_does_without_the_
         assert len(dropped) == (3 * 3 * 16 * 5 if table == "Image" else 0)
         assert any(name.startswith("Granularity_16_") for name in plugin.columns)
         pd.testing.assert_frame_equal(plugin, cellprofiler[plugin.columns], check_exact=True, obj=table)
+
+
+def test_a_digest_that_looks_like_a_huge_exponent_is_read_as_text(tmp_path):
+    """CellProfiler writes each image's MD5 digest; "94e80911345122afdc..." (met in a demo run) starts
+    like a float with an 11-digit exponent, which crashed pandas' C parser (a segfault, so the read runs
+    in a child process here). The digest and the metadata come back as text, measurements as numbers."""
+    csv = tmp_path / "Image.csv"
+    csv.write_text("ImageNumber,Metadata_Plate,MD5Digest_CYTO,Count_Nuclei\n"
+                   "1,001,94e80911345122afdc979c5e559655fd,7\n")
+    code = ("import sys; from pathlib import Path; from brightpaint.features.tables import _read_csv; "
+            "t = _read_csv(Path(sys.argv[1])); "
+            "print(t.loc[0, 'MD5Digest_CYTO'], t.loc[0, 'Metadata_Plate'], t['Count_Nuclei'].dtype)")
+    result = subprocess.run([sys.executable, "-c", code, str(csv)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["94e80911345122afdc979c5e559655fd", "001", "int64"]

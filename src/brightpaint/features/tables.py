@@ -22,11 +22,20 @@ _NEIGHBOUR_NUMBER = re.compile(r"^Neighbors_(First|Second)ClosestObjectNumber_")
 _DROPPED = re.compile(r"^(ImageNumber|ObjectNumber|Number_Object_Number|Location_.*)$")
 
 
+# CellProfiler's bookkeeping columns, read as text. A file's MD5 digest such as
+# "94e80911345122afdc..." starts like a float with an 11-digit exponent, and pandas' C parser
+# (2.3.3) crashes the process on such a token while it tries numbers (a segfault, pandas-dev/pandas
+# #63089; it killed a demo features job); a plate "001" must stay "001".
+_TEXT_COLUMNS = re.compile(r"^(Metadata|FileName|PathName|URL|MD5Digest|ObjectsFileName|ObjectsPathName|"
+                           r"ObjectsURL)_")
+
+
 def _read_csv(path: Path) -> pd.DataFrame:
     try:
-        return pd.read_csv(path, low_memory=False)
+        header = pd.read_csv(path, nrows=0, dtype=str).columns
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
+    return pd.read_csv(path, low_memory=False, dtype={c: str for c in header if _TEXT_COLUMNS.match(c)})
 
 
 def _site_metadata(image: pd.DataFrame) -> pd.DataFrame:
