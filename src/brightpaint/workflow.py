@@ -20,6 +20,13 @@ from .defaults import DEFAULT_CONFIG
 from .errors import UserError
 from .groups import screen_groups
 from .io import name_problem, read_screen_sheet
+from .provenance import (
+    CELLPROFILER_PACKAGES,
+    code_digest,
+    environment_versions,
+    sha256_file,
+    software_versions,
+)
 from .segment.settings import SegmentError
 
 
@@ -286,3 +293,50 @@ def workflow_file(path: str, basedir: str | Path, what: str) -> str:
     if not candidate.is_absolute() and (Path(basedir) / candidate).is_file():
         return str(Path(basedir) / candidate)
     raise ConfigError(f"{what} = {str(path)!r}: no such file in {Path.cwd()} or {basedir}")
+
+
+# Rerunning by content. Snakemake records each job's params and compares them on the next plan (its
+# `params` rerun trigger); the project's profiles turn off its `code` trigger, which compares a
+# script's file time and so reran a finished screen after any fresh clone or copy of the workflow
+# (docs/scale-out.md, "What reruns what").
+def code_params(script: str | Path) -> dict[str, str]:
+    """A workflow job's code and software as params: the digest of its script and of the package
+    code that script imports (provenance.code_digest), and the science libraries' versions."""
+    return {"code": code_digest(script), "software": software_versions()}
+
+
+def located_files(files: Mapping[str, str | Path]) -> tuple[dict[str, str], dict[str, object]]:
+    """A job's files that may lie outside the run folder (weights, pipelines, executables), as
+    (inputs, params). Every file is a params entry holding a `Path`, which Snakemake does not record,
+    so scripts read `params.<name>` wherever the file lies. A relative path (the run folder's, e.g. a
+    model rule segment_train makes) is also an input: Snakemake orders the jobs and compares its time.
+    An absolute path (the workflow's shipped resources/, a user's file) is no input: its folder and
+    its time change with every clone of the workflow; its sha256 is a recorded param instead, so the
+    file's content decides."""
+    inputs: dict[str, str] = {}
+    params: dict[str, object] = {}
+    for name, path in files.items():
+        params[name] = Path(path)
+        if Path(path).is_absolute():
+            params[f"{name}_sha256"] = _file_digest(str(path))
+        else:
+            inputs[name] = str(path)
+    return inputs, params
+
+
+def cellprofiler_params(cellprofiler: str | Path) -> dict[str, object]:
+    """The CellProfiler executable as params: its path (a `Path`, not recorded: it moves with the
+    workflow's folder) and the versions of its environment's packages (recorded)."""
+    found = sorted(Path(cellprofiler).resolve().parent.parent.glob("lib/python3*/site-packages"))
+    versions = environment_versions(found[0], CELLPROFILER_PACKAGES) if found else {}
+    return {"cellprofiler": Path(cellprofiler),
+            "cellprofiler_software": " ".join(f"{k}={v}" for k, v in versions.items())}
+
+
+_DIGESTS: dict[str, str] = {}
+
+
+def _file_digest(path: str) -> str:
+    if path not in _DIGESTS:
+        _DIGESTS[path] = sha256_file(path)
+    return _DIGESTS[path]

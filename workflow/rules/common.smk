@@ -5,7 +5,14 @@ import re
 from pathlib import Path
 
 from brightpaint.layout import PlateFolder, ProfileFolder
-from brightpaint.workflow import Screen, segment_weights_path, workflow_file
+from brightpaint.workflow import (
+    Screen,
+    cellprofiler_params,
+    located_files,
+    segment_weights_path,
+    workflow_file,
+)
+from brightpaint.workflow import code_params as script_code_params
 
 SCREEN = Screen.from_config(config)
 PLATES = SCREEN.selected_plates()
@@ -22,6 +29,11 @@ wildcard_constraints:
 
 
 PLATE = PlateFolder.of(RESULTS, "{plate}")
+
+
+def code_params(script):
+    """A rule's code and software as params (rerun by content: brightpaint.workflow.code_params)."""
+    return script_code_params(Path(workflow.basedir) / "workflow" / "scripts" / script)
 
 
 def plate_folder(plate):
@@ -184,7 +196,7 @@ def generalisation_evaluation_inputs(wildcards):
         "platemaps": [kept_model_input(SCREEN.plate_row(plate)["platemap"]) for plate in plates],
         "labels": [kept_model_input(plate_folder(plate).labels) for plate in plates],
         "diameters": [kept_model_input(plate_folder(plate).segment_diameters) for plate in plates],
-        "nuclei_weights": SEGMENT_WEIGHTS["nuclei"],
+        **NUCLEI_WEIGHTS[0],
     }
 
 
@@ -217,7 +229,12 @@ SEGMENT_WEIGHTS = {
     kind: segment_weights_path(SEGMENT[key], RESULTS, workflow.basedir)
     for kind, key in (("nuclei", "nuclei_weights"), ("cells", "cell_weights"))
 }
+# (inputs, params) of each: see brightpaint.workflow.located_files
+NUCLEI_WEIGHTS = located_files({"nuclei_weights": SEGMENT_WEIGHTS["nuclei"]})
+CELL_WEIGHTS = located_files({"cell_weights": SEGMENT_WEIGHTS["cells"]})
 SEGMENT_PARAMS = dict(
+    **NUCLEI_WEIGHTS[1],
+    **CELL_WEIGHTS[1],
     brightfield=config["channels"]["brightfield"],
     nuclei=config["channels"]["nuclei"],
     cell=config["channels"]["cell"],
@@ -236,8 +253,8 @@ def segment_inputs(wildcards):
         **sources.named_inputs(),
         "virtual": plate_folder(plate).virtual,
         "stain_sites": plate_folder(plate).stain_sites,
-        "nuclei_weights": SEGMENT_WEIGHTS["nuclei"],
-        "cell_weights": SEGMENT_WEIGHTS["cells"],
+        **NUCLEI_WEIGHTS[0],
+        **CELL_WEIGHTS[0],
     }
 
 
@@ -273,8 +290,10 @@ def feature_pipeline(key):
 
 FEATURES_PIPELINE = feature_pipeline("pipeline")
 FEATURES_TILED_PIPELINE = feature_pipeline("tiled_pipeline")
-FEATURES_PIPELINES = [p for p in (FEATURES_PIPELINE, FEATURES_TILED_PIPELINE) if p]
-CELLPROFILER = workflow_file(FEATURES["cellprofiler"], workflow.basedir, "features.cellprofiler")
+PIPELINE_FILES = located_files(
+    {name: path for name, path in (("pipeline", FEATURES_PIPELINE), ("tiled_pipeline", FEATURES_TILED_PIPELINE)) if path}
+)
+CELLPROFILER = cellprofiler_params(workflow_file(FEATURES["cellprofiler"], workflow.basedir, "features.cellprofiler"))
 SCREEN_FOLDER = ProfileFolder.screen(RESULTS)
 
 
@@ -298,10 +317,8 @@ def features_inputs(wildcards):
         "virtual": folder.virtual,
         "labels": folder.labels,
         "segment_sites": folder.segment_sites,
-        "pipeline": FEATURES_PIPELINE,
+        **PIPELINE_FILES[0],
     }
-    if FEATURES_TILED_PIPELINE:
-        inputs["tiled_pipeline"] = FEATURES_TILED_PIPELINE
     return inputs
 
 
@@ -362,7 +379,7 @@ def report_inputs(wildcards):
         "models": stain_model_files(),
         "cards": stain_cards(),
         "sources": SCREEN.plate_inputs(wildcards.plate),
-        "pipelines": FEATURES_PIPELINES,
+        **PIPELINE_FILES[0],
     }
 
 

@@ -9,6 +9,7 @@ rule denoise_train_plate:
     output:
         model=PLATE.n2v_model("{channel}"),
     params:
+        **code_params("denoise_train.py"),
         **N2V_TRAIN["params"],
     resources:
         gpu=1 if config["denoise"]["device"] == "cuda" else 0,
@@ -29,6 +30,7 @@ rule denoise_train_screen:
     output:
         model=f"{RESULTS}/models/n2v/{{channel}}.pt",
     params:
+        **code_params("denoise_train.py"),
         **N2V_TRAIN["params"],
     resources:
         gpu=1 if config["denoise"]["device"] == "cuda" else 0,
@@ -49,6 +51,7 @@ rule denoise_shard:
     output:
         store=temp(directory(PLATE.denoise_shard("{shard}"))),
     params:
+        **code_params("denoise_shard.py"),
         channels=lambda wildcards: SCREEN.denoise_channels(wildcards.plate),
         n_shards=config["shards"],
         tile=config["denoise"]["tile"],
@@ -73,6 +76,7 @@ rule denoise_plate:
     output:
         store=directory(PLATE.denoised),
     params:
+        **code_params("denoise_plate.py"),
         channels=lambda wildcards: SCREEN.denoise_channels(wildcards.plate),
     conda:
         MAIN_ENV

@@ -8,8 +8,9 @@ rule features_pipeline:
         site=BUILT_PIPELINES["site"],
         tiled=BUILT_PIPELINES["tiled"],
     params:
+        **code_params("features_pipeline.py"),
         channels=FEATURES_CHANNELS,
-        cellprofiler=CELLPROFILER,
+        **CELLPROFILER,
     conda:
         MAIN_ENV
     log:
@@ -28,10 +29,12 @@ rule features_shard:
         images=temp(PLATE.features_shard_images("{shard}")),
         sites=temp(PLATE.features_shard_sites("{shard}")),
     params:
+        **code_params("features_shard.py"),
         brightfield=config["channels"]["brightfield"],
         channels=config["channels"]["fluorescence"],
         sources=lambda wildcards: feature_sources(wildcards.plate),
-        cellprofiler=CELLPROFILER,
+        **PIPELINE_FILES[1],
+        **CELLPROFILER,
         tile_pixels=FEATURES["tile_pixels"],
         n_shards=config["shards"],
     threads: config["threads"]["features"]
@@ -55,6 +58,8 @@ rule features_plate:
         cells=PLATE.features_cells,
         images=PLATE.features_images,
         sites=PLATE.features_sites,
+    params:
+        **code_params("features_plate.py"),
     conda:
         MAIN_ENV
     log:

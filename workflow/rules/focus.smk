@@ -10,6 +10,7 @@ rule focus_shard:
     output:
         table=temp(PLATE.focus_shard("{shard}")),
     params:
+        **code_params("focus_shard.py"),
         n_shards=config["shards"],
         method=config["focus"]["method"],
         half_width=config["focus"]["half_width"],
@@ -36,6 +37,8 @@ rule focus_plate:
             subcategory="{plate}",
             labels={"plate": "{plate}", "figure": "chosen plane"},
         ),
+    params:
+        **code_params("focus_plate.py"),
     conda:
         MAIN_ENV
     log:

@@ -14,6 +14,7 @@ rule generalisation_train:
     wildcard_constraints:
         group="|".join(map(re.escape, GENERALISATION_GROUPS)),
     params:
+        **code_params("generalisation_train.py"),
         group=lambda wildcards: GENERALISATION_GROUPS[wildcards.group],
         plates=[SCREEN.plate_row(plate) for plate in STAIN_TRAINING_PLATES],
         sources=training_sources(),
@@ -43,11 +44,13 @@ rule generalisation_evaluate:
     wildcard_constraints:
         group="|".join(map(re.escape, GENERALISATION_GROUPS)),
     params:
+        **code_params("generalisation_evaluate.py"),
         groups=list(GENERALISATION_GROUPS),
         sources=training_sources(),
         brightfield=config["channels"]["brightfield"],
         nuclei=config["channels"]["nuclei"],
         segment=SEGMENT,
+        **NUCLEI_WEIGHTS[1],
         test_sites=GENERALISATION["test_sites"],
         device=STAIN["device"],
         tile=STAIN["tile"],
@@ -76,6 +79,8 @@ rule generalisation_matrix:
             category="Virtual staining",
             subcategory="generalisation",
         ),
+    params:
+        **code_params("generalisation_matrix.py"),
     threads: 1
     conda:
         MAIN_ENV

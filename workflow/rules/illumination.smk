@@ -16,6 +16,7 @@ rule illumination:
             labels={"plate": "{plate}", "figure": "illumination {channel}"},
         ),
     params:
+        **code_params("illumination.py"),
         method=config["illumination"]["method"],
         max_sites=config["illumination"]["max_sites"],
         dark=config["illumination"]["dark"],

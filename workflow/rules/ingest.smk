@@ -10,6 +10,7 @@ rule validate_plate:
         flags=PLATE.validation_flags,
         layout=PLATE.layout,
     params:
+        **code_params("validate_plate.py"),
         manifest=plate_param("manifest"),
         platemap=plate_param("platemap"),
         role=plate_param("role"),
@@ -37,6 +38,7 @@ rule ingest_shard:
         store=temp(directory(PLATE.ingest_shard("{shard}"))),
         qc=temp(PLATE.ingest_shard_qc("{shard}")),
     params:
+        **code_params("ingest_shard.py"),
         n_shards=config["shards"],
         saturation_flag=config["ingest"]["saturation_flag"],
         screen_folder=SCREEN.sheet_folder,
@@ -64,6 +66,8 @@ rule assemble_plate:
         store=directory(PLATE.store),
         qc_images=PLATE.qc_images,
         qc_sites=PLATE.qc_sites,
+    params:
+        **code_params("assemble_plate.py"),
     conda:
         MAIN_ENV
     log:

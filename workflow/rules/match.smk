@@ -10,6 +10,7 @@ rule match_plate:
     output:
         **PLATE.matches,
     params:
+        **code_params("match.py"),
         settings=config["match"],
     threads: 1
     conda:
@@ -30,6 +31,7 @@ rule match_screen:
     output:
         **SCREEN_FOLDER.matches,
     params:
+        **code_params("match.py"),
         settings=config["match"],
     threads: 1
     conda:

@@ -9,6 +9,7 @@ rule profiles_plate:
     output:
         **PLATE.profiles,
     params:
+        **code_params("profiles_plate.py"),
         plate_info=lambda wildcards: SCREEN.plate_row(wildcards.plate),
         settings=config["profiles"],
     threads: config["threads"]["profiles"]
@@ -29,6 +30,7 @@ rule profiles_screen:
         selected=SCREEN_FOLDER.profile("selected"),
         consensus=SCREEN_FOLDER.profile("consensus"),
     params:
+        **code_params("profiles_screen.py"),
         settings=config["profiles"],
     threads: config["threads"]["profiles"]
     conda:

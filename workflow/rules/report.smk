@@ -14,13 +14,16 @@ rule report_plate:
         ),
         summary=PLATE.report_json,
     params:
+        **code_params("report_plate.py"),
         info=lambda wildcards: SCREEN.plate_row(wildcards.plate),
         rules=config["report"],
         # the settings (not the plate selection: running one plate must not make the others' reports stale)
         config={key: value for key, value in config.items() if key != "plates"},
         sheet=SCREEN.sheet,
-        repo=workflow.basedir,
-        cellprofiler=CELLPROFILER,
+        # a Path: not recorded (the workflow's folder moves with every clone), read for the git commit
+        repo=Path(workflow.basedir),
+        **PIPELINE_FILES[1],
+        **CELLPROFILER,
         benchmarks=lambda wildcards: f"{RESULTS}/benchmarks/{wildcards.plate}",
         brightfield=config["channels"]["brightfield"],
     threads: 1
@@ -42,6 +45,7 @@ rule report_index:
     output:
         f"{RESULTS}/index.html",
     params:
+        **code_params("report_index.py"),
         # each summary's page, linked from the index
         reports=[plate_folder(p).report_html for p in SCREEN.plate_ids()],
     threads: 1

@@ -10,6 +10,7 @@ rule segment_train:
     wildcard_constraints:
         kind="nuclei|cells",
     params:
+        **code_params("segment_train.py"),
         settings=SEGMENT["train"],
     resources:
         gpu=1 if SEGMENT["device"] == "cuda" else 0,
@@ -30,6 +31,7 @@ rule segment_calibrate:
     output:
         PLATE.segment_diameters,
     params:
+        **code_params("segment_calibrate.py"),
         **SEGMENT_PARAMS,
     resources:
         gpu=1 if SEGMENT["device"] == "cuda" else 0,
@@ -52,6 +54,7 @@ rule segment_shard:
         store=temp(directory(PLATE.segment_shard("{shard}"))),
         sites=temp(PLATE.segment_shard_sites("{shard}")),
     params:
+        **code_params("segment_shard.py"),
         **SEGMENT_PARAMS,
         n_shards=config["shards"],
         sites_per_batch=SEGMENT["sites_per_batch"],
@@ -77,6 +80,8 @@ rule segment_plate:
     output:
         store=directory(PLATE.labels),
         sites=PLATE.segment_sites,
+    params:
+        **code_params("segment_plate.py"),
     conda:
         MAIN_ENV
     log:
@@ -102,6 +107,7 @@ rule segment_evaluate:
             labels={"plate": "{plate}", "figure": "overlays"},
         ),
     params:
+        **code_params("segment_evaluate.py"),
         **SEGMENT_PARAMS,
         truth_masks=lambda wildcards: SEGMENT["truth_masks"],
     threads: 1

@@ -13,6 +13,7 @@ rule stain_train:
     wildcard_constraints:
         model="|".join(map(re.escape, STAIN_MODELS)),
     params:
+        **code_params("stain_train.py"),
         plates=[SCREEN.plate_row(plate) for plate in STAIN_TRAINING_PLATES],
         sources=training_sources(),
         targets=lambda wildcards: STAIN_MODELS[wildcards.model],
@@ -42,6 +43,7 @@ rule stain_shard:
         store=temp(directory(PLATE.stain_shard("{shard}"))),
         sites=temp(PLATE.stain_shard_sites("{shard}")),
     params:
+        **code_params("stain_shard.py"),
         brightfield=config["channels"]["brightfield"],
         n_shards=config["shards"],
         device=STAIN["device"],
@@ -73,6 +75,7 @@ rule stain_plate:
         store=directory(PLATE.virtual),
         sites=PLATE.stain_sites,
     params:
+        **code_params("stain_plate.py"),
         augmentations=STAIN["augmentations"],
     conda:
         MAIN_ENV
@@ -101,6 +104,7 @@ rule stain_evaluate:
             labels={"plate": "{plate}", "figure": "examples"},
         ),
     params:
+        **code_params("stain_evaluate.py"),
         brightfield=config["channels"]["brightfield"],
         eval_sites=STAIN["eval_sites"],
     threads: 1

@@ -20,8 +20,8 @@ wells = shard_wells(list(segment_sites["well"]), params.n_shards, shard)
 sites, skipped = measurable_sites(source.plate, segment_sites, wells, params.sources)
 read_images, read_labels = plate_site_readers(source, inp.virtual, inp.labels)
 with tempfile.TemporaryDirectory(prefix=f"features-{source.plate}-{shard}-") as work:
-    cells, images, qc = extract_features(sites, read_images, read_labels, inp.pipeline, work,
-                                         tiled_pipeline=inp.get("tiled_pipeline"),
+    cells, images, qc = extract_features(sites, read_images, read_labels, params.pipeline, work,
+                                         tiled_pipeline=params.get("tiled_pipeline"),
                                          tile_pixels=params.tile_pixels,
                                          cellprofiler=params.cellprofiler, threads=snakemake.threads,  # noqa: F821
                                          log=snakemake.log.cellprofiler)  # noqa: F821

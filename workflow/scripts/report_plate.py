@@ -18,7 +18,8 @@ inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: 
 manifest, platemap = inp.sources
 files = {"input: screen sheet": params.sheet, "input: manifest": manifest, "input: plate map": platemap,
          **{f"stain model {i + 1}": path for i, path in enumerate(inp.models)},
-         **{f"CellProfiler pipeline {i + 1}": path for i, path in enumerate(inp.pipelines)}}
+         **{f"CellProfiler pipeline {i + 1}": path
+            for i, path in enumerate(p for p in (params.pipeline, params.get("tiled_pipeline")) if p)}}
 prov = provenance(params.config, params.repo, files, params.benchmarks,
                   cellprofiler_site_packages(params.cellprofiler))
 report = plate_report(PlateResults.from_input(inp), params.info, prov, params.rules, stain_cards=inp.cards,

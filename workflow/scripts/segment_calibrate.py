@@ -18,12 +18,12 @@ device = resolve_device(params.device, what="segmentation")
 settings = SegmentSettings.from_config(params.settings)
 source = open_plate_source(PlateSources.from_input(inp), params.brightfield)
 readers = plate_readers(source, inp.virtual, params.nuclei, params.cell)
-models = (load_cellpose_model(inp.nuclei_weights, device), load_cellpose_model(inp.cell_weights, device))
+models = tuple(load_cellpose_model(path, device) for path in (params.nuclei_weights, params.cell_weights))
 with torch_threads(snakemake.threads):  # noqa: F821
     diameters = calibrate_plate(models, settings, readers, source.usable_sites())
 record = {"plate": source.plate, "device": str(device), "inputs": diameters,
-          "models": {"nuclei": model_description(inp.nuclei_weights),
-                     "cells": model_description(inp.cell_weights)}}
+          "models": {"nuclei": model_description(params.nuclei_weights),
+                     "cells": model_description(params.cell_weights)}}
 with atomic_path(out[0]) as tmp:
     Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
 for name, d in diameters.items():

@@ -22,7 +22,7 @@ device = resolve_device(params.device, what="segmentation")
 settings = SegmentSettings.from_config(params.settings)
 source = open_plate_source(PlateSources.from_input(inp), params.brightfield)
 readers = plate_readers(source, inp.virtual, params.nuclei, params.cell)
-models = (load_cellpose_model(inp.nuclei_weights, device), load_cellpose_model(inp.cell_weights, device))
+models = tuple(load_cellpose_model(path, device) for path in (params.nuclei_weights, params.cell_weights))
 diameters = json.loads(Path(inp.diameters).read_text())["inputs"]
 segmenters = {name: Segmenter(*models, settings, d["nuclei_diameter"], d["cell_diameter"])
               for name, d in diameters.items()}
