@@ -1,7 +1,8 @@
 """Fuzzing the input contract (issue 22): a small valid screen, mutated a thousand times (rows,
 fields, delimiters, encodings, ids, channel names, image files and headers, config values), must
-give a clear `UserError` naming a file or the config, or pass; never another exception, and never a
-read of a file outside the screen folder.
+give a clear `UserError` naming a file or the config, or pass; never another exception, never a
+read of a file outside the screen folder, and never a write outside the case's `results/` (a passing
+case writes what rule validate_plate writes, at the paths the workflow gives them).
 
 A seeded generator instead of Hypothesis: the same 1,000 cases on every run (a failure reruns as
 it was), no shrinking time, no new dependency. A case that once failed goes to REGRESSIONS (its
@@ -23,10 +24,13 @@ import pytest
 import tifffile
 from conftest import REPO
 
+from brightpaint.atomic import atomic_path
 from brightpaint.errors import UserError
+from brightpaint.ingest import plan_layout
 from brightpaint.io import read_screen_sheet
+from brightpaint.layout import PlateFolder
 from brightpaint.validate import ImageLimits, validate_plate
-from brightpaint.workflow import check_config, merged_config, read_config_file
+from brightpaint.workflow import check_config, check_plate_folders, merged_config, read_config_file
 
 CASES = 1000
 SEED = 22
@@ -217,26 +221,58 @@ MUTATIONS: dict[str, Callable] = {f.__name__: f for f in (
 # --- the check --------------------------------------------------------------------------------
 
 READS_OUTSIDE: list[str] = []
-WATCHED: list[Path] = []  # the folder no read may reach while a case runs
+WRITES_OUTSIDE: list[str] = []
+# while a case runs: the folder no read may reach, and the folder every write must stay in
+WATCHED: list[Path] = []
+WRITE_EVENTS = {"os.rename": 1, "os.mkdir": 0, "os.remove": 0, "os.rmdir": 0, "os.symlink": 1,
+                "os.link": 1, "os.truncate": 0, "shutil.rmtree": 0}  # event -> index of the path written
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def _written(path) -> None:
+    real = os.path.realpath(os.fsdecode(path))
+    # Python's own byte-code cache is no output of the workflow's
+    if os.path.commonpath([real, str(WATCHED[1])]) != str(WATCHED[1]) and "__pycache__" not in real:
+        WRITES_OUTSIDE.append(real)
 
 
 def _audit(event: str, args: tuple) -> None:
-    # every open() and os.open() of the process raises the "open" audit event with the path
-    if event != "open" or not WATCHED or not isinstance(args[0], str | bytes | os.PathLike):
+    if not WATCHED:
         return
-    real = os.path.realpath(os.fsdecode(args[0]))
-    if real.startswith(str(WATCHED[0])):
-        READS_OUTSIDE.append(real)
+    if event == "open" and isinstance(args[0], str | bytes | os.PathLike):
+        # every open() and os.open() of the process raises it: (path, mode or None, flags)
+        real = os.path.realpath(os.fsdecode(args[0]))
+        if real.startswith(str(WATCHED[0])):
+            READS_OUTSIDE.append(real)
+        mode, flags = args[1], args[2]
+        if (isinstance(mode, str) and set(mode) & set("wax+")) or (
+                mode is None and isinstance(flags, int) and flags & WRITE_FLAGS):
+            _written(args[0])
+    elif event in WRITE_EVENTS and isinstance(args[WRITE_EVENTS[event]], str | bytes | os.PathLike):
+        _written(args[WRITE_EVENTS[event]])
 
 
 def run_case(screen: Path, config: dict) -> None:
-    """What the workflow does with a screen before any pixel: the config, the sheet, each plate."""
+    """What the workflow does with a screen before any pixel: the config, the sheet, each plate;
+    for each plate that passes, what rule validate_plate writes, where the workflow puts it (in
+    `results/` beside the screen folder)."""
     if config is not None:
         check_config(config)
     sheet = read_screen_sheet(screen / "plates.tsv")
+    channels = (config or {}).get("channels") or CHANNELS
+    results = str(screen.parent / "results")
+    check_plate_folders(results, list(sheet["plate"]), channels, [0])
     for row in sheet.itertuples():
-        validate_plate(row.manifest, row.platemap, row.plate, row.role, CHANNELS, str(screen),
-                       "flag", limits=LIMITS)
+        images, flags = validate_plate(row.manifest, row.platemap, row.plate, row.role, CHANNELS,
+                                       str(screen), "flag", limits=LIMITS)
+        folder = PlateFolder.of(results, row.plate)
+        Path(folder.layout).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder.validation_flags) as tmp:
+            flags.to_csv(tmp, index=False)
+        with atomic_path(folder.layout) as tmp:
+            tmp.write_text(plan_layout(images, row.plate, CHANNELS).to_json())
+        with atomic_path(folder.images) as tmp:
+            images.to_parquet(tmp, index=False)
 
 
 def one_case(base: Path, work: Path, config: dict, rng, names: list[str]) -> str | None:
@@ -251,7 +287,9 @@ def one_case(base: Path, work: Path, config: dict, rng, names: list[str]) -> str
             case_config = case_config or merged_config(config, {"channels": dict(config["channels"])})
         MUTATIONS[name](rng, work, case_config)
     READS_OUTSIDE.clear()
-    WATCHED[:] = [work.parent / "outside"]
+    WRITES_OUTSIDE.clear()
+    shutil.rmtree(work.parent / "results", ignore_errors=True)
+    WATCHED[:] = [work.parent / "outside", (work.parent / "results").resolve()]
     try:
         run_case(work, case_config)
         outcome = "passed"
@@ -266,6 +304,10 @@ def one_case(base: Path, work: Path, config: dict, rng, names: list[str]) -> str
         WATCHED.clear()
     if READS_OUTSIDE:
         return f"read outside the screen folder: {READS_OUTSIDE[:3]}"
+    if WRITES_OUTSIDE:
+        return f"wrote outside results/: {WRITES_OUTSIDE[:3]}"
+    if outcome == "passed" and not list((work.parent / "results" / "plates").glob("*/ingest/images.parquet")):
+        return "passed without writing the validated tables"
     return outcome
 
 
@@ -288,7 +330,7 @@ def test_the_unmutated_screen_is_valid(fuzz_folder, tmp_path):
     run_case(base, config)
 
 
-def test_fuzzed_screens_give_a_clear_error_and_read_nothing_outside(fuzz_folder):
+def test_fuzzed_screens_give_a_clear_error_and_touch_nothing_outside(fuzz_folder):
     base, config = fuzz_folder
     work = base.parent.parent / "work" / "screen"
     if _audit not in getattr(sys, "_brightpaint_audit", []):
@@ -312,8 +354,9 @@ def test_fuzzed_screens_give_a_clear_error_and_read_nothing_outside(fuzz_folder)
     assert min(outcomes.values()) >= CASES // 20, outcomes
 
 
-def test_the_audit_sees_a_read_through_a_link_out_of_the_folder(fuzz_folder, tmp_path):
-    """The check above would miss nothing: a read of the outside file through a link is seen."""
+def test_the_audit_sees_a_read_through_a_link_and_every_write_outside(fuzz_folder, tmp_path):
+    """The check above would miss nothing: a read of the outside file through a link is seen, and
+    so is each kind of write outside results/."""
     if _audit not in getattr(sys, "_brightpaint_audit", []):
         sys.addaudithook(_audit)
         sys._brightpaint_audit = [_audit]
@@ -322,9 +365,21 @@ def test_the_audit_sees_a_read_through_a_link_out_of_the_folder(fuzz_folder, tmp
     (outside / "secret.tif").write_bytes(b"x")
     (tmp_path / "link.tif").symlink_to(outside / "secret.tif")
     READS_OUTSIDE.clear()
-    WATCHED[:] = [outside]
+    WRITES_OUTSIDE.clear()
+    results = tmp_path / "results"
+    (results / "plates").mkdir(parents=True)
+    WATCHED[:] = [outside, results.resolve()]
     try:
         (tmp_path / "link.tif").read_bytes()
+        # and the writes: inside results/ nothing is recorded, beside it every kind of write is
+        with atomic_path(results / "plates" / "table.csv") as tmp:
+            tmp.write_text("a\n1\n")
+        (tmp_path / "beside.txt").write_text("x")
+        os.close(os.open(tmp_path / "beside2.txt", os.O_WRONLY | os.O_CREAT))
+        os.replace(results / "plates" / "table.csv", tmp_path / "moved.csv")
+        (tmp_path / "made").mkdir()
     finally:
         WATCHED.clear()
     assert READS_OUTSIDE == [str((outside / "secret.tif").resolve())]
+    assert WRITES_OUTSIDE == [str((tmp_path / name).resolve())
+                              for name in ("beside.txt", "beside2.txt", "moved.csv", "made")]

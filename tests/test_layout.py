@@ -24,9 +24,12 @@ from brightpaint.layout import (
     PlateResults,
     PlateSources,
     ProfileFolder,
+    every_path,
+    plate_folder_problem,
     require_inputs,
 )
 from brightpaint.plate import PlateError, open_plate_source
+from brightpaint.workflow import ConfigError, check_plate_folders
 
 # Every file of a plate folder as the rules spelled it before the registry (relative to the folder);
 # `{}` is the shard or the channel.
@@ -210,3 +213,30 @@ def test_the_rules_make_exactly_the_registrys_files(tmp_path, tiny_screen_source
     # the apply plate: no real stains, no denoising, brightfield only
     apply_plate = {p for p in outputs if p.startswith("results/plates/T2/")}
     assert apply_plate <= set(registry_paths(PlateFolder.of("results", "T2"), shards, channels).values())
+
+
+def test_every_output_path_stays_in_its_plate_folder(tmp_path, monkeypatch):
+    """Issue 22: each plate's output paths, resolved, inside its own folder; checked where the workflow
+    makes them, whatever let a name through."""
+    monkeypatch.chdir(tmp_path)
+    channels = {"brightfield": "BF", "nuclei": "DNA", "cell": "CYTO", "fluorescence": ["DNA", "CYTO"]}
+    check_plate_folders("results", ["P1", "P2"], channels, [0, 1])
+    paths = every_path(PlateFolder.of("results", "P1"), ["BF", "DNA"], [0, 1])
+    # per channel and per shard, profiles and matching included
+    assert {"results/plates/P1/illum/DNA.npy", "results/plates/P1/ingest/shards/1.zarr",
+            "results/plates/P1/match/summary.parquet", "results/plates/P1/report.html"} <= set(paths)
+    for plate in ("..", ".", "a/../.."):
+        assert "is not a folder of results/plates" in plate_folder_problem("results", plate, ["BF"], [0])
+    problem = plate_folder_problem("results", "P1", ["../../../../evil"], [0])
+    assert "leave its folder" in problem and "evil.npy" in problem
+    # a link inside the plate folder that leads out of it
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "results" / "plates" / "P2").mkdir(parents=True)
+    (tmp_path / "results" / "plates" / "P2" / "illum").symlink_to(tmp_path / "elsewhere")
+    assert "illum/BF.npy" in plate_folder_problem("results", "P2", ["BF"], [0])
+    with pytest.raises(ConfigError, match="P2"):
+        check_plate_folders("results", ["P1", "P2"], channels, [0])
+    # a plate folder that is itself a link (another disk) is fine
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "results" / "plates" / "P3").symlink_to(tmp_path / "disk")
+    assert plate_folder_problem("results", "P3", ["BF"], [0]) == ""

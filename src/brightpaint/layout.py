@@ -23,6 +23,7 @@ error naming it, not a silently stale result.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -290,6 +291,40 @@ class PlateFolder(ProfileFolder):
         denoised = self.sources_on_disk() if Path(self.denoised).is_dir() else None
         return self.results(channels, denoise_models=[self.n2v_model(c) for c in channels],
                             denoised_sources=denoised).existing()
+
+
+def every_path(folder: PlateFolder, channels: Iterable[str], shards: Iterable[int]) -> list[str]:
+    """Every path the registry names for a plate: its files and stores, per channel and per shard."""
+    channels, shards = list(channels), list(shards)
+    paths: list[str] = []
+    for cls in (ProfileFolder, PlateFolder):
+        for name, attr in vars(cls).items():
+            if isinstance(attr, property):
+                value = getattr(folder, name)
+                paths += list(value.values()) if isinstance(value, dict) else [value]
+            elif callable(attr) and not name.startswith("_"):
+                parameters = list(inspect.signature(attr).parameters)
+                if parameters[:1] == ["self"] and parameters[1:] in (["channel"], ["shard"]):
+                    values = channels if parameters[1] == "channel" else shards
+                    paths += [getattr(folder, name)(value) for value in values]
+    return paths
+
+
+def plate_folder_problem(results: str, plate: str, channels: Iterable[str], shards: Iterable[int]) -> str:
+    """Why a plate's results would not stay in its own folder ("" when they do): the folder must be
+    a folder of `<results>/plates` (no `..`), and every path the registry names for it, resolved
+    (`..` and links followed), must lie inside it. Ids and channel names that keep to the name
+    rule (io.name_problem) always pass; this is the check where the paths are made."""
+    folder = PlateFolder.of(results, plate)
+    plates = os.path.normpath(f"{results}/plates")
+    if os.path.dirname(os.path.normpath(folder.root)) != plates:
+        return f"plate {plate!r}: its results folder {folder.root} is not a folder of {plates}"
+    root = os.path.realpath(folder.root)  # a plate folder may be a link (e.g. to another disk)
+    outside = [path for path in every_path(folder, channels, shards)
+               if os.path.commonpath([root, os.path.realpath(path)]) != root]
+    if outside:
+        return f"plate {plate!r}: {len(outside)} output path(s) leave its folder {root}, e.g. {outside[0]}"
+    return ""
 
 
 def _layout_channels(folder: PlateFolder) -> list[str]:

@@ -20,6 +20,7 @@ from .defaults import DEFAULT_CONFIG
 from .errors import UserError
 from .groups import screen_groups
 from .io import name_problem, read_screen_sheet
+from .layout import plate_folder_problem
 from .provenance import (
     CELLPROFILER_PACKAGES,
     code_digest,
@@ -340,3 +341,13 @@ def _file_digest(path: str) -> str:
     if path not in _DIGESTS:
         _DIGESTS[path] = sha256_file(path)
     return _DIGESTS[path]
+
+
+def check_plate_folders(results: str, plates: Sequence[str], channels: Mapping,
+                        shards: Sequence[int]) -> None:
+    """Every plate's output paths, resolved, inside its own folder (layout.plate_folder_problem); a
+    ConfigError naming each plate that would write elsewhere."""
+    names = [channels["brightfield"], *channels["fluorescence"]]
+    problems = [p for p in (plate_folder_problem(results, plate, names, shards) for plate in plates) if p]
+    if problems:
+        raise ConfigError("outputs outside their plate's folder:\n  " + "\n  ".join(problems))

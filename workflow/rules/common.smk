@@ -8,6 +8,7 @@ from brightpaint.layout import PlateFolder, ProfileFolder
 from brightpaint.workflow import (
     Screen,
     cellprofiler_params,
+    check_plate_folders,
     located_files,
     segment_weights_path,
     workflow_file,
@@ -18,6 +19,8 @@ SCREEN = Screen.from_config(config)
 PLATES = SCREEN.selected_plates()
 RESULTS = config["results"]
 SHARDS = list(range(config["shards"]))
+# every output path of every plate, resolved, stays inside the plate's folder
+check_plate_folders(RESULTS, SCREEN.plate_ids(), config["channels"], SHARDS)
 # Documents each rule's software for `--sdm conda`; the venv from envs/main.txt is the tested route.
 MAIN_ENV = "../../envs/main.yaml"
 
