@@ -5,6 +5,7 @@ never a traceback; names that could leave their folder refused; sizes bounded be
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from brightpaint.errors import UserError
 from brightpaint.io import InputError, name_problem, read_manifest, read_platemap, read_screen_sheet
 from brightpaint.logs import log_to_rule
 from brightpaint.plate import PlateError
-from brightpaint.validate import ImageLimits, read_image_header, validate_plate
+from brightpaint.validate import ImageLimits, images_stamp, read_image_header, validate_plate
 from brightpaint.workflow import ConfigError, Screen, check_config, merged_config, read_config_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -347,3 +348,25 @@ def test_cross_file_and_image_problems_name_the_manifest_line(tiny_screen):
     assert (f"{manifest_path} (line {first}), well {dropped}: well is in the manifest but not in "
             f"the plate map {platemap_path}") in text
     assert f"{missing['path']} (named at {manifest_path} line 9), well {missing['well']}" in text
+
+
+def test_a_plate_over_the_byte_limit_is_refused_before_any_pixel(tiny_screen):
+    images, _ = validate(tiny_screen)
+    total = int(images["bytes"].sum())
+    validate(tiny_screen, limits=ImageLimits(max_plate_bytes=total))
+    with pytest.raises(InputError, match=rf"hold {total} bytes, more than the limit of {total - 1} "
+                                         r"\(config ingest.max_plate_bytes\)"):
+        validate(tiny_screen, limits=ImageLimits(max_plate_bytes=total - 1))
+
+
+def test_the_images_stamp_follows_size_and_time_of_every_listed_file(tiny_screen):
+    manifest = tiny_screen / "T1" / "manifest.csv"
+    before = images_stamp(manifest, "T1", tiny_screen)
+    assert images_stamp(manifest, "T1", tiny_screen) == before
+    image = sorted((tiny_screen / "T1").rglob("*.tif"))[0]
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    touched = images_stamp(manifest, "T1", tiny_screen)
+    assert touched != before
+    image.unlink()
+    assert images_stamp(manifest, "T1", tiny_screen) not in (before, touched)

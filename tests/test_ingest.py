@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -325,3 +326,26 @@ def test_site_absent_from_manifest_is_reported(tiny_screen, tmp_path):
     excluded = sites[sites["status"] == "excluded"]
     assert list(zip(excluded["well"], excluded["site"], strict=True)) == [(well, 2)]
     assert excluded["reasons"].iloc[0].startswith("site missing (other wells have it)")
+
+
+def test_an_image_changed_after_validation_is_refused_naming_it(tiny_screen, tmp_path):
+    """Validation records each file's size and modification time; ingest reads only files that still
+    have them (issue 22): an image rewritten since, even with the same pixels, fails the shard."""
+    images, _ = validate(tiny_screen)
+    row = first_image(tiny_screen)
+    path = (tiny_screen / "T1" / row["path"]).resolve()
+    validated = images[images["file"] == str(path)].iloc[0]
+    assert (validated["bytes"], validated["mtime_ns"]) == (path.stat().st_size, path.stat().st_mtime_ns)
+    assert (images["bytes"] > 0).all() and (images["mtime_ns"] > 0).all()
+    layout = plan_layout(images, "T1", CHANNELS)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000_000))
+    with pytest.raises(InputError) as err:
+        write_shard_store(images, sorted(set(images["well"])), layout, tmp_path / "shard.zarr",
+                          root=tiny_screen)
+    text = str(err.value)
+    assert str(path) in text and f"well {row['well']}, site {row['site']}" in text
+    assert "changed since validation" in text and "--forcerun" in text
+    assert leftovers(tmp_path) == []
+    # validated again, the same file is read
+    images, _ = validate(tiny_screen)
+    write_shard_store(images, sorted(set(images["well"])), layout, tmp_path / "again.zarr", root=tiny_screen)

@@ -11,7 +11,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_UNTIL
+import yaml
+from conftest import REPO, TINY_UNTIL, tiny_demo_config
 
 from brightpaint.provenance import code_digest
 from brightpaint.workflow import located_files
@@ -120,3 +121,24 @@ def test_a_fresh_clone_replans_nothing_and_a_changed_stage_only_itself(tiny_run,
     # the stage's shard tables are temporary: remade for the plate step, for no other reason
     assert all(r.startswith("Missing output files") for r in jobs["focus_shard"]), jobs["focus_shard"]
     assert {"segment_shard", "features_shard"} <= set(jobs)
+
+
+def test_a_changed_image_reruns_its_plate_when_asked(tmp_path, tiny_screen_source, run_snakemake):
+    """config ingest.rerun_on_image_change: an image touched after its plate's validation reruns that
+    plate's validation (and so the plate), and no other plate's."""
+    config = tiny_demo_config(tmp_path, tiny_screen_source)
+    settings = yaml.safe_load(config.read_text())
+    settings["ingest"] = {**settings.get("ingest", {}), "rerun_on_image_change": True}
+    config.write_text(yaml.safe_dump(settings))
+    args = ("--configfile", str(config), "--until", "validate_plate")
+    result = run_snakemake(tmp_path, "--cores", "2", *args)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert planned(run_snakemake(tmp_path, "-n", *args)) == {}
+    image = sorted((tmp_path / "results" / "demo" / "screen" / "T2").rglob("*.tif"))[0]
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    output = run_snakemake(tmp_path, "-n", *args)
+    jobs = planned(output)
+    assert list(jobs) == ["validate_plate"] and len(jobs["validate_plate"]) == 1, jobs
+    assert "Params have changed" in jobs["validate_plate"][0]
+    assert "plate=T2" in output.stdout + output.stderr

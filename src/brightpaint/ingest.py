@@ -13,6 +13,7 @@ to the fill value) and are listed in the `brightpaint` attributes (`planes`).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -166,6 +167,21 @@ def check_inside_screen_folder(images: pd.DataFrame, root: str | Path, plate: st
         raise InputError(problems, f"plate {plate}")
 
 
+def changed_since_validation(image, opened: os.stat_result) -> str:
+    """Why an image is not the file validation checked ("" when it is): its size or modification time
+    differs from those validation recorded (columns `bytes`, `mtime_ns` of validate_plate's table).
+    Ingest reads only what was validated; a file replaced since then reruns the plate's validation
+    (`--forcerun` its images table, or config ingest.rerun_on_image_change)."""
+    if getattr(image, "bytes", -1) < 0 or getattr(image, "mtime_ns", -1) < 0:
+        return ""  # a table from before stamps were recorded
+    if (opened.st_size, opened.st_mtime_ns) == (image.bytes, image.mtime_ns):
+        return ""
+    return (f"changed since validation (size {image.bytes} -> {opened.st_size} bytes, modified "
+            f"{image.mtime_ns} -> {opened.st_mtime_ns} ns since the epoch): rerun the plate from its "
+            "validation (snakemake --forcerun results/plates/<plate>/ingest/images.parquet); nothing "
+            "was stored from it")
+
+
 def read_site_tiffs(array: zarr.Array, layout: StoreLayout, site_images: pd.DataFrame,
                     saturation_limit: float, root: str | Path
                     ) -> tuple[list[dict], dict[str, tuple[float, float]]]:
@@ -179,6 +195,7 @@ def read_site_tiffs(array: zarr.Array, layout: StoreLayout, site_images: pd.Data
             handle, real = open_inside(image.file, root)
             if handle is not None:
                 with handle:
+                    opened = os.fstat(handle.fileno())
                     pixels = tifffile.imread(handle)
         except Exception as err:  # tifffile and its codecs raise many types for damaged data
             raise InputError([_image_problem(image, f"cannot decode image data "
@@ -186,6 +203,9 @@ def read_site_tiffs(array: zarr.Array, layout: StoreLayout, site_images: pd.Data
                              f"plate {layout.plate}") from err
         if handle is None:
             raise InputError([_left_screen_folder(image, real, root)], f"plate {layout.plate}")
+        changed = changed_since_validation(image, opened)
+        if changed:
+            raise InputError([_image_problem(image, changed)], f"plate {layout.plate}")
         if pixels.shape != layout.shape:
             raise InputError([_image_problem(image, f"shape {pixels.shape} differs from the plate's "
                                                     f"{layout.shape} (changed since validation)")],

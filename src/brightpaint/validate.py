@@ -8,9 +8,11 @@ the store and recorded as a QC flag that the plate's report shows, never dropped
 
 from __future__ import annotations
 
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -30,10 +32,13 @@ class ImageLimits:
 
     max_image_pixels: int = 100_000_000
     max_planes: int = 1000
+    # a 384-well plate of 9 sites, 5 brightfield planes and 5 stains at 2160 x 2160 x 16 bit holds
+    # ~320 GB: the default leaves room for that and stops a manifest that lists far more
+    max_plate_bytes: int = 2_000_000_000_000
 
     @classmethod
     def from_config(cls, ingest: dict) -> ImageLimits:
-        return cls(**{key: int(ingest[key]) for key in ("max_image_pixels", "max_planes")
+        return cls(**{key: int(ingest[key]) for key in ("max_image_pixels", "max_planes", "max_plate_bytes")
                       if key in ingest})
 
 
@@ -43,6 +48,9 @@ class ImageHeader:
     dtype: str | None
     problem: str | None  # why the file cannot be used, None when it can
     kind: str = "error"
+    # the file as validation saw it: ingest refuses a file whose size or modification time changed
+    size: int = -1
+    mtime_ns: int = -1
 
 
 def read_image_header(path: str, max_pixels: int = ImageLimits.max_image_pixels) -> ImageHeader:
@@ -54,7 +62,13 @@ def read_image_header(path: str, max_pixels: int = ImageLimits.max_image_pixels)
     """
     if not os.path.isfile(path):
         return ImageHeader(None, None, "file not found", "missing")
-    size = os.path.getsize(path)
+    stat = os.stat(path)
+    size = stat.st_size
+    header = _read_header(path, size, max_pixels)
+    return replace(header, size=size, mtime_ns=stat.st_mtime_ns)
+
+
+def _read_header(path: str, size: int, max_pixels: int) -> ImageHeader:
     try:
         with tifffile.TiffFile(path) as tif:
             if not tif.pages:
@@ -112,6 +126,13 @@ def check_plate(manifest: pd.DataFrame, platemap: pd.DataFrame, brightfield: str
     manifest["shape_y"] = [h.shape[0] if h.shape and len(h.shape) == 2 else -1 for h in headers]
     manifest["shape_x"] = [h.shape[1] if h.shape and len(h.shape) == 2 else -1 for h in headers]
     manifest["dtype"] = [h.dtype or "" for h in headers]
+    manifest["bytes"] = [h.size for h in headers]
+    manifest["mtime_ns"] = [h.mtime_ns for h in headers]
+    total = sum(h.size for h in headers if h.size > 0)
+    if total > limits.max_plate_bytes:
+        problems.append(Problem(source, f"the plate's {len(headers)} image files hold {total} bytes, more "
+                                        f"than the limit of {limits.max_plate_bytes} "
+                                        "(config ingest.max_plate_bytes)"))
 
     def named_at(row) -> str:
         return f"{source} line {row.line}"
@@ -275,3 +296,23 @@ def validate_plate(manifest_path: str, platemap_path: str, plate: str, role: str
         if problem:
             found.append(Problem(str(platemap_path), problem))
     return triage(checked, found, on_missing, f"plate {plate}", source=str(manifest_path))
+
+
+def images_stamp(manifest_path: str | Path, plate: str, root: str | Path) -> str:
+    """A digest of the files a plate's manifest lists, as they are now: path, size and modification
+    time of each (a file that cannot be read as listed counts by its path alone; validation names
+    it). With config ingest.rerun_on_image_change it is a param of rule validate_plate, so a
+    replaced, grown or touched image reruns the plate. Costs one stat per file when the workflow is
+    planned; the manifest's own problems are left to validation."""
+    digest = hashlib.sha256()
+    try:
+        files = sorted(read_manifest(manifest_path, plate=plate, root=root)["file"])
+    except InputError:
+        return "manifest unreadable"
+    for file in files:
+        try:
+            stat = os.stat(file)
+            digest.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{file}\0missing\n".encode())
+    return digest.hexdigest()

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 from brightpaint.layout import PlateFolder, ProfileFolder
+from brightpaint.validate import images_stamp
 from brightpaint.workflow import (
     Screen,
     cellprofiler_params,
@@ -50,6 +51,18 @@ def plate_inputs(wildcards):
 
 def plate_param(field):
     return lambda wildcards: SCREEN.plate_row(wildcards.plate)[field]
+
+
+def image_change_params():
+    """With config ingest.rerun_on_image_change: the digest of the plate's image files (path, size,
+    modification time) as a param of validate_plate, so a changed image reruns the plate."""
+    if not config["ingest"]["rerun_on_image_change"]:
+        return {}
+    return {
+        "images_stamp": lambda wildcards: images_stamp(
+            SCREEN.plate_row(wildcards.plate)["manifest"], wildcards.plate, SCREEN.sheet_folder
+        )
+    }
 
 
 def ingest_outputs(plates):

@@ -19,6 +19,8 @@ rule validate_plate:
         on_missing=config["ingest"]["on_missing"],
         max_image_pixels=config["ingest"]["max_image_pixels"],
         max_planes=config["ingest"]["max_planes"],
+        max_plate_bytes=config["ingest"]["max_plate_bytes"],
+        **image_change_params(),
     threads: config["threads"]["validate"]
     conda:
         MAIN_ENV

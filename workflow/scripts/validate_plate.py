@@ -13,7 +13,8 @@ plate = snakemake.wildcards.plate  # noqa: F821
 # Image paths in a manifest are relative to the screen folder, resolved only here: an absolute path
 # in params would make a moved or copied results folder rerun every plate.
 root = str(Path(p.screen_folder).resolve())
-limits = ImageLimits(max_image_pixels=p.max_image_pixels, max_planes=p.max_planes)
+limits = ImageLimits(max_image_pixels=p.max_image_pixels, max_planes=p.max_planes,
+                     max_plate_bytes=p.max_plate_bytes)
 images, flags = validate_plate(p.manifest, p.platemap, plate, p.role, dict(p.channels), root,
                                p.on_missing, threads=snakemake.threads, limits=limits)  # noqa: F821
 layout = plan_layout(images, plate, dict(p.channels))
