@@ -96,8 +96,11 @@ def slurm_reruns(demo_run, tiny_run, tmp_path_factory):
             results[name] = subprocess.run(
                 ["timeout", "-k", "30", "900", str(snakemake), "-s", str(REPO / "Snakefile"),
                  "--profile", str(REPO / "slurm"), *args,
-                 # a test cluster answers at once; the plugin's default first wait is 40 s per round
-                 "--slurm-init-seconds-before-status-checks", "3",
+                 # The plugin's first wait after a finished job (default 40 s), then 10 s more per
+                 # check that finds none finished. A test job takes 15-25 s (snakemake's start-up in
+                 # the job, then the script): checks at 8, 26, 54 s catch most at 26 s; with 3 s
+                 # (checks at 3, 16, 39 s) each stage waited ~20 s for its check.
+                 "--slurm-init-seconds-before-status-checks", "8",
                  # the plugin deletes a successful job's SLURM log by default; the test reads them
                  "--slurm-keep-successful-logs"],
                 cwd=runs[name][0], capture_output=True, text=True, env=env)
