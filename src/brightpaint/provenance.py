@@ -69,6 +69,12 @@ def environment_versions(site_packages: str | Path | None = None,
     return dict(sorted(found.items()))
 
 
+def cellprofiler_site_packages(cellprofiler: str | Path) -> Path | None:
+    """The site-packages folder of the environment holding the `cellprofiler` executable."""
+    found = sorted(Path(cellprofiler).resolve().parent.parent.glob("lib/python3*/site-packages"))
+    return found[0] if found else None
+
+
 def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 

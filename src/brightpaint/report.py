@@ -39,7 +39,12 @@ from .ingest import stored_sites
 from .layout import PlateFolder, PlateResults, PlateSources
 from .match import agreement_summary
 from .plate import fluorescence_plane, open_plate_source
-from .provenance import CELLPROFILER_PACKAGES, environment_versions, git_commit, sha256_file
+from .provenance import (
+    CELLPROFILER_PACKAGES,
+    environment_versions,
+    git_commit,
+    sha256_file,
+)
 
 TEMPLATES = Path(__file__).with_name("templates")
 FIGURE_MAX_PX = 1200
@@ -385,12 +390,6 @@ def report_summary(report: Mapping) -> dict:
     return {"plate": report["plate"], "batch": info.get("batch", ""), "cell_type": info.get("cell_type", ""),
             "role": info.get("role", ""), "n_sites": report["n_sites"], "n_wells": report["n_wells"],
             "n_flags": len(report["flags"]), "verdict": report["verdict"], "checks": report["checks"]}
-
-
-def cellprofiler_site_packages(cellprofiler: str | Path) -> Path | None:
-    """The site-packages folder of the environment holding the `cellprofiler` executable."""
-    found = sorted(Path(cellprofiler).resolve().parent.parent.glob("lib/python3*/site-packages"))
-    return found[0] if found else None
 
 
 def _environment() -> jinja2.Environment:

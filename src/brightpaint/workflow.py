@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 
 import jsonschema
@@ -23,6 +24,7 @@ from .io import name_problem, read_screen_sheet
 from .layout import plate_folder_problem
 from .provenance import (
     CELLPROFILER_PACKAGES,
+    cellprofiler_site_packages,
     code_digest,
     environment_versions,
     sha256_file,
@@ -328,19 +330,15 @@ def located_files(files: Mapping[str, str | Path]) -> tuple[dict[str, str], dict
 def cellprofiler_params(cellprofiler: str | Path) -> dict[str, object]:
     """The CellProfiler executable as params: its path (a `Path`, not recorded: it moves with the
     workflow's folder) and the versions of its environment's packages (recorded)."""
-    found = sorted(Path(cellprofiler).resolve().parent.parent.glob("lib/python3*/site-packages"))
-    versions = environment_versions(found[0], CELLPROFILER_PACKAGES) if found else {}
+    site_packages = cellprofiler_site_packages(cellprofiler)
+    versions = environment_versions(site_packages, CELLPROFILER_PACKAGES) if site_packages else {}
     return {"cellprofiler": Path(cellprofiler),
             "cellprofiler_software": " ".join(f"{k}={v}" for k, v in versions.items())}
 
 
-_DIGESTS: dict[str, str] = {}
-
-
+@cache  # a weight file serves several rules: read once per workflow parse
 def _file_digest(path: str) -> str:
-    if path not in _DIGESTS:
-        _DIGESTS[path] = sha256_file(path)
-    return _DIGESTS[path]
+    return sha256_file(path)
 
 
 def check_plate_folders(results: str, plates: Sequence[str], channels: Mapping,

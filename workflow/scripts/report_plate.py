@@ -5,8 +5,8 @@ import json
 from brightpaint.atomic import atomic_path
 from brightpaint.layout import PlateResults
 from brightpaint.logs import log_to_rule
+from brightpaint.provenance import cellprofiler_site_packages
 from brightpaint.report import (
-    cellprofiler_site_packages,
     plate_report,
     provenance,
     render_plate_report,
