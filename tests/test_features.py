@@ -4,6 +4,7 @@ Painting Gallery's (cpg0043) CellProfiler outputs, empty and unusable sites."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -23,7 +24,14 @@ from brightpaint.features.pipelines import (
     pipeline_names,
     write_pipeline,
 )
-from brightpaint.features.runner import CELLPROFILER, run_cellprofiler, write_loaddata, write_site_inputs
+from brightpaint.features.runner import (
+    BUFFERED_LAUNCHER,
+    CELLPROFILER,
+    cellprofiler_command,
+    run_cellprofiler,
+    write_loaddata,
+    write_site_inputs,
+)
 from brightpaint.features.schema import CHANNELS, OBJECT_KEY, OBJECTS, SITE_KEYS, FeatureError
 from brightpaint.features.tables import concat_tables, write_concatenated
 from brightpaint.features.tiles import tile_sites, untile_cells
@@ -448,7 +456,48 @@ def test_cellprofiler_failure_is_an_error_quoting_its_output(tmp_path):
     csv = write_loaddata([row], tmp_path / "in" / "load.csv")
     with pytest.raises(FeatureError, match=r"CellProfiler failed \(exit \d+\)[\s\S]*\S"):
         run_cellprofiler(bad, csv, tmp_path / "out", log=tmp_path / "cp.log")
-    assert (tmp_path / "cp.log").read_text().startswith(str(CELLPROFILER))
+    assert (tmp_path / "cp.log").read_text().startswith(" ".join(cellprofiler_command(CELLPROFILER)))
+
+
+def test_buffered_measurement_store_answers_as_cellprofilers_own():
+    """BufferedMeasurementStore against CellProfiler's HDF5Dict under 2,000 random operations of
+    CellProfiler's Measurements (writes of numbers, text and nothing that make features change type,
+    reads of one and several image sets, names, columns, removals), then every feature read back:
+    every answer equal, errors included."""
+    needs_cellprofiler()
+    result = subprocess.run([str(CP_PYTHON), str(REPO / "tests" / "cellprofiler_store_check.py"),
+                             str(BUFFERED_LAUNCHER), "0", "2000"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["reads"] > 500
+    assert report["n_differences"] == 0, report["differences"][:3]
+
+
+@pytest.mark.cellprofiler
+def test_buffered_measurements_give_the_tables_of_cellprofilers_own_store(tmp_path):
+    """The site pipeline started through cellprofiler_measurements.py and through the `cellprofiler`
+    executable, on two crowded sites and one without objects: every table equal bit for bit, but
+    for the run's own timings."""
+    needs_cellprofiler()
+    assert cellprofiler_command(CELLPROFILER)[1:] == [str(BUFFERED_LAUNCHER)]
+    empty_images, empty_labels = crowded_site(3)
+    sites = [crowded_site(1), crowded_site(2),
+             (empty_images, {name: np.zeros_like(label) for name, label in empty_labels.items()})]
+    rows = [write_site_inputs(tmp_path / "in", "P1", "A01", site, images, labels)
+            for site, (images, labels) in enumerate(sites, start=1)]
+    csv = write_loaddata(rows, tmp_path / "in" / "load.csv")
+    out = {buffered: run_cellprofiler(SITE_PIPELINE, csv, tmp_path / str(buffered), buffered=buffered)
+           for buffered in (True, False)}
+    for table in ("Image", *OBJECTS):
+        buffered, stock = (pd.read_csv(out[flag] / f"{table}.csv") for flag in (True, False))
+        assert list(buffered.columns) == list(stock.columns)
+        timings = [c for c in stock.columns if c.startswith("ExecutionTime_")]
+        assert bool(timings) == (table == "Image")
+        pd.testing.assert_frame_equal(buffered.drop(columns=timings), stock.drop(columns=timings),
+                                      check_exact=True, obj=table)
+        if table != "Image":
+            assert (out[True] / f"{table}.csv").read_bytes() == (out[False] / f"{table}.csv").read_bytes()
 
 
 def test_granularity_plugin_measures_what_cellprofilers_module_does_without_the_summaries(tmp_path):

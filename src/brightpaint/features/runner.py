@@ -21,6 +21,8 @@ CELLPROFILER = Path(os.environ.get("BRIGHTPAINT_CELLPROFILER",
                                    REPO / ".venv-cellprofiler" / "bin" / "cellprofiler"))
 # the project's CellProfiler modules (MeasureGranularitySpectrum), which the built pipelines use
 PLUGINS = Path(__file__).resolve().with_name("cellprofiler_plugins")
+# CellProfiler's command line with its measurements buffered in memory (run by CellProfiler's python)
+BUFFERED_LAUNCHER = Path(__file__).resolve().with_name("cellprofiler_measurements.py")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                     "NUMBA_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -107,8 +109,10 @@ def thread_environment(threads: int = 1) -> dict[str, str]:
 def run_cellprofiler(pipeline: str | Path, loaddata_csv: str | Path, out_dir: str | Path,
                      cellprofiler: str | Path = CELLPROFILER, threads: int = 1,
                      log: str | Path | None = None, timeout: float | None = None,
-                     append_log: bool = False) -> Path:
-    """Run a pipeline headless on every row of a LoadData CSV, writing its CSVs into `out_dir`.
+                     append_log: bool = False, buffered: bool = True) -> Path:
+    """Run a pipeline headless on every row of a LoadData CSV, writing its CSVs into `out_dir`,
+    with CellProfiler's measurements buffered in memory (`cellprofiler_command`) unless `buffered`
+    is False.
     CellProfiler's output goes to `log` (if given; added to its end with `append_log`); a non-zero
     exit, a timeout, or a missing executable raises FeatureError quoting the end of that output."""
     pipeline, loaddata_csv = Path(pipeline).resolve(), Path(loaddata_csv).resolve()
@@ -122,7 +126,9 @@ def run_cellprofiler(pipeline: str | Path, loaddata_csv: str | Path, out_dir: st
                            "environment .venv-cellprofiler, see envs/)")
     (out_dir / "Image.csv").unlink(missing_ok=True)  # so that a stale one is never read as this run's
     with tempfile.TemporaryDirectory(prefix="cellprofiler-", dir=out_dir) as temporary:
-        command = [str(cellprofiler), "-c", "-r", "-p", str(pipeline), "--data-file", str(loaddata_csv),
+        start = cellprofiler_command(cellprofiler) if buffered else [str(cellprofiler)]
+        command = [*start, "-c", "-r", "-p", str(pipeline),
+                   "--data-file", str(loaddata_csv),
                    "-o", str(out_dir), "-i", str(loaddata_csv.parent), "-t", temporary,
                    "--plugins-directory", str(PLUGINS), "-L", "WARNING", "-e", "imageio_reader"]
         try:
@@ -142,6 +148,23 @@ def run_cellprofiler(pipeline: str | Path, loaddata_csv: str | Path, out_dir: st
     if not (out_dir / "Image.csv").is_file():
         raise FeatureError(f"CellProfiler wrote no Image.csv into {out_dir}:\n...{output[-TAIL_CHARS:]}")
     return out_dir
+
+
+def cellprofiler_command(cellprofiler: str | Path) -> list[str]:
+    """How to start CellProfiler: its executable's own Python interpreter running
+    `cellprofiler_measurements.py` (the same command line, measurements buffered in memory) when the
+    executable is a Python script (a pip or conda install), else the executable itself."""
+    try:
+        with open(cellprofiler, "rb") as handle:
+            first_line = handle.readline(4096)
+    except OSError:
+        return [str(cellprofiler)]
+    if first_line.startswith(b"#!"):
+        interpreter = first_line[2:].decode(errors="replace").strip().split()
+        if len(interpreter) == 1 and "python" in Path(interpreter[0]).name \
+                and Path(interpreter[0]).is_file():
+            return [interpreter[0], str(BUFFERED_LAUNCHER)]
+    return [str(cellprofiler)]
 
 
 def _text(value) -> str:
