@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import pytest
 import yaml
+from local_slurm import LocalSlurm, SlurmRerun, unavailable
 
 from brightpaint.demo.screen import simulate_screen
 from brightpaint.demo.spec import PlateSpec, ScreenSpec, spec_from_config
@@ -144,6 +145,37 @@ def tiny_run(tmp_path_factory, tiny_screen_source, run_snakemake) -> TinyRun:
     return TinyRun(workdir, config)
 
 
+# The SLURM profile's test (tests/test_slurm.py) reruns the tiny run's apply plate through SLURM from
+# its first output: every per-plate rule of a plate goes through SLURM.
+SLURM_TINY_PLATE = "T2"
+SLURM_FIRST_OUTPUT = "results/plates/{plate}/ingest/images.parquet"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A one-node SLURM cluster on this machine (tests/local_slurm.py), or skip saying why not."""
+    reason = unavailable()
+    if reason:
+        pytest.skip(f"no local SLURM cluster: {reason}")
+    with LocalSlurm(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_tiny_rerun(slurm_cluster, tiny_run, tmp_path_factory):
+    """A copy of the tiny run whose plate T2 reruns from its first output through `--profile slurm`,
+    started when first asked for and waited for by tests/test_slurm.py. `demo_run` asks for it before
+    the demo starts when the session holds the SLURM test: its ~13 stages spend most of their time
+    waiting for SLURM's status checks (~9 min, a fraction of it on the CPU), so beside the demo run
+    they take that wait off the suite's time."""
+    rerun = SlurmRerun(slurm_cluster, REPO / "Snakefile", REPO / "slurm", tiny_run.workdir,
+                       tmp_path_factory.mktemp("slurm_tiny"),
+                       ["--configfile", str(tiny_run.config), *TINY_UNTIL,
+                        "--forcerun", SLURM_FIRST_OUTPUT.format(plate=SLURM_TINY_PLATE)], timeout=2400)
+    yield rerun
+    rerun.stop()
+
+
 def write_demo_screen(workdir: Path) -> Path:
     """The demo screen as config/demo.yaml describes it, written under `workdir` (what `make demo`
     does first); returns its sheet."""
@@ -153,7 +185,7 @@ def write_demo_screen(workdir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory) -> Path:
+def demo_run(tmp_path_factory, request) -> Path:
     """The working directory of a run of the workflow on the demo screen with the demo config (what
     `make demo` does), made once per test session. BRIGHTPAINT_DEMO_RUN=DIR reuses a finished run in
     DIR (for working on the tests; CI always makes a fresh one).
@@ -161,11 +193,17 @@ def demo_run(tmp_path_factory) -> Path:
     The run has the machine to itself: the tests that need it come last (tiers sorted above). Run
     beside the other tiers it was slower, not faster: its longest job, the virtual-staining model's
     training, runs torch on 2 threads, and with other processes on the cores it took 1.6x as long (its
-    10 epochs on the same machine: 484 s alone, 775 s beside the unit and workflow tiers)."""
+    10 epochs on the same machine: 484 s alone, 775 s beside the unit and workflow tiers). The one
+    exception is the SLURM test's tiny rerun (`slurm_tiny_rerun`), which mostly waits."""
     reuse = os.environ.get("BRIGHTPAINT_DEMO_RUN")
     if reuse:
         return Path(reuse)
     workdir = tmp_path_factory.mktemp("demo_run")
+    if not unavailable() and any(item.path.name == "test_slurm.py" for item in request.session.items):
+        try:
+            request.getfixturevalue("slurm_tiny_rerun")  # runs beside the demo (see there)
+        except (Exception, pytest.skip.Exception):
+            pass  # the SLURM test asks for it again and reports what went wrong
     write_demo_screen(workdir)
     result = snakemake(workdir, "--cores", "2", "--configfile", str(DEMO_CONFIG), timeout=5000)
     if result.returncode != 0:

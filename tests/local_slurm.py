@@ -11,11 +11,13 @@ asks for `squeue` status queries.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -160,3 +162,73 @@ class LocalSlurm:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# --- reruns of a finished run through the SLURM profile -----------------------------------------
+
+def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
+    """Every file under `folder`: (mtime in ns, sha256)."""
+    state = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            state[str(path.relative_to(folder))] = (path.stat().st_mtime_ns,
+                                                    hashlib.sha256(path.read_bytes()).hexdigest())
+    return state
+
+
+class SlurmRerun:
+    """A copy of a finished run (snakemake's metadata included, modification times kept) with
+    snapshots of its plates' and models' files, and a `snakemake --profile slurm` started in it in
+    the background; `wait()` gives its CompletedProcess."""
+
+    def __init__(self, cluster: LocalSlurm, snakefile: Path, profile: Path, source: Path,
+                 run: Path, args: list[str], timeout: int, watch: tuple[str, ...] = ()):
+        shutil.copytree(source, run, dirs_exist_ok=True, symlinks=True,
+                        ignore=shutil.ignore_patterns("locks", "incomplete", "slurm_logs"))
+        results = run / "results"
+        self.run = run
+        self.plates = {p.name: snapshot(p) for p in (results / "plates").iterdir()}
+        self.models = snapshot(results / "models") if (results / "models").is_dir() else {}
+        # modification times (ns) of the files in `watch` before the rerun
+        self.mtimes_before = {name: (run / name).stat().st_mtime_ns for name in watch}
+        self.command = ["timeout", "-k", "30", str(timeout),
+                        str(Path(sys.executable).with_name("snakemake")), "-s", str(snakefile),
+                        "--profile", str(profile), *args,
+                        # The plugin's first wait after a finished job (default 40 s), then 10 s more
+                        # per check that finds none finished. A test job takes 15-25 s (snakemake's
+                        # start-up in the job, then the script): checks at 8, 26, 54 s catch most at
+                        # 26 s; with 3 s (checks at 3, 16, 39 s) each stage waited ~20 s for its check.
+                        "--slurm-init-seconds-before-status-checks", "8",
+                        # the plugin deletes a successful job's SLURM log by default; tests read them
+                        "--slurm-keep-successful-logs"]
+        self._output = {name: open(run.parent / f"{run.name}.{name}", "w+")
+                        for name in ("stdout", "stderr")}
+        # its own process group: stop() ends snakemake and what it started, whatever the test did
+        self.process = subprocess.Popen(self.command, cwd=run, stdout=self._output["stdout"],
+                                        stderr=self._output["stderr"], text=True,
+                                        env={**cluster.env, "OMP_NUM_THREADS": "1"},
+                                        start_new_session=True)
+        self._result: subprocess.CompletedProcess | None = None
+
+    def stop(self) -> None:
+        """End the run if it still runs (a session that never waited for it)."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if self.process.poll() is not None:
+                return
+            os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def wait(self) -> subprocess.CompletedProcess:
+        if self._result is None:
+            code = self.process.wait()
+            text = {}
+            for name, handle in self._output.items():
+                handle.seek(0)
+                text[name] = handle.read()
+                handle.close()
+            self._result = subprocess.CompletedProcess(self.command, code, text["stdout"],
+                                                       text["stderr"])
+        return self._result

@@ -13,23 +13,17 @@ rebuilt.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import DEMO_CONFIG, REPO, TINY_UNTIL
-from local_slurm import LocalSlurm, unavailable
+from conftest import DEMO_CONFIG, REPO, SLURM_TINY_PLATE
+from local_slurm import SlurmRerun, snapshot
 
-TINY_PLATE = "T2"
+TINY_PLATE = SLURM_TINY_PLATE
 PLATE = "P4"
-# forcing a plate's first output reruns everything of the plate downstream of it, and only that
-FIRST_OUTPUT = "results/plates/{plate}/ingest/images.parquet"
 # forcing the plate's profiles reruns its closing steps, its report and the screen's outputs
 PROFILES_OUTPUT = f"results/plates/{PLATE}/profiles/wells.parquet"
 SCREEN_OUTPUTS = ["results/screen/match/summary.parquet", "results/screen/profiles/consensus.parquet",
@@ -45,14 +39,8 @@ TAIL_TABLES = ["features/cells.parquet", "profiles/wells.parquet", "profiles/nor
                "profiles/consensus.parquet", "match/summary.parquet", "match/neighbours.parquet"]
 
 
-def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
-    """Every file under `folder`: (mtime in ns, sha256)."""
-    state = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            state[str(path.relative_to(folder))] = (path.stat().st_mtime_ns,
-                                                    hashlib.sha256(path.read_bytes()).hexdigest())
-    return state
+def read_table(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, keep_default_na=False)
 
 
 def volatile_dropped(table: pd.DataFrame) -> pd.DataFrame:
@@ -61,51 +49,20 @@ def volatile_dropped(table: pd.DataFrame) -> pd.DataFrame:
     return table.drop(columns=[c for c in ("seconds", "file") if c in table.columns])
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, keep_default_na=False)
-
-
-def copied_run(source: Path, tmp_path_factory, name: str) -> tuple[Path, dict, dict]:
-    """A copy of a finished run (snakemake's metadata included, modification times kept), with
-    snapshots of its plates' and models' files."""
-    run = tmp_path_factory.mktemp(name)
-    shutil.copytree(source, run, dirs_exist_ok=True, symlinks=True,
-                    ignore=shutil.ignore_patterns("locks", "incomplete", "slurm_logs"))
-    results = run / "results"
-    plates = {p.name: snapshot(p) for p in (results / "plates").iterdir()}
-    models = snapshot(results / "models") if (results / "models").is_dir() else {}
-    return run, plates, models
-
-
 @pytest.fixture(scope="module")
-def slurm_reruns(demo_run, tiny_run, tmp_path_factory):
-    reason = unavailable()
-    if reason:
-        pytest.skip(f"no local SLURM cluster: {reason}")
-    runs = {"tiny": copied_run(tiny_run.workdir, tmp_path_factory, "slurm_tiny"),
-            "demo": copied_run(demo_run, tmp_path_factory, "slurm_demo")}
-    screen_before = {name: (runs["demo"][0] / name).stat().st_mtime_ns for name in SCREEN_OUTPUTS}
-    snakemake = Path(sys.executable).with_name("snakemake")
-    arguments = {"tiny": ["--configfile", str(tiny_run.config), *TINY_UNTIL,
-                          "--forcerun", FIRST_OUTPUT.format(plate=TINY_PLATE)],
-                 "demo": ["--configfile", str(DEMO_CONFIG), "--forcerun", PROFILES_OUTPUT]}
-    results = {}
-    with LocalSlurm(tmp_path_factory.mktemp("cluster")) as cluster:
-        env = {**cluster.env, "OMP_NUM_THREADS": "1"}
-        for name, args in arguments.items():
-            results[name] = subprocess.run(
-                ["timeout", "-k", "30", "900", str(snakemake), "-s", str(REPO / "Snakefile"),
-                 "--profile", str(REPO / "slurm"), *args,
-                 # The plugin's first wait after a finished job (default 40 s), then 10 s more per
-                 # check that finds none finished. A test job takes 15-25 s (snakemake's start-up in
-                 # the job, then the script): checks at 8, 26, 54 s catch most at 26 s; with 3 s
-                 # (checks at 3, 16, 39 s) each stage waited ~20 s for its check.
-                 "--slurm-init-seconds-before-status-checks", "8",
-                 # the plugin deletes a successful job's SLURM log by default; the test reads them
-                 "--slurm-keep-successful-logs"],
-                cwd=runs[name][0], capture_output=True, text=True, env=env)
-        log = (cluster.folder / "slurmctld.log").read_text(errors="replace")
-    return {"runs": runs, "results": results, "screen_before": screen_before, "slurmctld_log": log}
+def slurm_reruns(slurm_cluster, slurm_tiny_rerun, demo_run, tmp_path_factory):
+    """The tiny rerun (started beside the demo run, see conftest) and the demo's P4 rerun from its
+    profiles, both through `--profile slurm`, waited for; then the cluster is stopped."""
+    demo = SlurmRerun(slurm_cluster, REPO / "Snakefile", REPO / "slurm", demo_run,
+                      tmp_path_factory.mktemp("slurm_demo"),
+                      ["--configfile", str(DEMO_CONFIG), "--forcerun", PROFILES_OUTPUT], timeout=900,
+                      watch=tuple(SCREEN_OUTPUTS))
+    reruns = {"tiny": slurm_tiny_rerun, "demo": demo}
+    results = {name: rerun.wait() for name, rerun in reruns.items()}
+    log = (slurm_cluster.folder / "slurmctld.log").read_text(errors="replace")
+    slurm_cluster.stop()
+    return {"runs": {name: (rerun.run, rerun.plates, rerun.models) for name, rerun in reruns.items()},
+            "results": results, "screen_before": demo.mtimes_before, "slurmctld_log": log}
 
 
 def through_slurm(reruns, name: str) -> set[str]:

@@ -57,6 +57,20 @@ class _Pending:
         self.stored_values += len(values)
         return True
 
+    def readable(self) -> bool:
+        """Whether `read` answers as HDF5Dict would: the whole feature is here (nothing of it only
+        in HDF5) and it holds numbers (HDF5Dict returns text in its own ways)."""
+        return self.load is None and self.replace and (self.dtype is None
+                                                       or not _is_string(self.dtype))
+
+    def read(self, image_numbers) -> list:
+        """HDF5Dict.__getitem__ for several image sets: an empty array each if its dataset is
+        empty, else None for an image set without values and a copy of the values for the others."""
+        if self.stored_values == 0:
+            return [numpy.array([]) for _ in image_numbers]
+        found = [self.values.get(n) for n in image_numbers]
+        return [None if v is None or len(v) == 0 else v.copy() for v in found]
+
     def _cast(self, values):
         if _is_string(self.dtype):
             return numpy.array([str(v) for v in values], object)
@@ -170,14 +184,25 @@ class BufferedMeasurementStore(HDF5Dict):
 
     # --- everything else reads HDF5, after the writes it concerns --------------------------------
     def __getitem__(self, idxs):
-        self._flush(idxs[:2])
-        return super().__getitem__(idxs)
+        pending = self._pending.get(idxs[:2]) if isinstance(idxs, tuple) and len(idxs) == 3 else None
+        if pending is None or not pending.readable():
+            self._flush(idxs[:2])
+            return super().__getitem__(idxs)
+        # HDF5Dict.__getitem__ on what it would hold, for numbers
+        if numpy.isscalar(idxs[2]):
+            result = self[idxs[0], idxs[1], [idxs[2]]]
+            return result if result is None else result[0]
+        return pending.read(idxs[2])
 
     def get_dataset(self, object_name, feature_name):
         self._flush((object_name, feature_name))
         return super().get_dataset(object_name, feature_name)
 
     def get_feature_dtype(self, object_name, feature_name):
+        pending = self._pending.get((object_name, feature_name))
+        if pending is not None and pending.readable():
+            # an all-empty feature is HDF5Dict's empty int dataset
+            return pending.dtype if pending.dtype is not None else numpy.dtype(int)
         self._flush((object_name, feature_name))
         return super().get_feature_dtype(object_name, feature_name)
 
@@ -194,12 +219,17 @@ class BufferedMeasurementStore(HDF5Dict):
         return super().erase(object_name, first_idx, mask)
 
     def top_level_names(self):
-        self._flush(None)
-        return super().top_level_names()
+        with self.lock:
+            return _in_hdf5_order(set(super().top_level_names()) | {o for o, _ in self._pending})
 
     def second_level_names(self, object_name):
-        self._flush(None)
-        return super().second_level_names(object_name)
+        with self.lock:
+            waiting = {f for o, f in self._pending if o == object_name}
+            if not waiting:
+                return super().second_level_names(object_name)
+            stored = (super().second_level_names(object_name)
+                      if HDF5Dict.has_object(self, object_name) else [])
+            return _in_hdf5_order(set(stored) | waiting)
 
     def flush(self):
         self._flush(None)
@@ -210,7 +240,8 @@ class BufferedMeasurementStore(HDF5Dict):
         return super().file_contents()
 
     def close(self):
-        if hasattr(self, "hdf5_file"):
+        # a temporary or memory-only store is gone after this: only a kept file needs the writes
+        if hasattr(self, "hdf5_file") and self.filename is not None and not self.is_temporary:
             self._flush(None)
         return super().close()
 
@@ -235,6 +266,11 @@ class BufferedMeasurementStore(HDF5Dict):
                     # HDF5Dict's dataset keeps overwritten values, and whether it is empty
                     # decides both a later write's type and what a read returns
                     data.resize(1, 0)
+
+
+def _in_hdf5_order(names) -> list[str]:
+    """Names as an HDF5 group lists its members: by name, byte by byte."""
+    return sorted(names, key=lambda name: name.encode())
 
 
 def _image_number(idxs):
