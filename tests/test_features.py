@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -457,6 +458,23 @@ def test_cellprofiler_failure_is_an_error_quoting_its_output(tmp_path):
     with pytest.raises(FeatureError, match=r"CellProfiler failed \(exit \d+\)[\s\S]*\S"):
         run_cellprofiler(bad, csv, tmp_path / "out", log=tmp_path / "cp.log")
     assert (tmp_path / "cp.log").read_text().startswith(" ".join(cellprofiler_command(CELLPROFILER)))
+
+
+def test_cellprofiler_starts_with_its_own_python_and_the_buffered_store(tmp_path):
+    """A pip or conda entry-point script (a #! line, or pip's /bin/sh wrapper for long paths) runs
+    as its interpreter + cellprofiler_measurements.py; anything else (an env lookup, a binary, a
+    missing file) runs as it is."""
+    python = Path(sys.executable)
+    pip_sh = "#!/bin/sh\n" + "'" * 3 + f"exec' {python} \"$0\" \"$@\"\n' " + "'" * 3 + "\nimport sys\n"
+    scripts = {"shebang": f"#!{python}\nimport sys\n", "pip_sh": pip_sh,
+               "env": "#!/usr/bin/env python\nimport sys\n", "binary": "\x7fELF\x02\x01",
+               "no_python": "#!/bin/bash\necho\n"}
+    for name, text in scripts.items():
+        (tmp_path / name).write_text(text)
+    for name in ("shebang", "pip_sh"):
+        assert cellprofiler_command(tmp_path / name) == [str(python), str(BUFFERED_LAUNCHER)], name
+    for name in ("env", "binary", "no_python", "missing"):
+        assert cellprofiler_command(tmp_path / name) == [str(tmp_path / name)], name
 
 
 def test_buffered_measurement_store_answers_as_cellprofilers_own():

@@ -23,6 +23,7 @@ CELLPROFILER = Path(os.environ.get("BRIGHTPAINT_CELLPROFILER",
 PLUGINS = Path(__file__).resolve().with_name("cellprofiler_plugins")
 # CellProfiler's command line with its measurements buffered in memory (run by CellProfiler's python)
 BUFFERED_LAUNCHER = Path(__file__).resolve().with_name("cellprofiler_measurements.py")
+PIP_SH_EXEC = "'''exec' "  # second line of pip's /bin/sh entry point: '''exec' PYTHON "$0" "$@"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                     "NUMBA_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -153,17 +154,18 @@ def run_cellprofiler(pipeline: str | Path, loaddata_csv: str | Path, out_dir: st
 def cellprofiler_command(cellprofiler: str | Path) -> list[str]:
     """How to start CellProfiler: its executable's own Python interpreter running
     `cellprofiler_measurements.py` (the same command line, measurements buffered in memory) when the
-    executable is a Python script (a pip or conda install), else the executable itself."""
+    executable is a Python entry-point script (a pip or conda install), else the executable itself."""
     try:
         with open(cellprofiler, "rb") as handle:
-            first_line = handle.readline(4096)
+            head = [handle.readline(4096).decode(errors="replace") for _ in range(2)]
     except OSError:
         return [str(cellprofiler)]
-    if first_line.startswith(b"#!"):
-        interpreter = first_line[2:].decode(errors="replace").strip().split()
-        if len(interpreter) == 1 and "python" in Path(interpreter[0]).name \
-                and Path(interpreter[0]).is_file():
-            return [interpreter[0], str(BUFFERED_LAUNCHER)]
+    words = head[0][2:].split() if head[0].startswith("#!") else []
+    if words == ["/bin/sh"] and head[1].startswith(PIP_SH_EXEC):
+        # pip's entry point when the interpreter's path is too long for a #! line
+        words = head[1].split()[1:2]
+    if len(words) == 1 and "python" in Path(words[0]).name and Path(words[0]).is_file():
+        return [words[0], str(BUFFERED_LAUNCHER)]
     return [str(cellprofiler)]
 
 
