@@ -99,11 +99,12 @@ def _is_number(dtype) -> bool:
 
 
 class BufferedMeasurementStore(HDF5Dict):
-    """An `HDF5Dict` whose writes to a new feature, one image set at a time, wait in memory until
-    that feature is read (or the store's names, file or contents are), then go to HDF5 in one
-    `add_all`, with the data type HDF5Dict would have given them write by write. A feature already
-    in HDF5 (read once) and anything unusual (several image sets in one write, a type other than
-    numbers and text) is written by HDF5Dict itself."""
+    """An `HDF5Dict` whose writes, one image set at a time, wait in memory per feature, with the
+    data type HDF5Dict would have given them write by write. Reads of numbers and the names of
+    objects and features are answered from there; anything that needs the feature from HDF5 (a read
+    of text, a kept file) first writes it in one `add_all` (a new feature) or one `__setitem__`
+    (more image sets of a feature HDF5 holds). Anything unusual (several image sets in one write,
+    a type other than numbers and text) is written by HDF5Dict itself."""
 
     def __init__(self, *args, **kwargs):
         self._pending: dict[tuple[str, str], _Pending] = {}
