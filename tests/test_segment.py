@@ -5,6 +5,8 @@ real nuclei (../shared/data)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -23,6 +25,7 @@ from brightpaint.demo.cellpose_weights import (
 )
 from brightpaint.labels import label_names, read_labels, write_field_labels
 from brightpaint.provenance import sha256_file
+from brightpaint.segment.cellpose_modules import import_cellpose
 from brightpaint.segment.evaluate import instance_metrics, pooled_ap, summarise_metrics
 from brightpaint.segment.objects import equivalent_diameters, filter_sizes, relate_objects, touching_border
 from brightpaint.segment.run import (
@@ -57,11 +60,32 @@ def disc(labels: np.ndarray, label: int, y: int, x: int, r: float) -> None:
 # Weights
 # ---------------------------------------------------------------------------------------------
 
+KERNEL_CACHE = """
+import json, pathlib, numba
+from brightpaint.segment.cellpose_modules import import_cellpose
+dynamics = import_cellpose("cellpose.dynamics")
+kernels = [dynamics.map_coordinates, dynamics.steps2D, dynamics.steps3D, dynamics._extend_centers]
+def indexed(kernel):
+    folder = kernel.stats.cache_path
+    return bool(folder) and any(pathlib.Path(folder).glob(f"*{kernel.__name__}*.nbi"))
+print(json.dumps({"indexed": [indexed(k) for k in kernels],
+                  "caches": [type(k._cache).__name__ for k in kernels],
+                  "numba_restored": numba.njit is numba.core.decorators.njit}))
+"""
+
+
+def test_cellposes_numba_kernels_are_cached_on_disk():
+    """A process importing Cellpose through import_cellpose loads its numba kernels from numba's
+    disk cache, or compiles and saves them there for the next (no ~7 CPU-s compile per job); numba's
+    own decorators are back in place afterwards. (A fresh process: this one may have Cellpose already.)"""
+    run = json.loads(subprocess.run([sys.executable, "-c", KERNEL_CACHE], check=True, capture_output=True,
+                                    text=True).stdout)
+    assert all(run["indexed"]) and "NullCache" not in run["caches"], run
+    assert run["numba_restored"]
+
 
 def test_named_model_without_its_file_is_an_error_not_a_download(tmp_path, monkeypatch):
-    import cellpose.models
-
-    monkeypatch.setattr(cellpose.models, "MODEL_DIR", tmp_path)
+    monkeypatch.setattr(import_cellpose("cellpose.models"), "MODEL_DIR", tmp_path)
     for name in ("cyto3", "nuclei", "cpsam"):
         with pytest.raises(SegmentError, match="never downloads"):
             resolve_weights(name)

@@ -13,6 +13,7 @@ from scipy.optimize import linear_sum_assignment
 
 from ..atomic import atomic_path
 from ..labels import label_name, label_names, read_labels
+from .cellpose_modules import import_cellpose
 from .objects import consecutive_labels, relate_objects
 from .plates import SiteReader
 from .run import scale_channel
@@ -25,21 +26,21 @@ def instance_metrics(truth: np.ndarray, predicted: np.ndarray) -> dict:
     """AP@0.5, mean AP over IoU 0.5-0.95 (AP = TP / (TP + FP + FN), as in the DSB2018 and Cellpose
     papers), F1 at IoU 0.7, mean Jaccard (IoU) of the objects matched at 0.5, and object counts.
     Matching is Cellpose's optimal one-to-one assignment."""
-    # inside: cellpose.metrics takes seconds to import (OpenCV)
-    from cellpose.metrics import _intersection_over_union, average_precision
+    # at call time: cellpose.metrics takes seconds to import (OpenCV)
+    metrics = import_cellpose("cellpose.metrics")
 
     truth = np.asarray(truth, np.int32)
     predicted = np.asarray(predicted, np.int32)
     if truth.shape != predicted.shape:
         raise SegmentError(f"label images differ in shape: {truth.shape} vs {predicted.shape}")
     truth, predicted = consecutive_labels(truth), consecutive_labels(predicted)
-    ap, tp, fp, fn = average_precision(truth, predicted, threshold=list(IOU_THRESHOLDS))
+    ap, tp, fp, fn = metrics.average_precision(truth, predicted, threshold=list(IOU_THRESHOLDS))
     n_true, n_pred = int(truth.max()), int(predicted.max())
     at_07 = list(IOU_THRESHOLDS).index(0.7)
     f1 = 2 * tp[at_07] / max(2 * tp[at_07] + fp[at_07] + fn[at_07], 1)
     jaccard = np.nan
     if n_true and n_pred:
-        iou = _intersection_over_union(truth, predicted)[1:, 1:]
+        iou = metrics._intersection_over_union(truth, predicted)[1:, 1:]
         rows, cols = linear_sum_assignment(-iou)
         matched = iou[rows, cols]
         matched = matched[matched >= 0.5]

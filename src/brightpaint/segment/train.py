@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_path
+from .cellpose_modules import import_cellpose
 from .weights import REDUCED_WIDTHS, build_network
 
 
@@ -23,8 +24,8 @@ def train_cellpose_model(images: Sequence[np.ndarray], masks: Sequence[np.ndarra
     """Train a Cellpose network from random initialisation with `cellpose.train.train_seg` on
     scaled (2, Y, X) inputs and their label images; write its weights to `out` (Cellpose's own
     format, loadable by `load_cellpose_model` and Cellpose) and return the loss history."""
-    # inside: cellpose.train takes seconds to import (OpenCV and more)
-    from cellpose.train import train_seg
+    # at call time: cellpose.train takes seconds to import (OpenCV and more)
+    train_seg = import_cellpose("cellpose.train").train_seg
 
     torch.manual_seed(seed)  # the initial weights; train_seg seeds numpy's global generator per epoch
     net = build_network([2, *widths], diam_mean)

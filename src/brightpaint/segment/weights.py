@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from cellpose.resnet_torch import CPnet
 
 from ..provenance import sha256_file
+from .cellpose_modules import import_cellpose
 from .settings import SegmentError
 
 NAMED_MODELS = ("cyto", "cyto2", "cyto3", "nuclei", "cpsam", "tissuenet_cp3", "livecell_cp3",
@@ -35,7 +36,7 @@ def resolve_weights(weights: str | Path, base: str | Path = ".") -> Path:
         return path
     if text in NAMED_MODELS:
         # inside: cellpose.models takes seconds to import; read at call time (tests move it)
-        from cellpose.models import MODEL_DIR
+        MODEL_DIR = import_cellpose("cellpose.models").MODEL_DIR  # noqa: N806 (Cellpose's name)
 
         cached = [MODEL_DIR / name for name in (text, f"{text}torch_0")]
         for candidate in cached:
@@ -93,8 +94,8 @@ def build_network(widths: Sequence[int], diam_mean: float):
 
 def load_cellpose_model(weights: str | Path, device: torch.device | str = "cpu"):
     """A cellpose.models.CellposeModel whose network is the one in `weights`, loaded strictly."""
-    # inside: cellpose.models takes seconds to import (OpenCV and more)
-    from cellpose.models import CellposeModel
+    # at call time: cellpose.models takes seconds to import (OpenCV and more)
+    CellposeModel = import_cellpose("cellpose.models").CellposeModel  # noqa: N806 (Cellpose's name)
 
     logging.getLogger("cellpose").setLevel(logging.ERROR)  # per-call progress lines, not news
     path = Path(weights)
