@@ -12,13 +12,10 @@ Tiers follow from the fixtures a test uses (nothing is marked by hand):
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -71,26 +68,21 @@ def tier_of(item) -> str:
 def pytest_collection_modifyitems(config, items):
     for item in items:
         item.add_marker(getattr(pytest.mark, tier_of(item)))
-    # unit, then workflow, then acceptance tests (file order kept within a tier): the demo run starts
-    # in the background as the session starts (fixture `demo_run_started`) and the faster tiers run
-    # beside it, so its tests come last
+    # unit, then workflow, then acceptance tests (file order kept within a tier): a failing fast test
+    # shows in minutes, before the demo run (fixture `demo_run`) starts
     order = {"unit": 0, "workflow": 1, "acceptance": 2}
     items.sort(key=lambda item: order[tier_of(item)])
 
 
-def snakemake_env() -> dict:
+def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the workflow's Snakefile with `workdir` as working directory (results land there)."""
+    snakemake = Path(sys.executable).with_name("snakemake")
     # SLURM_CONF: these runs are local. The SLURM executor plugin runs `scontrol show config` as
     # snakemake starts, which waits 9 s whenever a slurm.conf names a controller that is not running
     # (e.g. one left by a killed SLURM test): 9 s per snakemake call.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_CONF": os.devnull}
-
-
-def snakemake(workdir: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
-    """Run the workflow's Snakefile with `workdir` as working directory (results land there). The
-    timeout is generous: beside the demo run, these runs get only the CPU time it leaves idle."""
-    snakemake = Path(sys.executable).with_name("snakemake")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_CONF": os.devnull}
     return subprocess.run([str(snakemake), "-s", str(REPO / "Snakefile"), *args],
-                          cwd=workdir, capture_output=True, text=True, timeout=timeout, env=snakemake_env())
+                          cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="session")
@@ -147,7 +139,7 @@ def tiny_run(tmp_path_factory, tiny_screen_source, run_snakemake) -> TinyRun:
     (TINY_UNTIL), made once per session; tests read it and must not change it (copy it first)."""
     workdir = tmp_path_factory.mktemp("tiny_run")
     config = tiny_demo_config(workdir, tiny_screen_source)
-    result = run_snakemake(workdir, "--cores", "2", "--configfile", str(config), *TINY_UNTIL, timeout=3600)
+    result = run_snakemake(workdir, "--cores", "2", "--configfile", str(config), *TINY_UNTIL, timeout=1800)
     if result.returncode != 0:
         pytest.fail("the tiny run failed:\n" + result.stdout[-3000:] + result.stderr[-3000:])
     return TinyRun(workdir, config)
@@ -192,100 +184,32 @@ def write_demo_screen(workdir: Path) -> Path:
     return simulate_screen(outdir, spec_from_config(settings), workers=2)
 
 
-class DemoRun(NamedTuple):
-    workdir: Path
-    process: subprocess.Popen
-    log: Path
-    started: float
-
-
-DEMO_TIMEOUT = 5000  # s, from the session's start
-
-
-def holds_slurm_test(session) -> bool:
-    return not unavailable() and any(item.path.name == "test_slurm.py" for item in session.items)
-
-
-def stop_when_parent_dies() -> None:
-    """In a child before it runs: SIGTERM when the test process dies, however it dies (Linux)."""
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (AttributeError, OSError):
-        pass
-
-
-def yield_cpu() -> None:
-    """From now on this test process, and every process it starts, runs only on CPU time nothing
-    else wants (Linux SCHED_IDLE, for every thread of the process; elsewhere nice 19)."""
-    try:
-        for thread in os.listdir("/proc/self/task"):
-            os.sched_setscheduler(int(thread), os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        os.nice(19)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def demo_run_started(request, tmp_path_factory):
-    """The demo run (what `make demo` does: write the demo screen, then run the workflow on it with
-    the demo config), started in the background as the session starts when a selected test needs it.
-
-    The demo run is the session's longest path (~40 min on 2 cores) but keeps the cores only ~70 %
-    busy (jobs reading and writing, single-threaded stages, waits between jobs). The unit and workflow
-    tiers run beside it on the CPU time it leaves idle: this test process lowers itself to Linux's
-    idle scheduling class after starting it, and so do the workflow runs it starts. (Beside it at
-    equal priority, or at nice 5, the demo's 2-thread torch training took 3x as long: a descheduled
-    thread holds up the other at every step; idle-class processes are preempted at once.) The SLURM
-    test's local cluster starts before, at normal priority, so that its daemons answer in time."""
-    wanted = any(tier_of(item) == "acceptance" for item in request.session.items)
-    if not wanted or os.environ.get("BRIGHTPAINT_DEMO_RUN"):
-        yield None
-        return
-    if holds_slurm_test(request.session):
-        try:
-            request.getfixturevalue("slurm_cluster")
-        except (Exception, pytest.skip.Exception):
-            pass  # the SLURM test asks for it again and reports what went wrong
-    workdir = tmp_path_factory.mktemp("demo_run")
-    write_demo_screen(workdir)
-    log = workdir / "demo_run.log"
-    with open(log, "w") as handle:
-        process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("snakemake")), "-s", str(REPO / "Snakefile"), "--cores", "2",
-             "--configfile", str(DEMO_CONFIG)], cwd=workdir, stdout=handle, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=snakemake_env(), start_new_session=True,
-            preexec_fn=stop_when_parent_dies)
-    yield_cpu()
-    try:
-        yield DemoRun(workdir, process, log, time.monotonic())
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="session")
-def demo_run(demo_run_started, request) -> Path:
-    """The working directory of the demo run (started by `demo_run_started`), once it has finished.
-    BRIGHTPAINT_DEMO_RUN=DIR reuses a finished run in DIR (for working on the tests; CI always makes
-    a fresh one)."""
+def demo_run(tmp_path_factory, request) -> Path:
+    """The working directory of a run of the workflow on the demo screen with the demo config (what
+    `make demo` does), made once per test session. BRIGHTPAINT_DEMO_RUN=DIR reuses a finished run in
+    DIR (for working on the tests; CI always makes a fresh one).
+
+    The run has the machine to itself: the tests that need it come last (tiers sorted above). Run
+    beside the other tiers it was slower, not faster: its longest job, the virtual-staining model's
+    training (torch, bf16, 2 threads), slows down whenever anything else runs on the other core,
+    whatever its priority. Beside the unit and workflow tiers at nice 5 its 10 epochs took 775 s
+    instead of 484 s; with those tiers in Linux's idle scheduling class (SCHED_IDLE: they get only CPU
+    time nothing else wants), an epoch took ~160 s instead of ~39 s, although the training kept its
+    main thread on a core all along: the two cores' work slows each other down (shared caches and
+    memory, perhaps one physical core) even when the scheduler favours one. The one exception is the
+    SLURM test's tiny rerun (`slurm_tiny_rerun`), which mostly waits."""
     reuse = os.environ.get("BRIGHTPAINT_DEMO_RUN")
     if reuse:
         return Path(reuse)
-    if holds_slurm_test(request.session):
+    workdir = tmp_path_factory.mktemp("demo_run")
+    if not unavailable() and any(item.path.name == "test_slurm.py" for item in request.session.items):
         try:
-            request.getfixturevalue("slurm_tiny_rerun")  # runs beside the rest of the demo run
+            request.getfixturevalue("slurm_tiny_rerun")  # runs beside the demo (see there)
         except (Exception, pytest.skip.Exception):
             pass  # the SLURM test asks for it again and reports what went wrong
-    run = demo_run_started
-    try:
-        code = run.process.wait(timeout=max(1.0, DEMO_TIMEOUT - (time.monotonic() - run.started)))
-    except subprocess.TimeoutExpired:
-        os.killpg(run.process.pid, signal.SIGKILL)
-        code = f"a timeout after {DEMO_TIMEOUT} s"
-    if code != 0:
-        output = run.log.read_text(errors="replace")
-        pytest.fail(f"the demo run failed ({code}), log {run.log}:\n" + output[-8000:])
-    return run.workdir
+    write_demo_screen(workdir)
+    result = snakemake(workdir, "--cores", "2", "--configfile", str(DEMO_CONFIG), timeout=5000)
+    if result.returncode != 0:
+        pytest.fail("the demo run failed:\n" + result.stdout[-4000:] + result.stderr[-4000:])
+    return workdir

@@ -43,7 +43,7 @@ def test_cellprofiler_environment_runs_headless():
         "pipe.add_module(m.MeasureObjectSizeShape());"
         "print(numpy.__version__, scipy.__version__, version('cellprofiler-nightly'), len(pipe.modules()))"
     )
-    result = subprocess.run([str(CP_PYTHON), "-c", probe], capture_output=True, text=True, timeout=1800,
+    result = subprocess.run([str(CP_PYTHON), "-c", probe], capture_output=True, text=True, timeout=300,
                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-2000:]
     numpy_version, scipy_version, cp_version, n_modules = result.stdout.split()[-4:]

@@ -485,7 +485,7 @@ def test_buffered_measurement_store_answers_as_cellprofilers_own():
     needs_cellprofiler()
     result = subprocess.run([str(CP_PYTHON), str(REPO / "tests" / "cellprofiler_store_check.py"),
                              str(BUFFERED_LAUNCHER), "0", "2000"],
-                            capture_output=True, text=True, timeout=1800)
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["reads"] > 500

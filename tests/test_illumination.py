@@ -344,7 +344,7 @@ def test_agrees_with_cellprofiler(example_images, tmp_path):
     out = tmp_path / "cellprofiler_illum.npy"
     result = subprocess.run([str(CP_PYTHON), str(CP_SCRIPT), str(out), *map(str, files),
                              "--smoothing", "Median Filter", "--size", "128"],
-                            capture_output=True, text=True, timeout=1800,
+                            capture_output=True, text=True, timeout=300,
                             env={"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                                  "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
