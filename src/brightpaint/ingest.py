@@ -23,8 +23,6 @@ import numpy as np
 import pandas as pd
 import tifffile
 import zarr
-from ome_zarr.format import FormatV05
-from ome_zarr.writer import write_multiscales_metadata, write_plate_metadata, write_well_metadata
 
 from .atomic import atomic_path, link_tree
 from .io import InputError, Problem, open_inside, real_path_inside, well_row_column
@@ -230,6 +228,11 @@ def write_sites(out: str | Path, sites: list[tuple[str, int]], layout: StoreLayo
     for `sites`, one TCZYX level-0 array per field filled by `fill_site(array, well, site)`, which
     returns table rows and per-channel value ranges (for the viewer's contrast). Memory: one site
     per thread. The store appears at `out` only when complete."""
+    # at call time: ome_zarr (with dask and pydantic models) takes ~0.6 s to import and only the
+    # jobs that write a store's metadata need it (most jobs only read stores)
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_multiscales_metadata, write_well_metadata
+
     by_well: dict[str, list[int]] = {}
     for well, site in sites:
         by_well.setdefault(well, []).append(int(site))
@@ -282,6 +285,10 @@ def write_shard_store(images: pd.DataFrame, wells: list[str], layout: StoreLayou
 def assemble_plate_store(shard_stores: list[str | Path], out: str | Path, layout: StoreLayout,
                          provenance: dict | None = None) -> None:
     """Link every shard's wells into the plate store at `out` and write the HCS plate metadata."""
+    # at call time: ome_zarr (with dask and pydantic models) takes ~0.6 s to import (see write_sites)
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_plate_metadata
+
     with atomic_path(out) as partial:
         root = zarr.open_group(partial, mode="w", zarr_format=3)
         wells = []

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from ome_zarr.format import FormatV05
-from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 
 from .ingest import AXES, field_path
 from .io import well_row_column
@@ -30,6 +28,10 @@ def label_name(objects: str, source: str) -> str:
 def write_field_labels(field: zarr.Group, labels: dict[str, np.ndarray], properties: dict | None = None
                        ) -> None:
     """Write 2-D label images into a field image group's `labels` group (created or extended)."""
+    # at call time: ome_zarr takes ~0.6 s to import (see ingest.write_sites)
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+
     group = field.require_group("labels")
     names = list(dict.fromkeys([*group.attrs.get("ome", {}).get("labels", []), *labels]))
     for name, image in labels.items():

@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import zarr
-from ome_zarr.format import FormatV05
-from ome_zarr.writer import write_well_metadata
 
 from ..atomic import atomic_path, link_tree
 from ..ingest import field_path, read_plane, read_store_layout
@@ -78,6 +76,10 @@ def segment_shard(segmenters: dict[str, Segmenter], readers: dict[str, SiteReade
     `sites_per_batch` at a time. A site whose input is blank, saturated or listed in `skip[source]`
     (with the reason) gets empty labels and status `skipped`; a site where nothing is found gets status
     `no_objects`. Returns one row per site and input (SITE_COLUMNS)."""
+    # at call time: ome_zarr takes ~0.6 s to import (see ingest.write_sites)
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_well_metadata
+
     skip = skip or {}
     rows = []
     by_well: dict[str, list[int]] = {}
