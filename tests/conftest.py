@@ -192,13 +192,12 @@ def demo_run(tmp_path_factory, request) -> Path:
 
     The run has the machine to itself: the tests that need it come last (tiers sorted above). Run
     beside the other tiers it was slower, not faster: its longest job, the virtual-staining model's
-    training (torch, bf16, 2 threads), slows down whenever anything else runs on the other core,
-    whatever its priority. Beside the unit and workflow tiers at nice 5 its 10 epochs took 775 s
-    instead of 484 s; with those tiers in Linux's idle scheduling class (SCHED_IDLE: they get only CPU
-    time nothing else wants), an epoch took ~160 s instead of ~39 s, although the training kept its
-    main thread on a core all along: the two cores' work slows each other down (shared caches and
-    memory, perhaps one physical core) even when the scheduler favours one. The one exception is the
-    SLURM test's tiny rerun (`slurm_tiny_rerun`), which mostly waits."""
+    training (torch, bf16, 2 threads), slowed down beside them whatever their priority. At nice 5 its
+    10 epochs took 775 s instead of 484 s; with the tiers in Linux's idle scheduling class
+    (SCHED_IDLE: only CPU time nothing else wants) an epoch took ~160 s instead of ~39 s. A synthetic
+    idle-class busy loop does not slow it (bench/cores.py), so the cause lies in what the tiers do
+    (not found; shared caches and memory are a guess). The one exception is the SLURM test's tiny
+    rerun (`slurm_tiny_rerun`), which mostly waits."""
     reuse = os.environ.get("BRIGHTPAINT_DEMO_RUN")
     if reuse:
         return Path(reuse)
