@@ -31,12 +31,12 @@ demo: setup $(DEMO_SHEET)
 
 test: setup
 	$(BIN)/ruff check src tests bench workflow
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
+	PATH=$(CURDIR)/$(BIN):$$PATH tools/run-tests $(BIN)/python --durations=25 $(PYTEST_ARGS)
 
 # The unit and workflow tiers (no demo run): minutes, for a developer's loop.
 test-fast: setup
 	$(BIN)/ruff check src tests bench workflow
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -m "not acceptance" $(PYTEST_ARGS)
+	PATH=$(CURDIR)/$(BIN):$$PATH tools/run-tests --fast $(BIN)/python $(PYTEST_ARGS)
 
 lint: env
 	$(BIN)/ruff check src tests bench workflow

@@ -32,6 +32,10 @@ TIERS = {"acceptance": "demo_run", "workflow": "run_snakemake"}
 SHARED_DATA = REPO.parent / "shared" / "data"
 CHANNELS = {"brightfield": "BF", "nuclei": "DNA", "cell": "CYTO",
             "fluorescence": ["DNA", "CYTO", "DAMAGE"]}
+# Threads a test's own torch work may use: one under pytest-xdist (tools/run-tests runs the unit and
+# workflow tiers on one worker per core; two 2-thread trainings side by side on 2 cores took 4.5x as
+# long as one alone: test_denoise's models 67 -> 303 s).
+TEST_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 TINY_SPEC = ScreenSpec(plates=(PlateSpec("T1", "B1", "flat", "train"),
                                PlateSpec("T2", "B2", "dense", "apply")),
                        wells=6, sites=2, size=64, z_planes=5, seed=7)
@@ -68,6 +72,13 @@ def tier_of(item) -> str:
 def pytest_collection_modifyitems(config, items):
     for item in items:
         item.add_marker(getattr(pytest.mark, tier_of(item)))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # spread over pytest-xdist's workers (tools/run-tests: one test file per worker at a time), the
+        # workflow tier's files first: their snakemake runs are the longest work units, and a long
+        # unit left for the end would run alone
+        order = {"workflow": 0, "unit": 1, "acceptance": 2}
+        items.sort(key=lambda item: order[tier_of(item)])
+        return
     # unit, then workflow, then acceptance tests (file order kept within a tier): a failing fast test
     # shows in minutes, before the demo run (fixture `demo_run`) starts
     order = {"unit": 0, "workflow": 1, "acceptance": 2}
@@ -136,12 +147,25 @@ class TinyRun(NamedTuple):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_screen_source, run_snakemake) -> TinyRun:
     """The workflow tier's one run: the demo config at CI size on the tiny screen, up to the features
-    (TINY_UNTIL), made once per session; tests read it and must not change it (copy it first)."""
-    workdir = tmp_path_factory.mktemp("tiny_run")
+    (TINY_UNTIL), made once per session; tests read it and must not change it (copy it first).
+
+    BRIGHTPAINT_TINY_RUN=DIR: the run is made in DIR, or read from there if a finished one is there
+    (DIR.done beside it). tools/run-tests sets it to a fresh folder and makes the run first, alone (it
+    keeps the cores busy itself), so that the tests of every later session and xdist worker read it
+    (the SLURM test, in the acceptance session, reruns a plate of it)."""
+    shared = os.environ.get("BRIGHTPAINT_TINY_RUN")
+    workdir = Path(shared) if shared else tmp_path_factory.mktemp("tiny_run")
+    done = workdir.with_name(workdir.name + ".done")
+    if shared and done.is_file():
+        return TinyRun(workdir, workdir / "tiny.yaml")
+    if shared:
+        shutil.rmtree(workdir, ignore_errors=True)  # an unfinished run of an earlier session
+        workdir.mkdir(parents=True)
     config = tiny_demo_config(workdir, tiny_screen_source)
     result = run_snakemake(workdir, "--cores", "2", "--configfile", str(config), *TINY_UNTIL, timeout=1800)
     if result.returncode != 0:
         pytest.fail("the tiny run failed:\n" + result.stdout[-3000:] + result.stderr[-3000:])
+    done.touch()
     return TinyRun(workdir, config)
 
 

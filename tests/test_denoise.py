@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import CHANNELS
+from conftest import CHANNELS, TEST_THREADS
 from scipy import ndimage
 
 from brightpaint.demo.camera import plate_optics
@@ -113,7 +113,7 @@ def trained() -> dict:
     out = {}
     for channel in ("DNA", "CYTO"):
         examples = demo_examples(channel)
-        model, history = train_n2v([x.noisy for x in examples], steps=STEPS, seed=0, threads=2,
+        model, history = train_n2v([x.noisy for x in examples], steps=STEPS, seed=0, threads=TEST_THREADS,
                                    channel=channel)
         out[channel] = (examples, model, history)
     return out
@@ -128,7 +128,7 @@ def trained() -> dict:
 def test_n2v_beats_noisy_input_and_the_oracle_gaussian(trained, channel):
     examples, model, history = trained[channel]
     start = time.perf_counter()
-    denoised = [x.to_clean(denoise_image(model, x.noisy, threads=2)) for x in examples]
+    denoised = [x.to_clean(denoise_image(model, x.noisy, threads=TEST_THREADS)) for x in examples]
     infer_s = (time.perf_counter() - start) / len(examples)
     noisy_psnr, noisy_pcc = mean_scores([x.to_clean(x.noisy) for x in examples], examples)
     n2v_psnr, n2v_pcc = mean_scores(denoised, examples)
@@ -147,7 +147,7 @@ def test_n2v_beats_noisy_input_and_the_oracle_gaussian(trained, channel):
 def test_denoised_output_keeps_the_input_scale(trained):
     examples, model, _ = trained["DNA"]
     noisy = examples[0].noisy
-    out = denoise_image(model, noisy, threads=2)
+    out = denoise_image(model, noisy, threads=TEST_THREADS)
     assert out.dtype == np.float32 and out.shape == noisy.shape
     assert abs(float(out.mean()) - float(noisy.mean())) < 0.05 * float(noisy.std())
 
@@ -163,8 +163,8 @@ def test_tiled_inference_equals_whole_image_inference(trained):
     rows = [np.hstack([examples[i].noisy, examples[i + 1].noisy, examples[i + 2].noisy[:, :64]])
             for i in (0, 3)]
     image = np.vstack(rows).astype(np.float32)
-    whole = denoise_image(model, image, tile=512, overlap=0, threads=2)
-    tiled = denoise_image(model, image, tile=96, overlap=32, threads=2)
+    whole = denoise_image(model, image, tile=512, overlap=0, threads=TEST_THREADS)
+    tiled = denoise_image(model, image, tile=96, overlap=32, threads=TEST_THREADS)
     difference = np.abs(tiled - whole)
     spread = float(image.std())
     # measured: mean 3e-4, 99.9th percentile 7e-3, max 1.8e-2 of the image's std (the U-Net sees

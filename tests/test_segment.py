@@ -14,7 +14,7 @@ import pytest
 import tifffile
 import torch
 import zarr
-from conftest import REPO, shared_data
+from conftest import REPO, TEST_THREADS, shared_data
 
 from brightpaint.demo.cellpose_weights import (
     KIND_DIAMETERS,
@@ -138,7 +138,7 @@ def test_shipped_weights_match_their_cards():
 
 
 def test_training_writes_a_loadable_model_and_its_card(tmp_path):
-    card = train_shipped_model("nuclei", tmp_path / "n.pth", sites=2, epochs=2, seed=3, threads=2)
+    card = train_shipped_model("nuclei", tmp_path / "n.pth", sites=2, epochs=2, seed=3, threads=TEST_THREADS)
     assert card["sha256"] == sha256_file(tmp_path / "n.pth")
     assert card["data"]["samples"] == 4 and card["training"]["epochs"] == 2
     assert len(card["training"]["train_loss"]) == 2

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
-from conftest import CHANNELS, shared_data
+from conftest import CHANNELS, TEST_THREADS, shared_data
 from scipy import ndimage
 
 from brightpaint.inference import cpu_has_bf16_matrix_units, predict_tiled, resolve_precision
@@ -144,7 +144,7 @@ def test_real_brightfield_to_dapi_beats_trivial_baselines():
     left = StainSite("Set1", "A01", 1, train.inputs[..., :cut], train.targets[..., :cut], train.mask)
     right = StainSite("Set1", "A02", 1, train.inputs[..., cut:], train.targets[..., cut:], train.mask)
     data = TrainingSet([left], [right], {}, {})
-    generator, history = train_stain_model(data, ["DAPI"], settings, threads=2)
+    generator, history = train_stain_model(data, ["DAPI"], settings, threads=TEST_THREADS)
     card = {"architecture": generator.config, "inputs": {"half_width": 1}}
     predicted = predict_normalised(generator, card, test.inputs, tile=256, overlap=96)[0]
     real = test.targets[0]
