@@ -11,10 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import DEMO_CONFIG
+from conftest import CHANNELS, DEMO_CONFIG
 
 from brightpaint.generalisation import generalisation_matrix, generalisation_table, nuclei_features
 from brightpaint.groups import screen_groups
+from brightpaint.workflow import ConfigError, Screen
 
 
 def test_groups_are_cell_types_times_phenotype_groups():
@@ -26,6 +27,33 @@ def test_groups_are_cell_types_times_phenotype_groups():
         screen_groups(["flat"], {})
     with pytest.raises(ValueError, match="group name"):
         screen_groups(["flat", "de nse"], {})
+
+
+def generalisation_plan(sheet: Path, phenotypes: dict) -> tuple[dict, dict]:
+    screen = Screen.from_config({"screen": str(sheet), "channels": CHANNELS, "stain": {}})
+    settings = {"enabled": True, "cell_types": True, "phenotypes": phenotypes}
+    return screen.generalisation_groups(settings, screen.stain_training_plates())
+
+
+def test_groups_that_no_plate_can_split_are_skipped_with_the_reason(tiny_screen):
+    """The tiny screen's one training plate T1 (cell type flat) has 6 wells, one of them
+    staurosporine (M13): a group needs two wells on a plate (one trains, one is held out)."""
+    sheet = tiny_screen / "plates.tsv"
+    groups, skipped = generalisation_plan(sheet, {"a": "well in ['E05', 'E13']", "b": "control_type == 'trt'",
+                                                  "one": "well == 'M13'", "none": "perturbation == 'x'"})
+    assert list(groups) == ["flat__a", "flat__b"] and groups["flat__b"]["query"] == "control_type == 'trt'"
+    assert list(skipped) == ["flat__one", "flat__none"]
+    assert "wells {'T1': ['M13']}" in skipped["flat__one"]
+    assert "two of its wells on one plate" in skipped["flat__one"]
+    assert "has no wells on the training plates" in skipped["flat__none"]
+    # the demo's phenotype groups on this screen: toxic is M13 alone, so one group is left: no matrix
+    demo_groups = yaml.safe_load(DEMO_CONFIG.read_text())["generalisation"]["phenotypes"]
+    groups, skipped = generalisation_plan(sheet, demo_groups)
+    assert groups == {} and sorted(skipped) == ["flat__non-toxic", "flat__toxic"]
+    assert "M13" in skipped["flat__toxic"] and "no matrix" in skipped["flat__non-toxic"]
+    with pytest.raises(ConfigError, match=r"generalisation.phenotypes: group flat__x, plate T1: cannot apply "
+                                          r"\"colour == 'red'\" to the plate map \(columns \['well'"):
+        generalisation_plan(sheet, {"x": "colour == 'red'", "y": ""})
 
 
 def test_nuclei_features_are_mean_intensities_per_object():

@@ -19,8 +19,8 @@ import yaml
 
 from .defaults import DEFAULT_CONFIG
 from .errors import UserError
-from .groups import screen_groups
-from .io import name_problem, read_screen_sheet
+from .groups import group_wells, screen_groups, untrainable_reason
+from .io import InputError, name_problem, read_platemap, read_screen_sheet
 from .layout import plate_folder_problem
 from .provenance import (
     CELLPROFILER_PACKAGES,
@@ -229,23 +229,45 @@ class Screen:
             return {channel: [channel] for channel in targets}
         return {"all": targets}
 
-    def generalisation_groups(self, settings: dict, training_plates: list[str]) -> dict[str, dict]:
-        """Groups of the generalisation matrix (config `generalisation`), name -> Group fields: every
-        cell type among the training plates (with `cell_types`) x every phenotype group. Empty when
-        it is off, or when the training plates give fewer than two groups and no phenotype groups
-        were asked for (a matrix of one cell is no matrix)."""
+    def generalisation_groups(self, settings: dict, training_plates: list[str]
+                              ) -> tuple[dict[str, dict], dict[str, str]]:
+        """(groups, skipped) of the generalisation matrix (config `generalisation`): groups are name ->
+        Group fields, every cell type among the training plates (with `cell_types`) x every
+        phenotype group; skipped are name -> why it gets no model. A group whose wells (by the
+        training plates' plate maps) no plate can split into training and validation wells is
+        skipped; when fewer than two groups are left there is no matrix and all are skipped. No
+        groups and nothing skipped when the matrix is off, or when the training plates give fewer
+        than two groups and no phenotype groups were asked for (a matrix of one cell is no matrix).
+        A phenotype query the plate maps cannot answer is a ConfigError naming their columns."""
         if not settings.get("enabled"):
-            return {}
+            return {}, {}
         types = (sorted({str(self.plate_row(p)["cell_type"]) for p in training_plates})
                  if settings.get("cell_types") else [])
         phenotypes = settings.get("phenotypes") or {}
         if len(types) < 2 and not phenotypes:
-            return {}
+            return {}, {}
         try:
             groups = screen_groups(types, phenotypes)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-        return {group.name: asdict(group) for group in groups}
+        try:
+            plates = {p: (str(self.plate_row(p)["cell_type"]), read_platemap(self.plate_row(p)["platemap"]))
+                      for p in training_plates}
+        except InputError:
+            # the plate's validation job stops the run and names every problem of its plate map
+            return {g.name: asdict(g) for g in groups}, {}
+        try:
+            skipped = {g.name: reason for g in groups
+                       if (reason := untrainable_reason(g, group_wells(g, plates)))}
+        except ValueError as err:
+            raise ConfigError(f"generalisation.phenotypes: {err}") from err
+        kept = [g for g in groups if g.name not in skipped]
+        if len(kept) < 2:
+            names = [g.name for g in kept]
+            skipped.update({name: f"group {name}: the only group left that can be trained: no matrix of "
+                                  f"one group" for name in names})
+            return {}, skipped
+        return {g.name: asdict(g) for g in kept}, skipped
 
     def stain_training_plates(self) -> list[str]:
         """Plates that train virtual staining: role train or both, of the cell types in

@@ -186,9 +186,13 @@ def training_sources():
     return [plate_stain_sources(plate).as_params() for plate in STAIN_TRAINING_PLATES]
 
 
-# Generalisation matrix: groups of the training plates' wells (cell type x phenotype), each with a model.
+# Generalisation matrix: groups of the training plates' wells (cell type x phenotype), each with a model;
+# a group the training plates cannot split into training and validation wells is skipped, with the
+# reason shown on the index page.
 GENERALISATION = config["generalisation"]
-GENERALISATION_GROUPS = SCREEN.generalisation_groups(GENERALISATION, STAIN_TRAINING_PLATES)
+GENERALISATION_GROUPS, GENERALISATION_SKIPPED = SCREEN.generalisation_groups(
+    GENERALISATION, STAIN_TRAINING_PLATES
+)
 # the per-group models train like the screen's model, with the matrix's (smaller) budget on top
 GENERALISATION_SETTINGS = {**STAIN["model"], **GENERALISATION["model"]}
 

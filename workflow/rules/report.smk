@@ -48,6 +48,7 @@ rule report_index:
         **code_params("report_index.py"),
         # each summary's page, linked from the index
         reports=[plate_folder(p).report_html for p in SCREEN.plate_ids()],
+        generalisation_skipped=GENERALISATION_SKIPPED,
     threads: 1
     conda:
         MAIN_ENV

@@ -27,6 +27,10 @@ if inp.generalisation:  # the matrix table and its figure
     figures.append({"src": png_data_uri(matrix_png), "file": "generalisation_matrix",
                     "caption": "virtual staining trained on one group (rows), tested on another (columns): "
                                "difference to the in-distribution model"})
+skipped = dict(snakemake.params.generalisation_skipped)  # noqa: F821
+if skipped:  # groups of the matrix that got no model, and why
+    tables["generalisation groups without a model"] = pd.DataFrame(
+        {"group": list(skipped), "reason": list(skipped.values())})
 html = render_index(plates, tables, figures)
 with atomic_path(out[0]) as tmp:
     tmp.write_text(html)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ..groups import platemap_wells
 from ..ingest import stored_sites
 from ..plate import (
     MIN_SPREAD,
@@ -80,10 +81,9 @@ def select_wells(source: PlateSource, query: str | None) -> list[str]:
     if source.platemap is None:
         raise StainError(f"plate {source.plate}: a well filter ({query!r}) needs the plate map")
     try:
-        chosen = set(source.platemap.query(query)["well"])
-    except Exception as err:  # pandas raises many kinds for a bad expression
-        raise StainError(f"stain.train_wells: cannot apply {query!r} to plate {source.plate}'s plate "
-                         f"map (columns {list(source.platemap.columns)}): {err}") from err
+        chosen = platemap_wells(source.platemap, query)
+    except ValueError as err:
+        raise StainError(f"stain.train_wells, plate {source.plate}: {err}") from err
     return [w for w in wells if w in chosen]
 
 
