@@ -1,6 +1,8 @@
 """Run by CellProfiler's python (tests/test_features.py): the same random sequence of writes and
 reads on two CellProfiler Measurements, one on CellProfiler's HDF5Dict and one on
 BufferedMeasurementStore; prints a JSON line with the operations run and every answer that differs.
+Then a pipeline's pattern (every image set writes every feature, an export reads them all) on two
+fresh ones, counting the writes that reach HDF5 (HDF5Dict.__setitem__ and add_all) in each.
 
     python cellprofiler_store_check.py <path of cellprofiler_measurements.py> <seed> <operations>
 """
@@ -74,6 +76,46 @@ def ask(m, operation):
         return ["error", type(error).__name__]
 
 
+PIPELINE_IMAGE_SETS, PIPELINE_FEATURES = 20, 30
+
+
+def hdf5_writes_of_a_pipeline(store_path, differences: list) -> dict:
+    """Writes reaching HDF5 in each store ({"stock": n, "buffered": n}) while PIPELINE_IMAGE_SETS
+    image sets each write PIPELINE_FEATURES per-object and as many per-image features, then every
+    feature is read back (answers that differ go into `differences`)."""
+    counts = {}
+
+    def counting(method):
+        def wrapper(self, *args, **kwargs):
+            counts[type(self).__name__] = counts.get(type(self).__name__, 0) + 1
+            return method(self, *args, **kwargs)
+        return wrapper
+
+    originals = HDF5Dict.__setitem__, HDF5Dict.add_all
+    HDF5Dict.__setitem__, HDF5Dict.add_all = (counting(m) for m in originals)
+    try:
+        rng = numpy.random.default_rng(1)
+        stores = (measurements(HDF5Dict), measurements(load_store(store_path)))
+        for image in range(1, PIPELINE_IMAGE_SETS + 1):
+            cells = int(rng.integers(0, 8))
+            for i in range(PIPELINE_FEATURES):
+                values, total = rng.normal(size=cells), float(rng.normal())
+                for m in stores:
+                    m.add_measurement("Nuclei", f"F{i}", values, image_set_number=image)
+                    m.add_measurement("Image", f"Mean_F{i}", total, image_set_number=image)
+        numbers = list(range(1, PIPELINE_IMAGE_SETS + 1))
+        for obj in ("Nuclei", "Image"):
+            for feature in stores[0].get_feature_names(obj):
+                answers = [ask(m, lambda m, o=obj, f=feature: m.get_measurement(o, f, numbers))
+                           for m in stores]
+                if answers[0] != answers[1]:
+                    differences.append({"step": "pipeline", "object": obj, "feature": feature,
+                                        "stock": answers[0], "buffered": answers[1]})
+    finally:
+        HDF5Dict.__setitem__, HDF5Dict.add_all = originals
+    return {"stock": counts.get("HDF5Dict", 0), "buffered": counts.get("BufferedMeasurementStore", 0)}
+
+
 def main() -> int:
     store_path, seed, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     rng = numpy.random.default_rng(seed)
@@ -116,8 +158,9 @@ def main() -> int:
             if answers[0] != answers[1]:
                 differences.append({"step": "end", "object": obj, "feature": feature,
                                     "stock": answers[0], "buffered": answers[1]})
+    writes = hdf5_writes_of_a_pipeline(store_path, differences)
     print(json.dumps({"operations": count, "reads": reads, "differences": differences[:20],
-                      "n_differences": len(differences)}))
+                      "n_differences": len(differences), "hdf5_writes": writes}))
     return 0
 
 

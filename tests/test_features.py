@@ -481,7 +481,9 @@ def test_buffered_measurement_store_answers_as_cellprofilers_own():
     """BufferedMeasurementStore against CellProfiler's HDF5Dict under 2,000 random operations of
     CellProfiler's Measurements (writes of numbers, text and nothing that make features change type,
     reads of one and several image sets, names, columns, removals), then every feature read back:
-    every answer equal, errors included."""
+    every answer equal, errors included. And that it buffers: in a pipeline's pattern (20 image sets
+    writing 30 object and 30 image features each, then all read back) CellProfiler's store writes to
+    HDF5 once per image set and feature, the buffered one once per feature."""
     needs_cellprofiler()
     result = subprocess.run([str(CP_PYTHON), str(REPO / "tests" / "cellprofiler_store_check.py"),
                              str(BUFFERED_LAUNCHER), "0", "2000"],
@@ -490,6 +492,8 @@ def test_buffered_measurement_store_answers_as_cellprofilers_own():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["reads"] > 500
     assert report["n_differences"] == 0, report["differences"][:3]
+    writes = report["hdf5_writes"]
+    assert writes["stock"] >= 20 * 60 and writes["buffered"] <= 60 + 2, writes
 
 
 @pytest.mark.cellprofiler
