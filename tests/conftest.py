@@ -12,6 +12,7 @@ Tiers follow from the fixtures a test uses (nothing is marked by hand):
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -154,18 +155,27 @@ def tiny_run(tmp_path_factory, tiny_screen_source, run_snakemake) -> TinyRun:
     keeps the cores busy itself), so that the tests of every later session and xdist worker read it
     (the SLURM test, in the acceptance session, reruns a plate of it)."""
     shared = os.environ.get("BRIGHTPAINT_TINY_RUN")
-    workdir = Path(shared) if shared else tmp_path_factory.mktemp("tiny_run")
+    if not shared:
+        return make_tiny_run(tmp_path_factory.mktemp("tiny_run"), tiny_screen_source, run_snakemake)
+    workdir = Path(shared)
     done = workdir.with_name(workdir.name + ".done")
-    if shared and done.is_file():
-        return TinyRun(workdir, workdir / "tiny.yaml")
-    if shared:
-        shutil.rmtree(workdir, ignore_errors=True)  # an unfinished run of an earlier session
-        workdir.mkdir(parents=True)
-    config = tiny_demo_config(workdir, tiny_screen_source)
+    # One maker at a time: xdist workers and sessions that need the run wait for the one making it
+    # (when session 1 of tools/run-tests did not select the test that makes it, the first worker does).
+    with open(workdir.with_name(workdir.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            shutil.rmtree(workdir, ignore_errors=True)  # an unfinished run of an earlier session
+            workdir.mkdir(parents=True)
+            make_tiny_run(workdir, tiny_screen_source, run_snakemake)
+            done.touch()
+    return TinyRun(workdir, workdir / "tiny.yaml")
+
+
+def make_tiny_run(workdir: Path, screen_source: Path, run_snakemake) -> TinyRun:
+    config = tiny_demo_config(workdir, screen_source)
     result = run_snakemake(workdir, "--cores", "2", "--configfile", str(config), *TINY_UNTIL, timeout=1800)
     if result.returncode != 0:
         pytest.fail("the tiny run failed:\n" + result.stdout[-3000:] + result.stderr[-3000:])
-    done.touch()
     return TinyRun(workdir, config)
 
 

@@ -18,7 +18,7 @@ import torch
 from conftest import CHANNELS, TEST_THREADS, shared_data
 from scipy import ndimage
 
-from brightpaint.inference import cpu_has_bf16_matrix_units, predict_tiled, resolve_precision
+from brightpaint.inference import cpu_has_fast_bf16, predict_tiled, resolve_precision
 from brightpaint.ingest import read_plane, read_store_layout
 from brightpaint.layout import PlateFolder
 from brightpaint.metrics import image_metrics, pearson
@@ -224,7 +224,7 @@ def test_both_precisions_learn_the_mapping_and_record_which_ran(blob_data, preci
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_bf16_units():
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_bf16_matrix_units() else "fp32")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
     assert [resolve_precision(p, cpu) for p in ("fp32", "bf16")] == ["fp32", "bf16"]
     with pytest.raises(ValueError, match="precision: 'fp16' is not one of"):
         resolve_precision("fp16", cpu)

@@ -43,7 +43,15 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .inference import autocast, predict_tiled, resolve_device, resolve_precision, torch_threads
+from .inference import (
+    as_channels_last,
+    autocast,
+    channels_last,
+    predict_tiled,
+    resolve_device,
+    resolve_precision,
+    torch_threads,
+)
 from .ingest import StoreLayout, channel_plane, read_plane, stored_sites
 from .provenance import sha256_file
 
@@ -239,10 +247,11 @@ def fit(model: UNet, images: list[np.ndarray], *, steps: int, patch: int, batch:
     rng = np.random.default_rng(seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps, eta_min=lr / 20)
-    model.train()
+    channels_last(model).train()
     losses = []
     for _ in range(steps):
-        inputs, targets, mask = training_batch(rng, images, batch, patch, mask_fraction, device)
+        inputs, targets, mask = (as_channels_last(t) for t in training_batch(rng, images, batch, patch,
+                                                                               mask_fraction, device))
         with autocast(device, precision):
             prediction = model(inputs)
         loss = masked_mse(prediction.float(), targets, mask)
@@ -287,7 +296,7 @@ def train_n2v(images: list[np.ndarray], *, steps: int = 300, patch: int = 64, ba
         losses = fit(model, [data for data, _, _ in normalised], steps=steps, patch=patch, batch=batch,
                      lr=lr, mask_fraction=mask_fraction, seed=seed, device=target, precision=precision)
     seconds = time.perf_counter() - start
-    model = model.cpu().eval()
+    model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     model.n2v_info = {
         "channel": channel, "steps": steps, "patch": patch, "batch": batch, "lr": lr,
         "mask_fraction": mask_fraction, "neighbourhood": NEIGHBOURHOOD, "seed": seed,

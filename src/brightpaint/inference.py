@@ -40,25 +40,30 @@ def resolve_device(requested: str = "auto", *, log: bool = True, what: str = "to
 
 
 @cache
-def cpu_has_bf16_matrix_units() -> bool:
-    """Whether the CPU has AMX bf16 tiles (Intel Sapphire Rapids and later; Linux's flag `amx_bf16`),
-    which oneDNN uses for bf16 convolutions. Without them bf16 is emulated and slower than fp32."""
+def cpu_has_fast_bf16() -> bool:
+    """Whether the CPU computes bf16 convolutions natively, which oneDNN then uses: AMX tiles (Intel
+    Sapphire Rapids and later; Linux's flag `amx_bf16`) or AVX-512 bf16 instructions (AMD Zen 4 and
+    later, Intel Cooper Lake; `avx512_bf16`). Without either, bf16 is emulated and slower than fp32.
+    Measured on a 2-vCPU AMD EPYC with avx512_bf16 (2 threads, the demo's U-Net, batch 8 x 128 px):
+    a training step 0.71 s in fp32, 0.34 s in bf16."""
     try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
     """The training precision for `requested` ("auto", "fp32" or "bf16") on `device`. "auto" trains in
     bf16 mixed precision (weights, optimiser and loss in fp32; convolutions in bf16) where the hardware
-    has bf16 matrix units: a CUDA GPU that supports bf16, a CPU with AMX. There a U-Net training step
-    took 2.0-2.5x less time than in fp32 (bench/stain.py, `precision`); elsewhere fp32."""
+    computes bf16 natively: a CUDA GPU that supports bf16, a CPU with AMX or AVX-512 bf16. There a
+    U-Net training step took 2.0-2.5x less time than in fp32 (bench/stain.py, `precision`);
+    elsewhere fp32."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision: {requested!r} is not one of {PRECISIONS}")
     if requested != "auto":
         return requested
-    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16_matrix_units()
+    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
     return "bf16" if fast else "fp32"
 
 
@@ -66,6 +71,20 @@ def autocast(device: torch.device, precision: str):
     """The context a training forward pass runs in: bf16 autocast for precision "bf16", else none.
     Callers cast the output to fp32 before the loss."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def channels_last(model: nn.Module) -> nn.Module:
+    """`model` with its 4-D weights in channels-last (NHWC) memory format, in place; inputs should
+    be made channels-last too (`as_channels_last`). oneDNN's convolutions run on NHWC without
+    reordering: on a 2-vCPU AMD EPYC, the demo's U-Net trained 25 % faster (fp32 and bf16) and
+    predicted 1.7-1.9x faster in fp32, the Noise2Void U-Net 1.2x and 1.5x. The values, and so the
+    state dict, are unchanged; savers make tensors contiguous where a format needs it."""
+    return model.to(memory_format=torch.channels_last)
+
+
+def as_channels_last(tensor: torch.Tensor) -> torch.Tensor:
+    """A 4-D tensor in channels-last memory format (other tensors as they are)."""
+    return tensor.contiguous(memory_format=torch.channels_last) if tensor.ndim == 4 else tensor
 
 
 @contextmanager
@@ -136,7 +155,8 @@ def check_tiling(tile: int, overlap: int, multiple: int) -> tuple[int, int]:
 
 def _autocast(device: torch.device, amp: bool):
     """bf16 autocast on a GPU (halves memory traffic; the networks are small and bf16 keeps the
-    float32 range); plain float32 on CPU, where bf16 convolutions are slower."""
+    float32 range); plain float32 on CPU, where bf16 is emulated and slower on CPUs without bf16
+    units, so predictions stay the same from one CPU machine to the next."""
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
@@ -146,9 +166,10 @@ def predict_tiled(model: nn.Module, image: np.ndarray, *, tile: int = 256, overl
                   batch: int = 8, device: torch.device | str = "cpu", amp: bool = True) -> np.ndarray:
     """A network applied to a (C, Y, X) float32 image in overlapping tiles, blended with raised-cosine
     ramps: (C_out, Y, X) float32. Tiles of one size go through the network `batch` at a time. The
-    model must be in eval mode and on `device`; its `multiple` attribute (default 1) gives the size
-    divisor. An overlap of at least twice the network's receptive radius makes the result equal
-    whole-image inference within float tolerance (`blend_ramp`)."""
+    model must be in eval mode and on `device`; it is put in channels-last format (`channels_last`).
+    Its `multiple` attribute (default 1) gives the size divisor. An overlap of at least twice the
+    network's receptive radius makes the result equal whole-image inference within float tolerance
+    (`blend_ramp`)."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 3 or min(image.shape) < 1:
         raise ValueError(f"predict_tiled: need a (C, Y, X) image, got shape {image.shape}")
@@ -160,12 +181,12 @@ def predict_tiled(model: nn.Module, image: np.ndarray, *, tile: int = 256, overl
     windows = [(y, x) for y in tile_starts(height, tile, overlap, multiple)
                for x in tile_starts(width, tile, overlap, multiple)]
     total = weights = None
-    memory = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    channels_last(model)
     with torch.inference_mode(), _autocast(device, amp):
         for start in range(0, len(windows), batch):
             group = windows[start:start + batch]
             stack = np.stack([data[:, y:y + tile, x:x + tile] for y, x in group])
-            tensor = torch.from_numpy(stack).to(device).contiguous(memory_format=memory)
+            tensor = as_channels_last(torch.from_numpy(stack).to(device))
             out = model(tensor).float().cpu().numpy()
             if total is None:
                 total = np.zeros((out.shape[1], height, width), dtype=np.float64)

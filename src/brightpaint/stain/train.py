@@ -14,7 +14,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..inference import autocast, predict_tiled, resolve_device, resolve_precision, torch_threads
+from ..inference import (
+    as_channels_last,
+    autocast,
+    channels_last,
+    predict_tiled,
+    resolve_device,
+    resolve_precision,
+    torch_threads,
+)
 from ..metrics import pearson
 from ..plate import VIRTUAL_PREFIX, PlateSource, brightfield_planes
 from ..trust import DOMAIN_STATISTICS, brightfield_statistics, describe_domain
@@ -31,12 +39,14 @@ LOGGER = logging.getLogger("brightpaint")
 
 
 def validation_scores(generator: torch.nn.Module, sites: Sequence[StainSite], targets: Sequence[str],
-                      device: torch.device, tile: int = 512) -> dict[str, float]:
-    """Masked L1 (normalised units) and per-channel PCC over whole validation sites."""
+                      device: torch.device, tile: int = 512, precision: str = "fp32") -> dict[str, float]:
+    """Masked L1 (normalised units) and per-channel PCC over whole validation sites, predicted in the
+    training's `precision` (the forward pass the model is trained in; bf16 halves the time on CPU)."""
     generator.eval()
     losses, pccs = [], {c: [] for c in targets}
     for site in sites:
-        prediction = predict_tiled(generator, site.inputs, tile=tile, overlap=96, device=device)
+        with autocast(device, precision):
+            prediction = predict_tiled(generator, site.inputs, tile=tile, overlap=96, device=device)
         for c, channel in enumerate(targets):
             if site.mask[c]:
                 losses.append(float(np.mean(np.abs(prediction[c] - site.targets[c]))))
@@ -79,6 +89,7 @@ def train_stain_model(data: TrainingSet, targets: Sequence[str], settings: Stain
         torch.manual_seed(settings.seed)
         generator = models.build_generator(settings.arch, n_inputs, n_outputs, width=settings.width,
                                                  depth=settings.depth, seed=settings.seed).to(target)
+        channels_last(generator)
         patch = training_patch(settings, generator.multiple, data)
         betas = (0.5, 0.9) if settings.gan else (0.9, 0.999)
         optimiser = torch.optim.Adam(generator.parameters(), lr=settings.lr, betas=betas)
@@ -89,13 +100,14 @@ def train_stain_model(data: TrainingSet, targets: Sequence[str], settings: Stain
         if settings.gan:
             critic = models.build_critic(n_inputs + n_outputs, width=settings.width,
                                                seed=settings.seed).to(target)
+            channels_last(critic)
             critic_optimiser = torch.optim.Adam(critic.parameters(), lr=settings.lr, betas=betas)
         generator.train()
         for epoch in range(settings.max_epochs):
             start, losses = time.perf_counter(), []
             for _ in range(settings.steps_per_epoch):
-                x, y, mask = (t.to(target) for t in training_batch(rng, data.train, settings.batch, patch,
-                                                                    settings.augment))
+                batch = training_batch(rng, data.train, settings.batch, patch, settings.augment)
+                x, y, mask = (as_channels_last(t.to(target)) for t in batch)
                 if settings.gan:
                     loss = _gan_step(generator, critic, optimiser, critic_optimiser, x, y, mask,
                                      reconstruction, settings, precision)
@@ -109,7 +121,7 @@ def train_stain_model(data: TrainingSet, targets: Sequence[str], settings: Stain
                     loss = float(loss.detach())
                 schedule.step()
                 losses.append(loss)
-            scores = validation_scores(generator, data.validation, targets, target)
+            scores = validation_scores(generator, data.validation, targets, target, precision=precision)
             history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **scores,
                             "patch": patch, "precision": precision,
                             "seconds": time.perf_counter() - start})
@@ -127,7 +139,7 @@ def train_stain_model(data: TrainingSet, targets: Sequence[str], settings: Stain
         generator.load_state_dict(best)
     table = pd.DataFrame(history)
     table["best"] = table["val_l1"] == table["val_l1"].min()
-    return generator.cpu().eval(), table
+    return generator.cpu().to(memory_format=torch.contiguous_format).eval(), table
 
 
 def _gan_step(generator, critic, optimiser, critic_optimiser, x, y, mask, reconstruction,
