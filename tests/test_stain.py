@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import tifffile
 import torch
+import zarr
 from conftest import CHANNELS, TEST_THREADS, shared_data
 from scipy import ndimage
 
@@ -29,6 +31,7 @@ from brightpaint.stain.data import (
     TrainingSet,
     brightfield_input,
     build_training_set,
+    plate_split,
     random_crop,
     split_wells,
 )
@@ -280,6 +283,34 @@ def test_wells_split_without_overlap_and_reproducibly():
     assert len(val) == round(0.2 * len(wells))
     assert split_wells(wells, 0.2, 0, "P1") == (train, val)
     assert split_wells(wells, 0.2, 0, "P2")[1] != val  # plates draw their own validation wells
+
+
+def fake_plate(tmp_path: Path, plate: str, platemap: pd.DataFrame | None) -> SimpleNamespace:
+    """What the well split reads of a plate: its store's OME well list and its plate map."""
+    root = zarr.open_group(str(tmp_path / f"{plate}.zarr"), mode="w")
+    wells = [] if platemap is None else list(platemap["well"])
+    root.attrs["ome"] = {"plate": {"wells": [{"path": f"{w[0]}/{w[1:]}"} for w in wells]}}
+    for well in wells:
+        root.create_group(f"{well[0]}/{well[1:]}").attrs["ome"] = {"well": {"images": [{"path": "0"}]}}
+    return SimpleNamespace(plate=plate, store=tmp_path / f"{plate}.zarr", platemap=platemap)
+
+
+def test_validation_wells_by_a_plate_map_query_or_a_seeded_draw(tmp_path):
+    platemap = pd.DataFrame({"well": [f"{r}{c:02d}" for r in "AB" for c in range(1, 6)],
+                             "replicate": [1, 1, 2, 2, 3] * 2})
+    plate = fake_plate(tmp_path, "P1", platemap)
+    wells = list(platemap["well"])
+    train, val = plate_split(plate, wells, SMALL, "replicate == 3")
+    assert val == ["A05", "B05"] and train == [w for w in wells if w not in val]
+    assert plate_split(plate, wells, SMALL, "") == split_wells(wells, SMALL.val_fraction, SMALL.seed, "P1")
+    setting = "stain.validation_wells, plate"
+    with pytest.raises(StainError, match=rf"{setting} P1: 'replicate > 0' holds out every"):
+        plate_split(plate, wells, SMALL, "replicate > 0")
+    with pytest.raises(StainError, match=rf"{setting} P1: cannot apply 'batch == 1'.*replicate"):
+        plate_split(plate, wells, SMALL, "batch == 1")
+    without_map = SimpleNamespace(plate="P2", store=plate.store, platemap=None)
+    with pytest.raises(StainError, match=rf"{setting} P2: a well query .* needs the plate map"):
+        plate_split(without_map, wells, SMALL, "replicate == 3")
 
 
 # ---------------------------------------------------------------------------------------------

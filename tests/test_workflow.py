@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -235,6 +236,13 @@ def test_tiny_demo_end_to_end(tiny_run, run_snakemake):
         assert len(cells) == merged["cells"].sum()
         assert set(measured["source"]) == ({"real", "virtual"} if stained else {"virtual"})
         assert (results / "logs" / plate.plate / "features_shard_0.cellprofiler.log").is_file()
+    # the stain model's held-out wells: a random draw on a tiny plate, too few sites, said so
+    card = json.loads((results / "models" / "stain" / "all" / "card.json").read_text())
+    held_out = card["n_sites"]["validation"]
+    assert card["validation_filter"] == "" and 0 < held_out < 12
+    assert card["wells"]["T1"]["validation"] and not set(card["wells"]["T1"]["validation"]) & set(
+        card["wells"]["T1"]["train"])
+    assert f"only {held_out} validation sites" in (results / "logs" / "stain_train_all.log").read_text()
     again = run_snakemake(tmp_path, "-n", "--configfile", str(config), *TINY_UNTIL)
     output = again.stdout + again.stderr
     assert "Nothing to be done" in output or job_counts(output) == {}, output[-2000:]

@@ -44,7 +44,6 @@ from torch import nn
 
 from .atomic import atomic_path
 from .inference import (
-    as_channels_last,
     autocast,
     channels_last,
     predict_tiled,
@@ -250,7 +249,7 @@ def fit(model: UNet, images: list[np.ndarray], *, steps: int, patch: int, batch:
     channels_last(model).train()
     losses = []
     for _ in range(steps):
-        inputs, targets, mask = (as_channels_last(t) for t in training_batch(rng, images, batch, patch,
+        inputs, targets, mask = (channels_last(t) for t in training_batch(rng, images, batch, patch,
                                                                                mask_fraction, device))
         with autocast(device, precision):
             prediction = model(inputs)

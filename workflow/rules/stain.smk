@@ -20,6 +20,7 @@ rule stain_train:
         brightfield=config["channels"]["brightfield"],
         settings=STAIN["model"],
         train_wells=STAIN["train_wells"],
+        validation_wells=STAIN["validation_wells"],
         domain=STAIN["domain"],
         device=STAIN["device"],
     resources:

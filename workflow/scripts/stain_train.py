@@ -18,7 +18,8 @@ sources = [open_plate_source(PlateSources.from_params(files).among(inp, snakemak
 generator, card, history = fit_stain_model(
     sources, list(params.targets), StainSettings.from_config(dict(params.settings)),
     brightfield=params.brightfield, plates=[{k: str(v) for k, v in row.items()} for row in params.plates],
-    well_query=params.train_wells, device=params.device, threads=snakemake.threads,  # noqa: F821
+    well_query=params.train_wells, validation_query=params.validation_wells, device=params.device,
+    threads=snakemake.threads,  # noqa: F821
     domain_quantile=params.domain["quantile"], domain_floor=params.domain["floor"])
 card = save_stain_model(generator, card, out.model)
 with atomic_path(out.history) as tmp:

@@ -72,18 +72,19 @@ def load_site(source: PlateSource, well: str, site: int, targets: Sequence[str],
     return StainSite(source.plate, well, int(site), inputs, np.stack(planes), np.asarray(mask, np.float32))
 
 
-def select_wells(source: PlateSource, query: str | None) -> list[str]:
+def select_wells(source: PlateSource, query: str | None, setting: str = "stain.train_wells") -> list[str]:
     """Wells of the plate whose plate-map row satisfies `query` (a pandas query on the plate map's
-    columns, e.g. "control_type != 'poscon'"); every stored well when the query is empty."""
+    columns, e.g. "control_type != 'poscon'"); every stored well when the query is empty. Errors
+    name the plate and the config `setting` the query came from."""
     wells = sorted({w for w, _ in stored_sites(source.store)})
     if not query:
         return wells
     if source.platemap is None:
-        raise StainError(f"plate {source.plate}: a well filter ({query!r}) needs the plate map")
+        raise StainError(f"{setting}, plate {source.plate}: a well query ({query!r}) needs the plate map")
     try:
         chosen = platemap_wells(source.platemap, query)
     except ValueError as err:
-        raise StainError(f"stain.train_wells, plate {source.plate}: {err}") from err
+        raise StainError(f"{setting}, plate {source.plate}: {err}") from err
     return [w for w in wells if w in chosen]
 
 
@@ -97,6 +98,23 @@ def split_wells(wells: Sequence[str], val_fraction: float, seed: int, plate: str
     order = np.random.default_rng(seed_key).permutation(len(wells))
     val = sorted(wells[i] for i in order[:n_val])
     return [w for w in wells if w not in val], val
+
+
+def plate_split(source: PlateSource, wells: Sequence[str], settings: StainSettings,
+                validation_query: str | None = None) -> tuple[list[str], list[str]]:
+    """(training wells, validation wells) of one plate's `wells`: those whose plate-map row satisfies
+    `validation_query` (config stain.validation_wells, e.g. a replicate or a set of columns the
+    user holds out) are validation wells, the rest training wells; without a query, a seeded random
+    draw (`split_wells`). A query that leaves no training well is a StainError naming the plate."""
+    if not validation_query:
+        return split_wells(wells, settings.val_fraction, settings.seed, source.plate)
+    held_out = set(select_wells(source, validation_query, "stain.validation_wells"))
+    validation = [w for w in sorted(wells) if w in held_out]
+    train = [w for w in sorted(wells) if w not in held_out]
+    if not train:
+        raise StainError(f"stain.validation_wells, plate {source.plate}: {validation_query!r} holds out "
+                         f"every one of its {len(validation)} training well(s); none is left to train on")
+    return train, validation
 
 
 @dataclass
@@ -118,9 +136,11 @@ class TrainingSet:
 
 
 def build_training_set(sources: Sequence[PlateSource], targets: Sequence[str],
-                       settings: StainSettings, well_query: str | None = None) -> TrainingSet:
-    """Split every training plate's wells, sample at most `max_sites` training sites (and a quarter
-    of that for validation) across plates, and load them normalised."""
+                       settings: StainSettings, well_query: str | None = None,
+                       validation_query: str | None = None) -> TrainingSet:
+    """Split every training plate's wells (`plate_split`: `validation_query`, or a seeded random
+    draw), sample at most `max_sites` training sites (and a quarter of that for validation) across
+    plates, and load them normalised."""
     if not sources:
         raise StainError("virtual staining: no training plates (no plate of the screen has role "
                          "train or both, or the filters left none)")
@@ -137,7 +157,7 @@ def build_training_set(sources: Sequence[PlateSource], targets: Sequence[str],
         chosen = select_wells(source, well_query)
         if not chosen:
             raise StainError(f"plate {source.plate}: no wells left for training (filter {well_query!r})")
-        train_wells, val_wells = split_wells(chosen, settings.val_fraction, settings.seed, source.plate)
+        train_wells, val_wells = plate_split(source, chosen, settings, validation_query)
         wells[source.plate] = {"train": train_wells, "validation": val_wells}
         for side, side_wells in (("train", train_wells), ("validation", val_wells)):
             candidates[side] += [(source, w, s) for w, s in source.usable_sites(side_wells)]
@@ -145,7 +165,8 @@ def build_training_set(sources: Sequence[PlateSource], targets: Sequence[str],
               "validation": sample_items(rng, candidates["validation"], max(4, settings.max_sites // 4))}
     if not picked["train"] or not picked["validation"]:
         raise StainError("virtual staining: need usable sites in both training and validation wells; "
-                         f"got {len(picked['train'])} and {len(picked['validation'])}")
+                         f"got {len(picked['train'])} and {len(picked['validation'])}"
+                         + (f" (stain.validation_wells {validation_query!r})" if validation_query else ""))
     for source in sources:
         own = [(w, s) for src, w, s in picked["train"] if src is source]
         scales[source.plate] = plate_scales(source, own or source.usable_sites()[:8], targets,
