@@ -42,7 +42,8 @@ LOWER_IS_BETTER = {"feature_nmae"}
 def group_sources(group: Group, sources: Sequence[tuple[PlateSource, str]]) -> list[PlateSource]:
     """The training plates (source, cell type) of a group that hold at least one of its wells."""
     return [source for source, cell_type in sources
-            if (not group.cell_type or cell_type == group.cell_type) and select_wells(source, group.query)]
+            if (not group.cell_type or cell_type == group.cell_type)
+            and select_wells(source, group.query, f"generalisation group {group.name}")]
 
 
 def held_out_sites(card: Mapping, sources: Sequence[PlateSource], limit: int = 0
