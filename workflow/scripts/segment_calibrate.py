@@ -4,23 +4,18 @@ import json
 from pathlib import Path
 
 from brightpaint.atomic import atomic_path
-from brightpaint.inference import resolve_device, torch_threads
+from brightpaint.inference import torch_threads
 from brightpaint.layout import PlateSources
 from brightpaint.logs import log_to_rule
-from brightpaint.plate import open_plate_source
-from brightpaint.segment.plates import calibrate_plate, plate_readers
-from brightpaint.segment.settings import SegmentSettings
-from brightpaint.segment.weights import load_cellpose_model, model_description
+from brightpaint.segment.plates import calibrate_plate, open_plate_segmentation
+from brightpaint.segment.weights import model_description
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
-device = resolve_device(params.device, what="segmentation")
-settings = SegmentSettings.from_config(params.settings)
-source = open_plate_source(PlateSources.from_input(inp), params.brightfield)
-readers = plate_readers(source, inp.virtual, params.nuclei, params.cell)
-models = tuple(load_cellpose_model(path, device) for path in (params.nuclei_weights, params.cell_weights))
+job = open_plate_segmentation(PlateSources.from_input(inp), inp.virtual, params)
+source, device = job.source, job.device
 with torch_threads(snakemake.threads):  # noqa: F821
-    diameters = calibrate_plate(models, settings, readers, source.usable_sites())
+    diameters = calibrate_plate(job.models, job.settings, job.readers, source.usable_sites())
 record = {"plate": source.plate, "device": str(device), "inputs": diameters,
           "models": {"nuclei": model_description(params.nuclei_weights),
                      "cells": model_description(params.cell_weights)}}

@@ -6,31 +6,25 @@ from pathlib import Path
 import pandas as pd
 
 from brightpaint.atomic import atomic_path
-from brightpaint.inference import resolve_device, torch_threads
+from brightpaint.inference import torch_threads
 from brightpaint.ingest import shard_wells, stored_sites
 from brightpaint.layout import PlateSources
 from brightpaint.logs import log_to_rule
-from brightpaint.plate import open_plate_source
-from brightpaint.segment.plates import plate_readers, segment_shard, unusable_sites
+from brightpaint.segment.plates import open_plate_segmentation, segment_shard, unusable_sites
 from brightpaint.segment.run import Segmenter
-from brightpaint.segment.settings import SegmentSettings
-from brightpaint.segment.weights import load_cellpose_model
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
-device = resolve_device(params.device, what="segmentation")
-settings = SegmentSettings.from_config(params.settings)
-source = open_plate_source(PlateSources.from_input(inp), params.brightfield)
-readers = plate_readers(source, inp.virtual, params.nuclei, params.cell)
-models = tuple(load_cellpose_model(path, device) for path in (params.nuclei_weights, params.cell_weights))
+job = open_plate_segmentation(PlateSources.from_input(inp), inp.virtual, params)
+source, device = job.source, job.device
 diameters = json.loads(Path(inp.diameters).read_text())["inputs"]
-segmenters = {name: Segmenter(*models, settings, d["nuclei_diameter"], d["cell_diameter"])
+segmenters = {name: Segmenter(*job.models, job.settings, d["nuclei_diameter"], d["cell_diameter"])
               for name, d in diameters.items()}
 wells = shard_wells(sorted({w for w, _ in stored_sites(inp.virtual)}), params.n_shards,
                     int(snakemake.wildcards.shard))  # noqa: F821
 skip = unusable_sites(pd.read_csv(inp.stain_sites, keep_default_na=False))
 with torch_threads(snakemake.threads):  # noqa: F821
-    table = segment_shard(segmenters, readers, stored_sites(inp.virtual, wells), inp.virtual, out.store,
+    table = segment_shard(segmenters, job.readers, stored_sites(inp.virtual, wells), inp.virtual, out.store,
                           skip=skip, sites_per_batch=params.sites_per_batch)
 with atomic_path(out.sites) as tmp:
     table.to_csv(tmp, index=False)

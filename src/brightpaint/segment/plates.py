@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,16 @@ import pandas as pd
 import zarr
 
 from ..atomic import atomic_path, link_tree
+from ..inference import resolve_device
 from ..ingest import field_path, read_plane, read_store_layout
 from ..io import well_row_column
 from ..labels import label_name, write_field_labels
-from ..plate import VIRTUAL_PREFIX, fluorescence_plane
+from ..layout import PlateSources
+from ..plate import VIRTUAL_PREFIX, PlateSource, fluorescence_plane, open_plate_source
 from .objects import OBJECTS
 from .run import Segmenter, site_quality
 from .settings import SegmentSettings
+from .weights import load_cellpose_model
 
 SITE_COLUMNS = ["well", "site", "source", "status", "reason", "objects", "nuclei_found", "cells_found",
                 "cells_without_nucleus", "nuclei_without_cell", "border_objects", "seconds"]
@@ -39,6 +43,29 @@ def plate_readers(source, virtual_store: str | Path, nuclei: str, cell: str) -> 
         readers["virtual"] = lambda well, site: tuple(
             np.asarray(read_plane(virtual_store, well, site, i, 0), np.float32) for i in indices)
     return readers
+
+
+@dataclass
+class PlateSegmentation:
+    """What a segmentation job of a plate works with (rules segment_calibrate and segment_shard)."""
+
+    device: object  # torch.device
+    settings: SegmentSettings
+    source: PlateSource
+    readers: dict[str, SiteReader]  # plate_readers
+    models: tuple  # (nuclei, cells) Cellpose models
+
+
+def open_plate_segmentation(sources: PlateSources, virtual_store: str | Path, params) -> PlateSegmentation:
+    """The device (logged), the checked settings, the plate, its input readers and the two Cellpose
+    models, from the segmentation rules' params (workflow/rules/common.smk SEGMENT_PARAMS: attributes
+    brightfield, nuclei, cell, nuclei_weights, cell_weights, settings, device)."""
+    device = resolve_device(params.device, what="segmentation")
+    source = open_plate_source(sources, params.brightfield)
+    return PlateSegmentation(device, SegmentSettings.from_config(params.settings), source,
+                             plate_readers(source, virtual_store, params.nuclei, params.cell),
+                             tuple(load_cellpose_model(path, device)
+                                   for path in (params.nuclei_weights, params.cell_weights)))
 
 
 def calibrate_plate(models: tuple, settings: SegmentSettings, readers: dict[str, SiteReader],
