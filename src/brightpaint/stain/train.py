@@ -24,8 +24,9 @@ from .data import StainSite, TrainingSet, build_training_set, training_batch
 from .settings import StainError, StainSettings
 
 LOGGER = logging.getLogger("brightpaint")
-# Held-out sites below which a model's validation numbers and domain threshold are warned about: a
-# dozen sites put the 0.99 quantile of their domain scores at their maximum and PCCs within ~0.05.
+# Held-out sites below which a model's validation numbers and domain threshold are warned about:
+# with a handful, one odd site sets the threshold (the largest of their domain scores) and moves the
+# early stop and the card's validation means (issue 21 saw 2 validation sites on a real field).
 MIN_VALIDATION_SITES = 12
 
 
