@@ -26,6 +26,7 @@ import yaml
 
 from brightpaint.inference import (
     autocast,
+    channels_last,
     predict_tiled,
     resolve_device,
     resolve_precision,
@@ -77,10 +78,11 @@ def time_prediction(generator, device, size: int, tile: int, overlap: int, batch
 def time_training(settings: StainSettings, device, steps: int, precision: str) -> dict:
     generator = models.build_generator(settings.arch, 2 * settings.half_width + 1, 3,
                                              width=settings.width, depth=settings.depth, seed=0).to(device)
+    channels_last(generator)  # as stain.train trains it
     optimiser = torch.optim.Adam(generator.parameters(), lr=settings.lr)
     loss_fn = models.reconstruction_loss(settings.loss)
     planes = 2 * settings.half_width + 1
-    x = torch.randn(settings.batch, planes, settings.patch, settings.patch, device=device)
+    x = channels_last(torch.randn(settings.batch, planes, settings.patch, settings.patch, device=device))
     y = torch.randn(settings.batch, 3, settings.patch, settings.patch, device=device)
     mask = torch.ones(settings.batch, 3, device=device)
     times = []
