@@ -155,6 +155,89 @@ def test_plls_direction_depends_on_the_band(demo_sites):
     assert all(chosen(demo, (0.05, 0.2), np.argmax)) and all(chosen(real, (0.05, 0.2), np.argmin))
 
 
+# --- phase objects: the focal plane has the least contrast (contrast_inversion) -------------------
+
+PHASE_OBJECTS = {z: ScreenSpec(plates=(PlateSpec("PF", "B1", "flat", "train", bf_absorption=0.1),
+                                       PlateSpec("PD", "B2", "dense", "train", bf_absorption=0.1)),
+                               wells=24, sites=1, size=192, z_planes=z, seed=6) for z in (5, 13)}
+
+
+@pytest.mark.parametrize("z_planes", [5, 13])
+def test_phase_objects_focal_plane_found_where_sharpness_fails(z_planes):
+    """Thin cells (absorption x 0.1): every sharpness score ranks the focal plane low, the contrast
+    inversion finds it, unflagged."""
+    spec = PHASE_OBJECTS[z_planes]
+    sites = [simulate_site(spec, plate.plate, well, 1, fluorescence=False)
+             for plate in spec.plates for well in plate_wells(spec.wells)[:12]]
+    sites = [s for s in sites if with_cells(s)]
+    assert len(sites) >= 20
+    results = [focus.assess_stack(stack_of(s)) for s in sites]
+    exact = sum(r.plane == s.focal_plane for s, r in zip(sites, results, strict=True))
+    assert exact >= 0.95 * len(sites), [(s.well, s.focal_plane, r.plane) for s, r in zip(sites, results,
+                                                                                      strict=True)]
+    assert sum(r.flag == "" and r.basis == focus.INVERSION for r in results) >= 0.95 * len(sites)
+    assert all(r.prominence >= focus.MIN_ANTICORRELATION for r in results if r.basis == focus.INVERSION)
+    sharpest = sum(focus.select_focus_plane(r.scores, "var_laplacian") == s.focal_plane
+                   for s, r in zip(sites, results, strict=True))
+    assert sharpest <= 0.1 * len(sites)
+
+
+def test_pure_absorber_falls_back_to_the_sharpest_plane(demo_sites):
+    """No phase term: planes either side of focus are blurred copies of one image, nothing inverts."""
+    rng = np.random.default_rng(2)
+    checked = 0
+    for s in [s for s in demo_sites if with_cells(s)][::4]:
+        optics = plate_optics(DEMO, s.plate)["BF"]
+        clean = defocus_series(s.absorption, np.zeros_like(s.phase), [z - 2.1 for z in range(5)])
+        result = focus.assess_stack(np.stack([add_noise(rng, plane, optics) for plane in clean]))
+        assert (result.plane, result.basis, result.flag) == (2, "var_laplacian", ""), result.reason
+        checked += 1
+    assert checked >= 10
+
+
+def test_phase_objects_out_of_focus_on_one_side_are_flagged():
+    """Planes all on one side of focus show same-sign halos: no inversion, and the blur QC flags them."""
+    spec = PHASE_OBJECTS[5]
+    rng = np.random.default_rng(3)
+    results = []
+    for plate in spec.plates:
+        optics = plate_optics(spec, plate.plate)["BF"]
+        for well in plate_wells(spec.wells)[:12:3]:
+            s = simulate_site(spec, plate.plate, well, 1, fluorescence=False)
+            for defocus in ([2.5] * 5, [-3.0] * 5, [-6, -5, -4, -3, -2]):
+                clean = defocus_series(s.absorption, s.phase, defocus)
+                results.append(focus.assess_stack(np.stack([add_noise(rng, p, optics) for p in clean])))
+    assert all(r.basis == "var_laplacian" for r in results)
+    assert sum("out_of_focus" in r.flag for r in results) >= 0.9 * len(results)
+
+
+def test_real_jump_brightfield_middle_plane():
+    """JUMP's three Phenix planes (-4 / 0 / +7 um): every sharpness score ranks the focal plane lowest
+    (thin cells are phase objects), the contrast inversion picks it."""
+    folder = shared_data("jump-brightfield-3plane")
+    stack = np.stack([tifffile.imread(folder / f"brightfield_{name}.tiff")
+                      for name in ("under", "focus", "over")])
+    result = focus.assess_stack(stack)
+    for method in focus.METHODS:
+        values = focus.DIRECTIONS[method] * result.scores[method].to_numpy()
+        assert int(np.argmin(values)) == 1, (method, values)
+    assert (result.plane, result.basis, result.flag) == (1, focus.INVERSION, ""), result.reason
+    assert result.window == [0, 1, 2]
+    assert result.scores.at[1, "flank_correlation"] < -0.4
+    assert result.scores.at[1, "band_energy"] < result.scores["band_energy"].drop(1).min()
+
+
+def test_inversion_scores_skip_unusable_neighbours(small_stack):
+    stack = small_stack.copy()
+    stack[3] = 0
+    scores = focus.inversion_scores(stack)
+    flank, energy = scores["flank_correlation"], scores["band_energy"]
+    assert np.isnan(flank[0]) and np.isnan(flank[4])  # no plane beyond the stack's ends
+    assert np.isnan(flank[2]) and np.isnan(flank[4]) and np.isfinite(flank[1]) and np.isfinite(flank[3])
+    assert np.isnan(energy[3]) and np.isfinite(energy.drop(3)).all()
+    assert focus.assess_stack(stack).plane != 3
+
+
 # --- scores ---------------------------------------------------------------------------------------
 
 
@@ -181,9 +264,12 @@ def test_focus_scores_table_shape_and_order():
     sharp = rng.normal(100, 10, (64, 64))
     stack = np.stack([ndimage.gaussian_filter(sharp, s) for s in (3, 1.5, 0, 1.5, 3)])
     scores = focus.focus_scores(stack)
-    assert list(scores.columns) == list(focus.METHODS) and list(scores.index) == [0, 1, 2, 3, 4]
+    assert list(scores.columns) == list(focus.SCORE_COLUMNS) and list(scores.index) == [0, 1, 2, 3, 4]
     for method in ("var_laplacian", "tenengrad", "plls"):
         assert focus.select_focus_plane(scores, method) == 2
+    # blurred copies of one image (a pure absorber): no halos, so the default takes the sharpest
+    assert (scores["flank_correlation"].iloc[1:4] > 0.5).all()
+    assert focus.choose_focus_plane(scores) == (2, "var_laplacian")
     # any accepted form of scores gives the same answer
     assert focus.select_focus_plane(scores["plls"].tolist(), "plls") == 2
     assert focus.select_focus_plane(scores.to_dict("list"), "tenengrad") == 2
@@ -225,10 +311,16 @@ def test_defocused_only_stack_is_flagged_out_of_focus(demo_sites):
     assert checked >= 14
 
 
-def test_blurred_stack_is_flagged(demo_sites):
+def test_blurred_stack(demo_sites):
+    """Optics blur of 4 px (a low-NA or dirty objective): the phase halos are wider than the blur,
+    so the contrast inversion still finds the focal plane, while no plane is sharp any more, which
+    the sharpest-plane chooser's QC flags. (Unusual brightfield statistics are the stain model's
+    domain check's to catch.)"""
     s = next(s for s in demo_sites if with_cells(s))
     blurred = np.stack([ndimage.gaussian_filter(p.astype(np.float32), 4) for p in stack_of(s)])
-    assert focus.assess_stack(blurred).flag != ""
+    result = focus.assess_stack(blurred)
+    assert (result.plane, result.basis) == (s.focal_plane, focus.INVERSION)
+    assert focus.assess_stack(blurred, method="var_laplacian").flag != ""
 
 
 def test_stack_that_does_not_bracket_focus_is_flagged(demo_sites):
@@ -244,8 +336,11 @@ def test_stack_that_does_not_bracket_focus_is_flagged(demo_sites):
 
 def test_threshold_is_a_parameter(demo_sites, demo_results):
     s, r = next((s, r) for s, r in zip(demo_sites, demo_results, strict=True) if with_cells(s))
-    strict = focus.assess_stack(stack_of(s), min_prominence=r.prominence + 1)
-    assert strict.flag == "out_of_focus" and strict.plane == r.plane
+    sharpest = focus.assess_stack(stack_of(s), method="var_laplacian")
+    strict = focus.assess_stack(stack_of(s), method="var_laplacian", min_prominence=sharpest.prominence + 1)
+    assert strict.flag == "out_of_focus" and strict.plane == sharpest.plane == r.plane
+    # the inversion's threshold: no plane is anti-correlated beyond -1
+    assert r.basis == focus.INVERSION and focus.inversion_plane(r.scores, min_anticorrelation=1.01) is None
 
 
 # --- bad input ------------------------------------------------------------------------------------
@@ -283,7 +378,10 @@ def test_nan_pixels_are_flagged_and_the_plane_skipped(small_stack):
     stack[2, 10, 10] = np.nan
     result = focus.assess_stack(stack)
     assert "nonfinite" in result.flag.split(";") and "plane(s) [2]" in result.reason
-    assert result.plane != 2 and result.scores.loc[2].isna().all()
+    # the plane's own scores are NaN; its flank correlation is its neighbours', unusable all the same
+    own = [*focus.METHODS, "band_energy"]
+    assert result.plane != 2 and result.scores.loc[2, own].isna().all()
+    assert result.scores.loc[[1, 3], "flank_correlation"].isna().all()
     stack[:] = np.nan
     assert focus.assess_stack(stack).plane == -1
 
@@ -344,10 +442,11 @@ def test_plate_focus_matches_the_truth(stores, plate):
     merged = table.merge(truth, on=["well", "site"], validate="one_to_one")
     assert len(merged) == len(truth) == STORE_SPEC.wells * STORE_SPEC.sites
     assert (merged["plane"] == merged["focal_plane"]).mean() >= 0.95
-    assert list(table.columns[:8]) == focus.TABLE_COLUMNS
-    assert [c for c in table.columns if c.startswith("var_laplacian_z")] == [f"var_laplacian_z{z}"
-                                                                            for z in range(5)]
-    assert (table["method"] == "var_laplacian").all()
+    assert list(table.columns[:9]) == focus.TABLE_COLUMNS
+    for score in ("var_laplacian", "flank_correlation"):
+        assert [c for c in table.columns if c.startswith(f"{score}_z")] == [f"{score}_z{z}" for z in range(5)]
+    assert (table["method"] == focus.DEFAULT_METHOD).all()
+    assert set(table["basis"]) <= {focus.INVERSION, focus.FALLBACK_METHOD}
     ok = merged[merged["n_cells"] >= 2]
     assert (ok["flag"] == "").all(), ok[["well", "site", "reason"]]
     row = table.iloc[0]

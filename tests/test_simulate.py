@@ -96,7 +96,8 @@ def test_spec_validation_names_the_bad_field(kwargs, field):
 
 @pytest.mark.parametrize("kwargs, field", [
     ({"role": "predict"}, "role"), ({"cell_type": "round"}, "cell_type"),
-    ({"plate": "a/b"}, "plate"), ({"batch": ""}, "batch"),
+    ({"plate": "a/b"}, "plate"), ({"batch": ""}, "batch"), ({"bf_contrast": 0}, "bf_contrast"),
+    ({"bf_absorption": -0.1}, "bf_absorption"), ({"bf_absorption": "low"}, "bf_absorption"),
 ])
 def test_plate_validation_names_the_bad_field(kwargs, field):
     values = {"plate": "P1", "batch": "B1", "cell_type": "flat", "role": "train", **kwargs}
@@ -594,3 +595,20 @@ def test_cell_types_differ(pheno):
                     ratios.append(region.axis_major_length / region.axis_minor_length)
         aspect[plate] = np.median(ratios)
     assert aspect["F"] < 1.25 < 1.45 < aspect["D"]
+
+
+def test_bf_absorption_makes_phase_objects():
+    """bf_absorption scales the cells' absorption, not their phase: at 0.1 the focal plane is the
+    stack's least contrasted (thin cells at 20x), at 1 the demo's absorbing detail makes it sharp."""
+    def site(absorption: float):
+        spec = ScreenSpec(plates=(PlateSpec("P", "B", "dense", "train", bf_absorption=absorption),),
+                          wells=4, sites=1, size=128, z_planes=7, seed=2)
+        return simulate_site(spec, "P", plate_wells(4)[0], 1, fluorescence=False)
+
+    demo, thin = site(1.0), site(0.1)
+    assert thin.focal_plane == demo.focal_plane and np.array_equal(thin.phase, demo.phase)
+    np.testing.assert_allclose(thin.absorption, 0.1 * demo.absorption, rtol=1e-5, atol=1e-7)
+    f = thin.focal_plane
+    contrast = thin.brightfield_clean.std(axis=(1, 2))
+    assert contrast[f] < 0.5 * min(contrast[f - 1], contrast[f + 1])
+    assert demo.brightfield_clean[f].std() > 2 * contrast[f]

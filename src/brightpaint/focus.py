@@ -2,15 +2,45 @@
 
 Why several scores: brightfield cells are nearly transparent phase objects. Off focus they show large
 phase halos (contrast inverts through focus), so measures of plain contrast such as the normalised
-variance peak on a DEFOCUSED plane; only measures of fine detail peak at focus. Every score is kept in
-the table, so a plate can be re-decided without re-reading its images.
+variance peak on a DEFOCUSED plane. Where the cells also absorb (stained, thick or granular cells, 40x
+optics), their fine detail still peaks at focus; where they are thin phase objects (cultured cells
+at 20x, JUMP's Phenix brightfield), the focal plane has the LEAST contrast of every kind, fine detail
+included, and every sharpness score ranks it lowest. Every score is kept in the table, so a plate can
+be re-decided without re-reading its images.
+
+The default chooser, ``contrast_inversion`` (`inversion_plane`), uses what both kinds share: in the
+transport-of-intensity picture the phase term of the intensity is odd in defocus, I(dz) ~ A - dz
+laplace(phi), so the planes on either side of focus show mirror-image halos. The focus is an interior
+plane whose two neighbours' band-passed detail (`DETAIL_BAND`) is anti-correlated (flank correlation
+<= -`MIN_ANTICORRELATION`) and whose own band energy is a local minimum (the contrast dip between
+the flanking halo maxima). Where no plane is so flanked (absorption-dominated stacks, widely spaced
+planes, stacks that do not bracket focus), it takes the sharpest plane by ``var_laplacian``. Measured
+(`bench/focus_kinds.py`), exact-plane rate on 24 generated sites per row (demo scenes of both cell
+types, its camera noise, true focus within +-0.2 planes of a plane) and on the real stacks:
+
+| stack (planes 1 apart; 3 planes: -1 / 0 / +2)         | var_laplacian | plls   | contrast_inversion |
+|--------------------------------------------------------|---------------|--------|--------------------|
+| demo optics (absorbing + phase), 3 / 5 / 13 planes     | 100 %         | 100 %  | 100 %              |
+| absorption x 0.3, 3 / 5 / 13 planes                    | 42-46 %       | 100 %  | 100 %              |
+| absorption x 0.1 or x 0 (phase objects), 3 / 5 / 13    | 0 %           | 100 %  | 100 %              |
+| no phase term (a pure absorber), 3 / 5 / 13 planes     | 100 %         | 100 %  | 100 % (fallback)   |
+| real: sephace 40x triplets (+-10, +-25 um)             | 4 of 4        | 4 of 4 | 4 of 4 (fallback)  |
+| real: JUMP Phenix 20x (-4 / 0 / +7 um)                 | wrong (+7)    | wrong  | right (0 um)       |
+
+PLLS's perfect generated rows rest on the generator: its phase-object focal plane is almost pure
+camera noise, whose flat spectrum PLLS takes for sharpness; on the real JUMP field PLLS is wrong too.
+
+A stack whose focus is its first or last plane has no flanked plane: it falls back to the sharpest
+plane, right for absorbing cells (100 %, 46 % at absorption x 0.3) and the wrong end for phase objects
+(0-4 %); such sites are flagged ``not_bracketed`` either way.
 
 Scores, one per plane (`focus_scores`); higher = sharper for all four (`DIRECTIONS`):
 
 * ``var_laplacian``: variance of the Laplacian of the Gaussian-smoothed plane (sigma 0.5 px, see
   `LAPLACIAN_SIGMA`: the suggested sigma ~1 picks a phase-halo plane on half of the demo's dense
-  sites). The default chooser: right on all demo sites with cells and on real brightfield (4 of 4
-  sephace triplets, where normalised variance is wrong on 4 of 4).
+  sites). The default chooser's fallback: right on all demo sites with cells and on absorbing real
+  brightfield (4 of 4 sephace triplets, where normalised variance is wrong on 4 of 4), wrong on
+  phase-dominant stacks (JUMP), where it ranks the focal plane lowest.
 * ``plls``: power-spectrum log-log slope: slope of log(radially averaged power) against log(spatial
   frequency) over a band in cycles per pixel (`PLLS_BAND`, 0.01-0.2). Its direction is NOT
   universal. Measured here (demo: 24-48 sites per setting at 128, 256 and 512 px; sephace: 4
@@ -33,9 +63,13 @@ Scores, one per plane (`focus_scores`); higher = sharper for all four (`DIRECTIO
   demo, exact on real data; noise and halos pull it off the exact plane on the demo).
 
 Blur QC (`blur_qc`): a site is flagged ``not_bracketed`` when the chosen plane is the first or last
-of the stack (focus may lie outside it), and ``out_of_focus`` when the chosen plane is no sharper
-than the stack's typical plane: its `prominence` (PLLS of the chosen plane minus the stack's median
-PLLS, `focus_prominence`) is below `min_prominence`. A flat profile means no plane is in focus (or
+of the stack (focus may lie outside it), and ``out_of_focus`` when a plane chosen as the sharpest is
+no sharper than the stack's typical plane: its `prominence` (PLLS of the chosen plane minus the
+stack's median PLLS, `focus_prominence`) is below `min_prominence`. A plane chosen by contrast
+inversion is bracketed by mirror-image halos, which a stack with no plane in focus does not show
+(its planes all lie on one side of focus, their detail correlates positively): its prominence is
+that anti-correlation (minus the flank correlation, >= `MIN_ANTICORRELATION`), and the row's
+``basis`` says which rule chose the plane. A flat profile means no plane is in focus (or
 an empty field); a chosen plane that PLLS ranks low means the chooser and PLLS disagree - both worth
 a look. Blank (constant) planes and planes with NaN / infinite pixels are flagged and never chosen;
 a stack of one plane is flagged "single plane: cannot choose".
@@ -58,8 +92,23 @@ from scipy import ndimage
 from .ingest import StoreLayout, read_field, stored_sites
 from .io import PLATE_ROWS, well_row_column
 
-METHODS = ("var_laplacian", "plls", "norm_variance", "tenengrad")
-DEFAULT_METHOD = "var_laplacian"
+METHODS = ("var_laplacian", "plls", "norm_variance", "tenengrad")  # sharpness scores, one per plane
+# per plane too, but from the plane's neighbours: the evidence of the contrast-inversion chooser
+INVERSION_SCORES = ("band_energy", "flank_correlation")
+SCORE_COLUMNS = (*METHODS, *INVERSION_SCORES)  # the columns of `focus_scores`
+INVERSION = "contrast_inversion"
+CHOOSERS = (INVERSION, *METHODS)
+DEFAULT_METHOD = INVERSION
+# the sharpness score a contrast-inversion chooser falls back to where no plane is flanked by halos
+FALLBACK_METHOD = "var_laplacian"
+# px, (fine, coarse) Gaussian sigmas of the band-pass in which halos are compared. Phase halos of
+# planes +-1 fill it on the demo (2 px of blur per plane), at 20x (JUMP, 0.6 um pixels) and at 40x
+# (sephace): the study's results are the same for (1, 8), (1, 4), (0.7, 5) and (2, 16) on the real
+# stacks.
+DETAIL_BAND = (1.0, 8.0)
+# Planes either side of a phase-object focus: -0.9 (demo optics), -0.54 (JUMP, -4 / +7 um), -0.34
+# (sephace +-10 um); planes on one side of focus, or blurred copies of one absorbing image: > 0.
+MIN_ANTICORRELATION = 0.2
 # +1: a higher score means sharper; -1: a lower one does. PLLS: see the module docstring.
 DIRECTIONS = {"var_laplacian": 1, "plls": 1, "norm_variance": 1, "tenengrad": 1}
 # Scores that are positive ratios of energies: their prominence is measured in log units, so it does
@@ -78,7 +127,7 @@ PLLS_BAND = (0.01, 0.2)  # cycles per pixel
 QC_METHOD = "plls"
 MIN_PROMINENCE = 0.15  # PLLS slope units
 
-TABLE_COLUMNS = ["well", "site", "plane", "window", "method", "prominence", "flag", "reason"]
+TABLE_COLUMNS = ["well", "site", "plane", "window", "method", "basis", "prominence", "flag", "reason"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +193,47 @@ SCORERS = {"var_laplacian": var_laplacian, "plls": plls, "norm_variance": normal
            "tenengrad": tenengrad}
 
 
+def band_detail(plane: np.ndarray, band: tuple[float, float] = DETAIL_BAND) -> np.ndarray:
+    """The plane's detail between the two scales of `band` (difference of Gaussians), relative to
+    its mean brightness, so planes of one stack compare whatever the exposure."""
+    data = np.asarray(plane, dtype=np.float32)
+    mean = float(data.mean(dtype=np.float64))
+    detail = ndimage.gaussian_filter(data, band[0]) - ndimage.gaussian_filter(data, band[1])
+    return detail / mean if mean > 0 else np.full_like(detail, np.nan)
+
+
+def _correlation(a: np.ndarray | None, b: np.ndarray | None) -> float:
+    if a is None or b is None:
+        return math.nan
+    a, b = a - a.mean(dtype=np.float64), b - b.mean(dtype=np.float64)
+    norm = math.sqrt(float(np.vdot(a, a)) * float(np.vdot(b, b)))
+    return float(np.vdot(a, b)) / norm if norm > 0 else math.nan
+
+
+def inversion_scores(stack: np.ndarray, band: tuple[float, float] = DETAIL_BAND) -> pd.DataFrame:
+    """Per plane: ``band_energy`` (variance of `band_detail`) and ``flank_correlation`` (correlation
+    of the detail of the planes either side; NaN for the first and last plane, or where a
+    neighbour is blank or has non-finite pixels). Three planes' detail in memory at a time."""
+    stack = check_stack(stack)
+    n = stack.shape[0]
+    bad = set(nonfinite_planes(stack)) | set(blank_planes(stack))
+
+    def detail(z: int) -> np.ndarray | None:
+        return None if z in bad else band_detail(stack[z], band)
+
+    energy, flank = np.full(n, math.nan), np.full(n, math.nan)
+    previous, current = None, detail(0)
+    for z in range(n):
+        following = detail(z + 1) if z + 1 < n else None
+        if current is not None:
+            energy[z] = float(current.var(dtype=np.float64))
+        if 0 < z < n - 1:
+            flank[z] = _correlation(previous, following)
+        previous, current = current, following
+    return pd.DataFrame({"band_energy": energy, "flank_correlation": flank},
+                        index=pd.RangeIndex(n, name="plane"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Scores of a stack and the choice
 # ---------------------------------------------------------------------------------------------
@@ -175,9 +265,10 @@ def blank_planes(stack: np.ndarray) -> list[int]:
 
 
 def focus_scores(stack: np.ndarray, methods: Sequence[str] = METHODS) -> pd.DataFrame:
-    """One row per plane (index = plane index in the stack), one column per score method. Planes
-    with non-finite pixels score NaN everywhere (a NaN would otherwise poison the filters); blank
-    planes keep their (zero or NaN) scores and are excluded by `usable_scores`."""
+    """One row per plane (index = plane index in the stack), one column per score method, then the
+    `INVERSION_SCORES`. Planes with non-finite pixels score NaN everywhere (a NaN would otherwise
+    poison the filters); blank planes keep their (zero or NaN) scores and are excluded by
+    `usable_scores`."""
     stack = check_stack(stack)
     unknown = [m for m in methods if m not in SCORERS]
     if unknown:
@@ -187,12 +278,13 @@ def focus_scores(stack: np.ndarray, methods: Sequence[str] = METHODS) -> pd.Data
     for z in range(stack.shape[0]):
         plane = stack[z]
         rows.append({m: math.nan if z in bad else SCORERS[m](plane) for m in methods})
-    return pd.DataFrame(rows, index=pd.RangeIndex(stack.shape[0], name="plane"), columns=list(methods))
+    scores = pd.DataFrame(rows, index=pd.RangeIndex(stack.shape[0], name="plane"), columns=list(methods))
+    return pd.concat([scores, inversion_scores(stack)], axis=1)
 
 
 def _method_scores(scores: pd.DataFrame | Mapping[str, Sequence[float]] | Sequence[float],
                    method: str) -> np.ndarray:
-    if method not in DIRECTIONS:
+    if method not in DIRECTIONS and method not in INVERSION_SCORES:
         raise ValueError(f"focus: unknown method {method!r}; known: {list(METHODS)}")
     if isinstance(scores, pd.DataFrame | Mapping):
         if method not in scores:
@@ -206,15 +298,43 @@ def _method_scores(scores: pd.DataFrame | Mapping[str, Sequence[float]] | Sequen
     return values
 
 
-def select_focus_plane(scores: pd.DataFrame | Mapping[str, Sequence[float]] | Sequence[float],
-                       method: str = DEFAULT_METHOD) -> int:
-    """Index of the sharpest plane by `method` (each method's direction is in `DIRECTIONS`). NaN
-    scores (unusable planes) are skipped; a ValueError when no plane has a finite score. `scores`:
-    the table of `focus_scores`, a mapping method -> scores, or the method's scores alone."""
+def inversion_plane(scores: pd.DataFrame | Mapping[str, Sequence[float]],
+                    min_anticorrelation: float = MIN_ANTICORRELATION) -> int | None:
+    """The plane about which brightfield contrast inverts: of the planes whose neighbours' detail
+    is anti-correlated (flank correlation <= -`min_anticorrelation`) and whose band energy is no
+    higher than either neighbour's, the most anti-correlated one; None when no plane is so flanked."""
+    energy = _method_scores(scores, "band_energy")
+    flank = _method_scores(scores, "flank_correlation")
+    candidates = [z for z in range(1, len(flank) - 1)
+                  if flank[z] <= -min_anticorrelation
+                  and energy[z] <= energy[z - 1] and energy[z] <= energy[z + 1]]
+    return min(candidates, key=lambda z: flank[z]) if candidates else None
+
+
+def choose_focus_plane(scores: pd.DataFrame | Mapping[str, Sequence[float]] | Sequence[float],
+                       method: str = DEFAULT_METHOD) -> tuple[int, str]:
+    """The chosen plane and the rule that chose it (its `basis`): for ``contrast_inversion`` the
+    `inversion_plane`, or else the sharpest plane by `FALLBACK_METHOD`; for a sharpness score, the
+    sharpest plane by it (each method's direction is in `DIRECTIONS`). NaN scores (unusable planes)
+    are skipped; a ValueError when no plane has a finite score. `scores`: the table of
+    `focus_scores`, a mapping method -> scores, or (sharpness scores only) the method's scores alone."""
+    if method not in CHOOSERS:
+        raise ValueError(f"focus: unknown method {method!r}; known: {list(CHOOSERS)}")
+    if method == INVERSION:
+        plane = inversion_plane(scores)
+        if plane is not None:
+            return plane, INVERSION
+        method = FALLBACK_METHOD
     values = DIRECTIONS[method] * _method_scores(scores, method)
     if not np.isfinite(values).any():
         raise ValueError(f"focus: no plane has a finite {method} score (blank or NaN planes)")
-    return int(np.nanargmax(np.where(np.isfinite(values), values, np.nan)))
+    return int(np.nanargmax(np.where(np.isfinite(values), values, np.nan))), method
+
+
+def select_focus_plane(scores: pd.DataFrame | Mapping[str, Sequence[float]] | Sequence[float],
+                       method: str = DEFAULT_METHOD) -> int:
+    """Index of the chosen plane by `method` (see `choose_focus_plane`)."""
+    return choose_focus_plane(scores, method)[0]
 
 
 def focus_prominence(scores: pd.DataFrame | Mapping[str, Sequence[float]] | Sequence[float],
@@ -276,6 +396,7 @@ class SiteFocus:
     scores: pd.DataFrame
     flags: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    basis: str = ""  # the rule that chose the plane: contrast_inversion or a sharpness score
 
     @property
     def flag(self) -> str:
@@ -294,13 +415,17 @@ def usable_scores(scores: pd.DataFrame, unusable: Sequence[int]) -> pd.DataFrame
     return scores
 
 
-def blur_qc(scores: pd.DataFrame, plane: int,
-            min_prominence: float = MIN_PROMINENCE) -> tuple[float, list[str], list[str]]:
-    """Prominence of the chosen plane (by `QC_METHOD`), flags and human-readable reasons: the stack
-    does not bracket focus (chosen plane first or last: focus may lie outside the stack), or the
-    chosen plane is no sharper than the stack's typical plane (prominence < `min_prominence`)."""
+def blur_qc(scores: pd.DataFrame, plane: int, min_prominence: float = MIN_PROMINENCE,
+            basis: str = FALLBACK_METHOD) -> tuple[float, list[str], list[str]]:
+    """Prominence of the chosen plane, flags and human-readable reasons: the stack does not bracket
+    focus (chosen plane first or last: focus may lie outside the stack), or a plane chosen as the
+    sharpest is no sharper than the stack's typical plane (`QC_METHOD` prominence <
+    `min_prominence`). A plane chosen by contrast inversion (`basis`) is flanked by mirror-image
+    halos, the evidence of a bracketed focus: its prominence is that anti-correlation."""
     n_planes = len(scores)
     flags, reasons = [], []
+    if basis == INVERSION:
+        return -float(scores["flank_correlation"].iloc[plane]), flags, reasons
     if plane in (0, n_planes - 1):
         side = "first" if plane == 0 else "last"
         flags.append("not_bracketed")
@@ -320,8 +445,8 @@ def assess_stack(stack: np.ndarray, method: str = DEFAULT_METHOD, half_width: in
     """Scores, chosen plane, window and QC flags for one z-stack. Problems of the input (one plane,
     blank or NaN planes) become flags, not exceptions, so one bad site never stops a plate; only a
     stack that is not (z, y, x) numbers raises."""
-    if method not in DIRECTIONS:
-        raise ValueError(f"focus: unknown method {method!r}; known: {list(METHODS)}")
+    if method not in CHOOSERS:
+        raise ValueError(f"focus: unknown method {method!r}; known: {list(CHOOSERS)}")
     stack = check_stack(stack)
     n_planes = stack.shape[0]
     scores = focus_scores(stack)
@@ -334,18 +459,19 @@ def assess_stack(stack: np.ndarray, method: str = DEFAULT_METHOD, half_width: in
         flags.append("blank")
         reasons.append(f"blank plane(s) {blank} (constant value): not scored")
     usable = usable_scores(scores, sorted(set(nonfinite) | set(blank)))
-    if not np.isfinite(usable[method].to_numpy()).any():
+    sharpness = FALLBACK_METHOD if method == INVERSION else method
+    if not np.isfinite(usable[sharpness].to_numpy()).any():
         flags.append("no_plane")
-        reasons.append(f"no plane has a usable {method} score: cannot choose")
+        reasons.append(f"no plane has a usable {sharpness} score: cannot choose")
         return SiteFocus(-1, [], math.nan, scores, flags, reasons)
-    plane = select_focus_plane(usable, method)
+    plane, basis = choose_focus_plane(usable, method)
     window = focus_window(plane, n_planes, half_width)
     if n_planes == 1:
         flags.append("single_plane")
         reasons.append("single plane: cannot choose (the stack has one plane)")
-        return SiteFocus(plane, window, math.nan, scores, flags, reasons)
-    prominence, qc_flags, qc_reasons = blur_qc(usable, plane, min_prominence)
-    return SiteFocus(plane, window, prominence, scores, flags + qc_flags, reasons + qc_reasons)
+        return SiteFocus(plane, window, math.nan, scores, flags, reasons, basis)
+    prominence, qc_flags, qc_reasons = blur_qc(usable, plane, min_prominence, basis)
+    return SiteFocus(plane, window, prominence, scores, flags + qc_flags, reasons + qc_reasons, basis)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,8 +499,9 @@ def site_row(well: str, site: int, result: SiteFocus, planes: Sequence[int], met
     row = {"well": well, "site": int(site),
            "plane": int(planes[result.plane]) if result.plane >= 0 else -1,
            "window": format_window([planes[i] for i in result.window]), "method": method,
-           "prominence": result.prominence, "flag": result.flag, "reason": result.reason}
-    for m in METHODS:
+           "basis": result.basis, "prominence": result.prominence, "flag": result.flag,
+           "reason": result.reason}
+    for m in SCORE_COLUMNS:
         for i, z in enumerate(planes):
             row[f"{m}_z{z}"] = float(result.scores.at[i, m])
     return row
@@ -386,11 +513,12 @@ def plate_focus(store: str | Path, wells: Sequence[str], layout: StoreLayout,
     """Focus decision for every site of `wells` in a plate store, one site in memory at a time.
 
     One row per site: well, site, plane (chosen z, -1 if none), window (z indices as "1,2,3", "" if
-    none), method, prominence, flag (";"-joined codes, "" if ok: not_bracketed, out_of_focus, blank,
-    nonfinite, single_plane, no_plane), reason (human-readable), then every score per plane as
-    `{method}_z{z}` columns for all methods (wide, so the table is one parquet file)."""
-    if method not in DIRECTIONS:
-        raise ValueError(f"focus: unknown method {method!r}; known: {list(METHODS)}")
+    none), method (as asked), basis (the rule that chose the plane, "" if none), prominence, flag
+    (";"-joined codes, "" if ok: not_bracketed, out_of_focus, blank, nonfinite, single_plane,
+    no_plane), reason (human-readable), then every score per plane as
+    `{score}_z{z}` columns for all `SCORE_COLUMNS` (wide, so the table is one parquet file)."""
+    if method not in CHOOSERS:
+        raise ValueError(f"focus: unknown method {method!r}; known: {list(CHOOSERS)}")
     if half_width < 0:
         raise ValueError(f"focus: half_width must be >= 0, got {half_width}")
     channel, planes = brightfield_channel(layout)
@@ -399,10 +527,10 @@ def plate_focus(store: str | Path, wells: Sequence[str], layout: StoreLayout,
         stack = read_field(store, well, site)[0, channel][planes]
         result = assess_stack(stack, method, half_width, min_prominence)
         rows.append(site_row(well, site, result, planes, method))
-    table = pd.DataFrame(rows, columns=TABLE_COLUMNS + score_columns(METHODS, planes))
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS + score_columns(SCORE_COLUMNS, planes))
     return table.astype({"well": str, "site": np.int64, "plane": np.int64, "window": str, "method": str,
-                         "prominence": np.float64, "flag": str, "reason": str}
-                        | {c: np.float64 for c in score_columns(METHODS, planes)})
+                         "basis": str, "prominence": np.float64, "flag": str, "reason": str}
+                        | {c: np.float64 for c in score_columns(SCORE_COLUMNS, planes)})
 
 
 # ---------------------------------------------------------------------------------------------

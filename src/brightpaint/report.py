@@ -292,11 +292,14 @@ def plate_report(files: PlateResults, plate_info: Mapping, prov: Mapping,
             _figure(path, f"{channel}: estimated flat field ({RELATIVE.illum(channel)})")
             for channel, path in illum], "tables": {}})
     if files.focus:
-        focus = pd.read_parquet(files.focus, columns=["well", "site", "plane", "flag"])
+        focus = pd.read_parquet(files.focus)
+        # basis: which rule chose the plane (contrast inversion or the sharpest plane); tables
+        # written before it existed have none
+        by = ["plane", "basis"] if "basis" in focus else ["plane"]
         sections.append({"title": "Focus", "figures": [_figure(files.focus_figure,
                                                                 "chosen plane per site (plate heatmap)")],
-                         "tables": {"focus_planes": focus["plane"].value_counts().sort_index()
-                                    .rename_axis("plane").rename("sites").reset_index()}})
+                         "tables": {"focus_planes": focus.groupby(by).size().rename("sites")
+                                    .reset_index()}})
     denoise = sorted(files.denoise_models)
     if denoise or files.denoised_sources is not None:
         figures = ([{"src": denoise_crops(files.denoised_sources, brightfield), "file": "denoise_crops",

@@ -66,7 +66,8 @@ def simulate_site(spec: ScreenSpec, plate: str, well: str, site: int,
     dna, cyto, damage = (ndimage.gaussian_filter(image, FLUORESCENCE_PSF)
                          for image in (dna, cyto, damage))
     phase = optical_thickness(cells, labels, nucleoli)
-    absorption = absorption_map(rng, labels, phase, dna_texture, nucleoli)
+    absorption = absorption_map(rng, labels, phase, dna_texture, nucleoli) * np.float32(
+        plate_spec.bf_absorption)
     focal_plane = int(rng.integers(1, spec.z_planes - 1))  # >= 1 plane on each side of focus
     focus_position = focal_plane + float(rng.uniform(-FOCUS_JITTER, FOCUS_JITTER))
     # the z planes plus the exact focus (dz = 0) in one pass over the Fourier transforms

@@ -26,11 +26,18 @@ class PlateSpec:
     # the in-focus transmission's deviation from 1 is scaled by it. Tests use it for a plate
     # outside the stain model's domain.
     bf_contrast: float = 1.0
+    # the cells' brightfield absorption relative to the demo's (granules, membranes, chromatin); the
+    # phase (optical thickness) is unchanged. Below ~0.3 the cells are phase objects, as thin
+    # cultured cells are at 20x: the focal plane has the least contrast of the stack.
+    bf_absorption: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.bf_contrast, int | float) or not 0 < self.bf_contrast <= 10:
             raise ValueError(f"bf_contrast: {self.bf_contrast!r} of plate {self.plate} must be a "
                              "number in (0, 10]")
+        if not isinstance(self.bf_absorption, int | float) or not 0 <= self.bf_absorption <= 10:
+            raise ValueError(f"bf_absorption: {self.bf_absorption!r} of plate {self.plate} must be a "
+                             "number in [0, 10]")
         for name in ("plate", "batch"):
             value = getattr(self, name)
             if not isinstance(value, str) or not _SAFE_ID.match(value):
