@@ -22,15 +22,18 @@ import torch
 from conftest import CHANNELS, TEST_THREADS
 from scipy import ndimage
 
-from brightpaint.demo.camera import plate_optics
+from brightpaint.demo.camera import add_noise, plate_optics
 from brightpaint.demo.site import simulate_site
 from brightpaint.demo.spec import PlateSpec, ScreenSpec
 from brightpaint.demo.treatments import plate_wells
 from brightpaint.denoise import (
+    assess_denoising,
     build_model,
+    choose_assessment_sites,
     choose_training_sites,
     denoise_image,
     load_n2v,
+    noise_variance,
     read_training_images,
     sample_training_images,
     save_n2v,
@@ -422,3 +425,94 @@ def test_demo_run_denoised_stains_beat_their_noisy_input(demo_run):
             assert n2v_db >= noisy_db + 6, report[-1]
             assert n2v_r > noisy_r, report[-1]
     print("\ndemo run, Noise2Void against the truth:", "; ".join(report))
+
+
+# ---------------------------------------------------------------------------------------------
+# Does it help? Decided from the data (Noise2Self's argument), checked against the truth
+# ---------------------------------------------------------------------------------------------
+
+
+def test_noise_variance_of_known_noise():
+    """Gaussian and Poisson noise on a smooth ramp with sharp-edged blobs: the edges do not count."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[:256, :256].astype(np.float32)
+    signal = 200 + 0.5 * x + 0.3 * y
+    signal[(y % 64 < 20) & (x % 64 < 20)] += 300  # sharp squares: an edge filter's worst case
+    gaussian = signal + rng.normal(0, 4.0, signal.shape)
+    assert noise_variance(gaussian) == pytest.approx(16.0, rel=0.1)
+    poisson = rng.poisson(signal).astype(np.float32)
+    assert noise_variance(poisson) == pytest.approx(float(signal.mean()), rel=0.15)
+    assert noise_variance(signal) < 0.01
+
+
+def held_out_examples(channel: str, gain_factor: float) -> list[Example]:
+    """4 demo sites the `trained` models never saw (another seed), optionally brighter."""
+    spec = dataclasses.replace(SPEC, seed=1)
+    rng = np.random.default_rng(3)
+    examples = []
+    for well in plate_wells(spec.wells)[:4]:
+        site = simulate_site(spec, "P1", well, 1, fluorescence=False)
+        optics = plate_optics(spec, "P1")[channel]
+        optics = dataclasses.replace(optics, gain=optics.gain * gain_factor)
+        examples.append(Example(add_noise(rng, site.clean[channel], optics),
+                                site.clean[channel] + np.float32(optics.background), optics.dark,
+                                optics.gain * optics.flat * optics.batch_factor))
+    return examples
+
+
+def true_gain_db(model, examples: list[Example]) -> float:
+    noisy = np.mean([np.mean((x.to_clean(x.noisy) - x.clean) ** 2) for x in examples])
+    denoised = np.mean([np.mean((x.to_clean(denoise_image(model, x.noisy, threads=TEST_THREADS))
+                                 - x.clean) ** 2) for x in examples])
+    return float(10 * np.log10(noisy / denoised))
+
+
+def test_assessment_applies_noise2void_where_it_helps_and_keeps_bright_stains(trained):
+    """The demo's dim DNA stain gains (apply); the same stain at 64x the light loses pixel-scale
+    detail under Noise2Void (keep the input): the estimate, from the noisy images alone, tells the
+    two apart as the truth does."""
+    _, model, _ = trained["DNA"]  # trained on the raw noisy images, as it is assessed
+    dim = held_out_examples("DNA", 1)
+    assessed = assess_denoising(model, [x.noisy.astype(np.float32) for x in dim], threads=TEST_THREADS)
+    dim_true = true_gain_db(model, dim)
+    print(f"\nDNA as acquired: estimated {assessed['estimated_gain_db']:+.1f} dB, true {dim_true:+.1f} dB")
+    assert assessed["apply"] and assessed["estimated_gain_db"] >= 3, assessed
+    assert dim_true >= 6
+
+    bright = held_out_examples("DNA", 64)
+    training = [x.noisy for x in demo_examples_bright("DNA", 64)]
+    bright_model, _ = train_n2v(training, steps=STEPS, seed=0, threads=TEST_THREADS, channel="DNA")
+    assessed = assess_denoising(bright_model, [x.noisy.astype(np.float32) for x in bright],
+                                threads=TEST_THREADS)
+    bright_true = true_gain_db(bright_model, bright)
+    print(f"DNA at 64x the light: estimated {assessed['estimated_gain_db']:+.1f} dB, "
+          f"true {bright_true:+.1f} dB")
+    assert not assessed["apply"] and assessed["estimated_gain_db"] < 0, assessed
+    assert bright_true < 0
+    assert assessed["n_images"] == 4 and assessed["noise_variance"] > 0
+
+
+def demo_examples_bright(channel: str, gain_factor: float) -> list[Example]:
+    """The `trained` fixture's 16 training sites, acquired with `gain_factor` times the light."""
+    rng = np.random.default_rng(4)
+    examples = []
+    for plate in ("P1", "P2"):
+        optics = plate_optics(SPEC, plate)[channel]
+        optics = dataclasses.replace(optics, gain=optics.gain * gain_factor)
+        for well in plate_wells(SPEC.wells):
+            site = simulate_site(SPEC, plate, well, 1, fluorescence=False)
+            examples.append(Example(add_noise(rng, site.clean[channel], optics), site.clean[channel],
+                                    optics.dark, optics.gain * optics.flat * optics.batch_factor))
+    return examples
+
+
+def test_assessment_sites_are_held_out_from_training(plate_store):
+    store, layout, wells = plate_store
+    trained_on = choose_training_sites(store, wells, max_sites=4, seed=0)
+    sites, held_out = choose_assessment_sites(store, wells, trained_on, n=3)
+    assert held_out and len(sites) == 3 and not set(sites) & set(trained_on)
+    every = stored_sites(store, wells)
+    sites, held_out = choose_assessment_sites(store, wells, every, n=3)  # a plate too small to hold out
+    assert not held_out and set(sites) <= set(every) and len(sites) == 3
+    assert choose_assessment_sites(store, wells, trained_on, n=3) == choose_assessment_sites(
+        store, wells, [list(s) for s in trained_on], n=3)  # as JSON lists, from a model's metadata

@@ -34,8 +34,8 @@ from PIL import Image
 from brightpaint import report
 from brightpaint.demo.screen import describe_screen
 from brightpaint.features.pipelines import pipeline_names
-from brightpaint.illumination import load_illumination
-from brightpaint.ingest import read_field, read_store_layout
+from brightpaint.illumination import correct_illumination, load_illumination
+from brightpaint.ingest import StoreLayout, read_field, read_plane, read_store_layout
 from brightpaint.layout import PlateFolder
 
 RULES = ["validate_plate", "ingest_shard", "assemble_plate"]
@@ -91,7 +91,8 @@ def test_dry_run_of_the_demo_config_lists_every_job(tmp_path, run_snakemake):
                       "match_screen": 1, "report_plate": n, "report_index": 1, "all": 1,
                       # Noise2Void, on by default; the demo config: one model per stain for the screen
                       "denoise_train_screen": len(default["channels"]["fluorescence"]),
-                      "denoise_shard": n_stained * n_shards, "denoise_plate": n_stained}
+                      "denoise_assess": n_stained, "denoise_shard": n_stained * n_shards,
+                      "denoise_plate": n_stained}
     assert default["denoise"]["scope"] == "screen"
 
 
@@ -205,6 +206,22 @@ def test_tiny_demo_end_to_end(tiny_run, run_snakemake):
             denoised = read_field(folder / "denoised.zarr", row.well, row.site)
             assert denoised.shape == (1, 3, 1, TINY_SPEC.size, TINY_SPEC.size)
             assert np.isfinite(denoised).all() and denoised.std() > 0
+            # the assessment decided per stain, and a stain kept is its corrected input
+            assessment = json.loads((folder / "denoise" / "assessment.json").read_text())["channels"]
+            assert sorted(assessment) == sorted(CHANNELS["fluorescence"])
+            table = report.denoise_assessment(folder / "denoised.zarr").set_index("channel")
+            assert table["apply"].to_dict() == {c: a["apply"] for c, a in assessment.items()}
+            assert all(np.isfinite(a["estimated_gain_db"]) and a["sites"] for a in assessment.values())
+            layout = StoreLayout.from_json((folder / "ingest" / "layout.json").read_text())
+            denoised_channels = read_store_layout(folder / "denoised.zarr").channels
+            for channel in CHANNELS["fluorescence"]:
+                if not assessment[channel]["apply"]:
+                    k = denoised_channels.index(channel)
+                    raw = read_plane(folder / "images.zarr", row.well, row.site,
+                                     layout.channels.index(channel), 0)
+                    function = load_illumination(folder / "illum" / f"{channel}.npy")
+                    corrected = correct_illumination(raw, function)
+                    np.testing.assert_allclose(denoised[0, k, 0], corrected, rtol=1e-5, atol=1e-4)
             # the report's before / after figure
             crops = report.denoise_crops(PlateFolder(folder).sources_on_disk(), "BF")
             assert Image.open(io.BytesIO(base64.b64decode(crops.split(",", 1)[1]))).size[0] > 100
@@ -482,7 +499,8 @@ def test_plan_grows_with_plates_times_shards(tmp_path, n_plates, shards, run_sna
     expected = ({rule: n_plates * shards for rule in per_shard} | {rule: n_plates for rule in per_plate}
                 | {"illumination": n_plates + 3 * train, "stain_evaluate": train, "stain_train": 1,
                    # Noise2Void (on by default): a model per train plate and stain, a job per shard
-                   "denoise_train_plate": 3 * train, "denoise_shard": train * shards, "denoise_plate": train,
+                   "denoise_train_plate": 3 * train, "denoise_assess": train, "denoise_shard": train * shards,
+                   "denoise_plate": train,
                    "features_pipeline": 1, "profiles_screen": 1, "match_screen": 1, "report_index": 1,
                    "all": 1})
     # every plate is flat and a user's screen gets no phenotype groups by default: no matrix

@@ -26,6 +26,20 @@ widefield PSF; 16 sites, 128 px, 300 steps) it wins: DNA 29.5 -> 39.2 dB (best G
 the truth, 36.8), CYTO 20.8 -> 31.5 dB (best Gaussian 31.4: a smooth cell-body stain is what a
 blur suits best). Denoise channels that are noisy.
 
+Whether to apply it is decided from the data, per plate and stain (`assess_denoising`), by
+Noise2Self's argument (Batson & Royer 2019): for a predictor that never sees the pixel it predicts,
+the expected squared error against the NOISY pixel is its error against the clean one plus the noise
+variance. So the blind-spot loss on images the model was not trained on, less the noise variance
+measured on the raw images (`noise_variance`), estimates the denoised error, and the noise variance
+is the raw image's own error: estimated gain = 10 log10(noise variance / (loss - noise variance)).
+Checked against the generator's truth (demo stains at their own exposure and 8x / 64x brighter;
+model trained on 14 sites, gain estimated on 6 others; true gain -> estimated): DNA +12.1 -> +8.0,
++3.5 -> +2.7, -3.0 -> -3.8 dB; CYTO +14.1 -> +18.0, +9.4 -> +7.4, +4.2 -> +2.6; DAMAGE (sparse
+foci) +20.8 -> +21.7, +16.9 -> +30.7, +12.5 -> +10.7. Large gains are imprecise (a difference of
+two close numbers) and reported up to `MAX_REPORTED_GAIN_DB`; the sign and the first few dB, which
+the decision needs, are right on all nine. The estimate is of the blind-spot predictor; the applied
+network also sees the pixel itself, which the measured gains above include.
+
 Determinism: on CPU, the same images, parameters and seed give bit-identical weights. On CUDA the
 convolution kernels are not guaranteed to be deterministic.
 """
@@ -40,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import nn
 
 from .atomic import atomic_path
@@ -61,6 +76,13 @@ CODE_VERSION = "n2v-1"
 FORMAT = "brightpaint-n2v"
 NEIGHBOURHOOD = 5  # masked pixels take the value of a random other pixel in this window
 MIN_STD = 1e-6  # an image whose standard deviation is below this carries no signal
+MIN_GAIN_DB = 1.0  # apply Noise2Void where its estimated gain is at least this
+ASSESS_SITES = 4  # sites per plate and stain on which the gain is estimated (not trained on)
+MAX_REPORTED_GAIN_DB = 20.0
+NOISE_BLOCK = 32  # px: blocks over which the noise level is taken as constant
+# Immerkaer's operator: zero on any locally linear signal; its response to white noise of variance
+# s^2 has variance 36 s^2
+_NOISE_OPERATOR = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +359,111 @@ def denoise_image(model: UNet, image: np.ndarray, *, tile: int = 256, overlap: i
                             amp=False)[0]
         model.cpu()
     return out * np.float32(std) + np.float32(mean)
+
+
+# ---------------------------------------------------------------------------------------------
+# Does it help? Estimated from the data alone
+# ---------------------------------------------------------------------------------------------
+
+
+def noise_variance(image: np.ndarray, block: int = NOISE_BLOCK) -> float:
+    """The image's pixel noise variance, averaged over the image: per `block` x `block` block the
+    median absolute response of Immerkaer's operator (blind to smooth signal; the median ignores the
+    edges and spots that leak through) converted to a variance, then the mean over blocks, so
+    Poisson noise that grows with brightness is averaged as the image has it."""
+    data = np.asarray(image, dtype=np.float32)
+    if data.ndim != 2 or min(data.shape) < 3:
+        raise ValueError(f"noise_variance: need a 2-D image of at least 3 x 3 px, got {data.shape}")
+    response = np.abs(ndimage.convolve(data, _NOISE_OPERATOR, mode="reflect"))[1:-1, 1:-1]
+    height, width = response.shape
+    step_y, step_x = min(block, height), min(block, width)
+    variances = [float(np.median(response[y:y + step_y, x:x + step_x])) ** 2
+                 for y in range(0, height - step_y + 1, step_y)
+                 for x in range(0, width - step_x + 1, step_x)]
+    return float(np.mean(variances)) / (0.6745 * 6.0) ** 2  # median |N(0, 1)| = 0.6745
+
+
+def blind_spot_loss(model: UNet, image: np.ndarray, *, fraction: float = 0.02, repeats: int = 8,
+                    seed: int = 0, tile: int = 256, device: str = "cpu", threads: int = 2) -> float:
+    """Mean squared error of the model's prediction of hidden pixels against their noisy values, on
+    a normalised image: `repeats` passes, each hiding a random `fraction` of the pixels as training
+    does (`blind_spot_mask`)."""
+    data = np.asarray(image, dtype=np.float32)[None]
+    rng = np.random.default_rng(seed)
+    target = resolve_device(device, log=False)
+    total, count = 0.0, 0
+    with torch_threads(threads):
+        model = model.to(target).eval()
+        for _ in range(repeats):
+            inputs, mask = blind_spot_mask(rng, data, fraction)
+            prediction = predict_tiled(model, inputs, tile=tile, overlap=32, batch=1, device=target,
+                                       amp=False)
+            total += float(((prediction - data)[mask].astype(np.float64) ** 2).sum())
+            count += int(mask.sum())
+        model.cpu()
+    return total / count
+
+
+def assess_denoising(model: UNet, images: Sequence[np.ndarray], *, min_gain_db: float = MIN_GAIN_DB,
+                     seed: int = 0, tile: int = 256, device: str = "cpu", threads: int = 2) -> dict:
+    """Whether Noise2Void improves these images (of one stain, not trained on), from the images
+    alone (module docstring): each image is normalised as for denoising; noise variance and
+    blind-spot loss are averaged over the images. Returns a JSON-ready dict: apply (estimated gain
+    >= `min_gain_db`), estimated_gain_db, noise_variance and blind_spot_loss (in units of each
+    image's variance), n_images, min_gain_db."""
+    usable = [np.asarray(image, dtype=np.float32) for image in images]
+    usable = [image for image in usable if np.isfinite(image).all() and image.std() > MIN_STD]
+    if not usable:
+        raise ValueError("assess_denoising: no image with signal to assess the model on")
+    noise, loss = [], []
+    for k, image in enumerate(usable):
+        normalised, _, _ = normalise(image)
+        noise.append(noise_variance(normalised))
+        loss.append(blind_spot_loss(model, normalised, seed=seed + k, tile=tile, device=device,
+                                    threads=threads))
+    noise_mean, loss_mean = float(np.mean(noise)), float(np.mean(loss))
+    # the blind-spot predictor's error against the clean image, floored where the gain is too large
+    # to measure (loss and noise nearly equal)
+    floor = noise_mean * 10 ** (-MAX_REPORTED_GAIN_DB / 10)
+    gain = 10 * np.log10(noise_mean / max(loss_mean - noise_mean, floor)) if noise_mean > 0 else -np.inf
+    return {"apply": bool(gain >= min_gain_db), "estimated_gain_db": round(float(gain), 2),
+            "noise_variance": round(noise_mean, 5), "blind_spot_loss": round(loss_mean, 5),
+            "n_images": len(usable), "min_gain_db": min_gain_db}
+
+
+def choose_assessment_sites(store: str | Path, wells: Sequence[str], exclude: Sequence[Sequence],
+                            n: int = ASSESS_SITES, seed: int = 0) -> tuple[list[tuple[str, int]], bool]:
+    """Up to `n` sites of `wells` (seeded draw, plate order) that are not in `exclude` (the sites
+    the model was trained on), and True; when every site was trained on (a small plate), up to `n`
+    of those, and False: the estimate is then on training images."""
+    candidates = stored_sites(store, wells)
+    excluded = {(str(well), int(site)) for well, site in exclude}
+    fresh = [c for c in candidates if (c[0], int(c[1])) not in excluded]
+    pool, held_out = (fresh, True) if fresh else (candidates, False)
+    if not pool:
+        raise ValueError(f"{store}: no sites in wells {sorted(set(wells))}")
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(pool), min(n, len(pool)), replace=False)
+    return [pool[i] for i in sorted(picked)], held_out
+
+
+def assess_plate_denoising(store: str | Path, layout: StoreLayout, channel: str, wells: Sequence[str],
+                           model: UNet, trained_sites: Sequence[Sequence], *, always: bool = False,
+                           min_gain_db: float = MIN_GAIN_DB, seed: int = 0,
+                           correct: Callable[[np.ndarray], np.ndarray] | None = None, tile: int = 256,
+                           device: str = "cpu", threads: int = 2) -> dict:
+    """`assess_denoising` of one stain of a plate, on up to `ASSESS_SITES` of its sites that the
+    model was not trained on (`trained_sites`), read through `correct` as denoising reads them. With
+    `always`, the decision is to apply whatever the estimate (config denoise.apply: always)."""
+    sites, held_out = choose_assessment_sites(store, wells, trained_sites, ASSESS_SITES, seed)
+    images = read_training_images(store, layout, channel, sites, correct=correct)
+    result = assess_denoising(model, images, min_gain_db=min_gain_db, seed=seed, tile=tile, device=device,
+                              threads=threads)
+    decided_by = "estimate"
+    if always:
+        result["apply"], decided_by = True, "denoise.apply: always"
+    return {**result, "decided_by": decided_by, "held_out": held_out,
+            "sites": [[well, int(site)] for well, site in sites]}
 
 
 # ---------------------------------------------------------------------------------------------

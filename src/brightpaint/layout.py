@@ -163,6 +163,11 @@ class PlateFolder(ProfileFolder):
         return self.path(f"denoise/shards/{shard}.zarr")
 
     @property
+    def denoise_assessment(self) -> str:
+        """Per stain: does Noise2Void help this plate (estimated gain, decision)?"""
+        return self.path("denoise/assessment.json")
+
+    @property
     def denoised(self) -> str:
         return self.path("denoised.zarr")
 

@@ -34,6 +34,7 @@ import jinja2
 import numpy as np
 import pandas as pd
 import yaml
+import zarr
 
 from .ingest import stored_sites
 from .layout import PlateFolder, PlateResults, PlateSources
@@ -178,6 +179,20 @@ def well_heatmap(values: pd.Series, title: str, label: str) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+ASSESSMENT_COLUMNS = ["channel", "apply", "estimated_gain_db", "min_gain_db", "decided_by", "noise_variance",
+                      "blind_spot_loss", "n_images", "held_out"]
+
+
+def denoise_assessment(store: str | Path) -> pd.DataFrame:
+    """Per stain of the denoised store: was Noise2Void applied, on what evidence (the estimated gain
+    and its terms, brightpaint.denoise.assess_denoising). Empty for a store written before the
+    assessment existed."""
+    attrs = zarr.open_group(str(store), mode="r").attrs.get("brightpaint", {})
+    recorded = attrs.get("denoise_assessment", {})
+    rows = [{"channel": channel, **values} for channel, values in recorded.items()]
+    return pd.DataFrame(rows).reindex(columns=ASSESSMENT_COLUMNS)
+
+
 def denoise_crops(sources: PlateSources, brightfield: str, size: int = 128) -> str:
     """Before / after crops of Noise2Void for every denoised channel of a plate's first stored site
     (the illumination-corrected raw plane and the denoised one, centre crop, same contrast), as a PNG
@@ -303,11 +318,14 @@ def plate_report(files: PlateResults, plate_info: Mapping, prov: Mapping,
     denoise = sorted(files.denoise_models)
     if denoise or files.denoised_sources is not None:
         figures = ([{"src": denoise_crops(files.denoised_sources, brightfield), "file": "denoise_crops",
-                     "caption": "before / after Noise2Void, centre crop of the first site"}]
+                     "caption": "before / after denoising, centre crop of the first site (a stain the "
+                                "assessment kept is its corrected input on both sides)"}]
                    if files.denoised_sources is not None else [])
-        sections.append({"title": "Denoising (Noise2Void)", "figures": figures, "tables": {
-            "denoise_models": pd.DataFrame({"model": [Path(p).name for p in denoise],
-                                            "sha256": [sha256_file(p) for p in denoise]})}})
+        tables = {"denoise_models": pd.DataFrame({"model": [Path(p).name for p in denoise],
+                                                  "sha256": [sha256_file(p) for p in denoise]})}
+        if files.denoised_sources is not None:
+            tables["denoise_assessment"] = denoise_assessment(files.denoised_sources.denoised)
+        sections.append({"title": "Denoising (Noise2Void)", "figures": figures, "tables": tables})
     stain_tables = {}
     cards = [json.loads(Path(c).read_text()) for c in stain_cards if Path(c).is_file()]
     if cards:

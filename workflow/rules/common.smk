@@ -132,7 +132,7 @@ N2V_TRAIN = dict(
 )
 
 
-def denoise_shard_inputs(wildcards):
+def denoise_assess_inputs(wildcards):
     channels = SCREEN.denoise_channels(wildcards.plate)
     folder = plate_folder(wildcards.plate)
     return {
@@ -142,6 +142,10 @@ def denoise_shard_inputs(wildcards):
         "illum": [folder.illum(c) for c in channels],
         "models": [n2v_model(wildcards.plate, c) for c in channels],
     }
+
+
+def denoise_shard_inputs(wildcards):
+    return {**denoise_assess_inputs(wildcards), "assessment": plate_folder(wildcards.plate).denoise_assessment}
 
 
 # Virtual staining: models (one multi-channel model `all`, or one per target channel), their files,

@@ -45,6 +45,32 @@ rule denoise_train_screen:
         "../scripts/denoise_train.py"
 
 
+rule denoise_assess:
+    input:
+        unpack(denoise_assess_inputs),
+    output:
+        assessment=PLATE.denoise_assessment,
+    params:
+        **code_params("denoise_assess.py"),
+        channels=lambda wildcards: SCREEN.denoise_channels(wildcards.plate),
+        apply=config["denoise"]["apply"],
+        min_gain_db=config["denoise"]["min_gain_db"],
+        seed=config["denoise"]["seed"],
+        tile=config["denoise"]["tile"],
+        device=config["denoise"]["device"],
+    resources:
+        gpu=1 if config["denoise"]["device"] == "cuda" else 0,
+    threads: config["threads"]["denoise_predict"]
+    conda:
+        MAIN_ENV
+    log:
+        f"{RESULTS}/logs/{{plate}}/denoise_assess.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{plate}}/denoise_assess.tsv"
+    script:
+        "../scripts/denoise_assess.py"
+
+
 rule denoise_shard:
     input:
         unpack(denoise_shard_inputs),
@@ -73,6 +99,7 @@ rule denoise_plate:
     input:
         stores=[PLATE.denoise_shard(shard) for shard in SHARDS],
         layout=PLATE.layout,
+        assessment=PLATE.denoise_assessment,
     output:
         store=directory(PLATE.denoised),
     params:

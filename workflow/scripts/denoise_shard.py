@@ -1,5 +1,7 @@
-"""Denoise one shard of a plate's fluorescence channels (rule denoise_shard)."""
+"""Denoise one shard of a plate's fluorescence channels (rule denoise_shard): Noise2Void where the
+plate's assessment says it helps, the illumination-corrected input where it does not."""
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +18,9 @@ layout = StoreLayout.from_json(Path(inp.layout).read_text())
 device = resolve_device(params.device, what="Noise2Void")
 channels = list(params.channels)
 illumination = {c: load_illumination(path) for c, path in zip(channels, inp.illum, strict=True)}
-models = {c: load_n2v(path)[0] for c, path in zip(channels, inp.models, strict=True)}
+assessment = json.loads(Path(inp.assessment).read_text())["channels"]
+models = {c: load_n2v(path)[0] for c, path in zip(channels, inp.models, strict=True)
+          if assessment[c]["apply"]}
 sites = pd.read_parquet(inp.images, columns=["well", "site"])
 wells = shard_wells(list(sites["well"]), params.n_shards, int(snakemake.wildcards.shard))  # noqa: F821
 selected = sites[sites["well"].isin(wells)].drop_duplicates()
@@ -24,7 +28,8 @@ table = write_derived_store(
     inp.store, layout, list(zip(selected["well"], selected["site"], strict=True)), channels,
     lambda channel, plane: denoise_image(models[channel], correct_illumination(plane, illumination[channel]),
                                          tile=params.tile, device=params.device,
-                                         threads=snakemake.threads),  # noqa: F821
+                                         threads=snakemake.threads)  # noqa: F821
+    if channel in models else correct_illumination(plane, illumination[channel]),
     out.store, threads=1)
-log.info("shard %s: %d sites x %s denoised on %s", snakemake.wildcards.shard,  # noqa: F821
-         len(selected), channels, device)
+log.info("shard %s: %d sites x %s denoised on %s, %s kept as corrected input", snakemake.wildcards.shard,  # noqa: F821
+         len(selected), sorted(models), device, sorted(set(channels) - set(models)))
