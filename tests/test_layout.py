@@ -55,7 +55,8 @@ SHARD_FILES = {
     "features_shard_images": "features/shards/{}.images.parquet",
     "features_shard_sites": "features/shards/{}.csv",
 }
-CHANNEL_FILES = {"illum": "illum/{}.npy", "illum_figure": "illum/{}.png", "n2v_model": "denoise/{}.n2v.pt"}
+CHANNEL_FILES = {"illum": "illum/{}.npy", "illum_figure": "illum/{}.png", "illum_meta": "illum/{}.json",
+                 "n2v_model": "denoise/{}.n2v.pt"}
 
 
 def registry_paths(folder: PlateFolder, shards, channels) -> dict[str, str]:

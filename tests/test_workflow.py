@@ -189,6 +189,10 @@ def test_tiny_demo_end_to_end(tiny_run, run_snakemake):
         assert sorted(p.stem for p in (folder / "illum").glob("*.npy")) == sorted(channels)
         flat = load_illumination(folder / "illum" / "BF.npy").flat
         assert flat.shape == (TINY_SPEC.size, TINY_SPEC.size) and abs(float(flat.mean()) - 1) < 0.05
+        # how each function was made, and any identity flat with its reason, as the report shows it
+        made = report.illumination_table({c: str(folder / "illum" / f"{c}.json") for c in channels})
+        assert list(made["channel"]) == sorted(channels) and set(made["flat"]) <= {"estimated", "identity"}
+        assert ((made["flat"] == "identity") == (made["reason"] != "")).all()
         focus = pd.read_parquet(folder / "focus.parquet")
         truth = pd.read_csv(screen / "truth" / plate.plate / "sites.csv")
         merged = focus.merge(truth, on=["well", "site"])

@@ -63,6 +63,22 @@ Images that are not used (counted in ``n_excluded``, reasons in ``params["exclud
   the usable images (empty wells, failed acquisitions).
 
 No usable image left: ``ValueError`` saying "no usable image" and naming the channel (``name=``).
+
+A flat field the images cannot support is replaced by the identity (flat 1, the dark offset still
+subtracted), with the reason in ``params["fallback"]``, rather than stopping the screen. Checks,
+from the data: (1) the average is not positive although the images have signal: the stain has no
+background to sample (it sits at the dark offset outside cells: an offset-subtracted export, a sparse
+foci stain); (2) split-half check (``cellprofiler`` method, >= 8 images): the function estimated from
+the even images must remove at least half the shading of the one from the odd images
+(``params["split_half"]``: the 1st..99th percentile range of their ratio, and of each), i.e. the
+estimate is reproducible rather than noise, and neither half may vary more than `MAX_SHADING`.
+Measured on the demo (48 sites of one plate): stains with their background give split-half ranges
+of 0.02-0.08 against shading of 0.26-0.45 (kept); the same stains with no background 4.9-3000
+against 1.5-42 (identity: the estimates' residual shading was 1.2-10.9, worse than the 0.30-0.51
+of no correction); the trimmed average of the demo's cell-body stain 0.58 against 0.78 (identity:
+its estimate was worse than none, 0.47 against 0.35); real BBBC016 (72 images) 0.19-0.37 against
+0.88-0.97 (kept). BaSiC (``basic``) is not checked.
+0.88-0.97 (kept).
 """
 
 from __future__ import annotations
@@ -80,6 +96,8 @@ from scipy import interpolate, ndimage
 
 from .ingest import read_plane, stored_sites
 
+LOGGER = logging.getLogger("brightpaint")
+
 METHODS = ("cellprofiler", "basic")
 SMOOTHING = ("spline", "polynomial", "gaussian", "median", "none")
 AVERAGES = ("trimmed", "mean", "median", "background")
@@ -87,6 +105,13 @@ TRIM = 0.25  # "trimmed": mean of the middle half of the values (interquartile m
 RESCALING = ("mean", "median", "minimum")
 ROBUST_MINIMUM = 0.02  # CellProfiler's "Rescale: Yes" divides by the 2nd percentile
 FLAT_FLOOR = 0.01  # flat values below this fraction of the mean are clipped (never divide by ~0)
+# split-half check: a half's function must leave at most this fraction of the other half's shading
+SPLIT_HALF_MAX = 0.5
+SPLIT_HALF_MIN_IMAGES = 8  # below this, halves are too small to judge: the check is skipped
+# and no illumination field varies this much (`shading_range`, 1st..99th percentile relative to the
+# mean): strong real vignetting (BBBC016, corner / centre 0.32) is 0.93, the demo's fields 0.27-0.46,
+# while "flat fields" of stains with no background (the cells' density) were 1.5-42
+MAX_SHADING = 2.0
 
 _COMMON = {"dark": 0.0, "working_size": None, "max_images": None, "clip_percentile": 99.9,
            "saturation": None, "max_saturated": 0.5, "min_signal": 0.1, "on_nonfinite": "exclude",
@@ -274,6 +299,26 @@ def _to_full(grid: np.ndarray, edges, shape) -> np.ndarray:
     return spline(np.arange(shape[0]), np.arange(shape[1]))
 
 
+class NoImageSignal(ValueError):
+    """The averaged images minus the dark offset are not positive."""
+
+
+def shading_range(field: np.ndarray) -> float:
+    """1st..99th percentile range of a field relative to its mean, lightly smoothed (Gaussian sigma
+    2 px): how much shading it holds (0 for a uniform field)."""
+    field = np.asarray(field, dtype=np.float64)
+    smooth = ndimage.gaussian_filter(field / field.mean(), 2, mode="nearest")
+    low, high = np.percentile(smooth, [1, 99])
+    return float(high - low)
+
+
+def split_half(flat_a: np.ndarray, flat_b: np.ndarray) -> dict:
+    """How well two independent estimates of one flat field agree: the shading left when one
+    corrects the other (`shading_range` of their ratio) against the shading each holds."""
+    return {"disagreement": round(shading_range(flat_a / flat_b), 4),
+            "shading": round(min(shading_range(flat_a), shading_range(flat_b)), 4)}
+
+
 def _rescale(flat: np.ndarray, how: str, name: str, dark: float) -> np.ndarray:
     positive = flat[flat > 0]
     if how == "mean":
@@ -284,8 +329,8 @@ def _rescale(flat: np.ndarray, how: str, name: str, dark: float) -> np.ndarray:
         scale = np.sort(positive)[int(positive.size * ROBUST_MINIMUM)] if positive.size else 0.0
         flat = np.maximum(flat, scale)
     if not scale > 0:
-        raise ValueError(f"{name}: no usable image signal: the averaged images minus the dark offset "
-                         f"({dark:g}) are not positive (is the dark offset too high?)")
+        raise NoImageSignal(f"{name}: no usable image signal: the averaged images minus the dark offset "
+                            f"({dark:g}) are not positive (is the dark offset too high?)")
     return flat / scale
 
 
@@ -386,7 +431,34 @@ def illumination_function(images: Iterable[np.ndarray], method: str = "cellprofi
     else:
         flat, dark = _basic(grids, weights, p, shape, edges)
 
-    flat = _rescale(flat, p["rescale"], name, p["dark"])
+    fallback, halves = "", None
+    try:
+        flat = _rescale(flat, p["rescale"], name, p["dark"])
+    except NoImageSignal:
+        fallback = (f"no flat field: the images have signal above the dark offset ({p['dark']:g}) but "
+                    f"their {p.get('average', method)} average does not: the stain has no background "
+                    "to sample (offset-subtracted export or a sparse stain)")
+    if not fallback and method == "cellprofiler" and len(kept) >= SPLIT_HALF_MIN_IMAGES:
+        try:
+            halves = split_half(*(_rescale(_cellprofiler(grids[k::2], weights[k::2], p, shape, edges)[0],
+                                           p["rescale"], name, p["dark"]) for k in (0, 1)))
+        except NoImageSignal:
+            halves = {"disagreement": None, "shading": None}
+            fallback = (f"no flat field: the {p.get('average', method)} average of half of the images "
+                        f"is not above the dark offset ({p['dark']:g}): too little background to sample")
+        else:
+            if not halves["shading"] <= MAX_SHADING:
+                fallback = (f"no flat field: estimated from either half of the images it varies by "
+                            f"{halves['shading']:.3g} x its mean (> {MAX_SHADING:g}), which no illumination "
+                            "does: it is the cells' own signal (a stain with too little background)")
+            elif not halves["disagreement"] <= SPLIT_HALF_MAX * halves["shading"]:
+                fallback = (f"no flat field: estimated from half of the {len(kept)} images it leaves "
+                            f"{halves['disagreement']:.3g} of shading in the other half's, whose own is "
+                            f"{halves['shading']:.3g}: the estimate is noise, not the field (too few "
+                            "sites, or a stain with little background)")
+    if fallback:
+        LOGGER.warning("%s: %s; identity flat used", name, fallback)
+        flat = np.ones(shape, np.float64)
     floor = FLAT_FLOOR * float(flat.mean())
     n_clipped = int((flat < floor).sum())
     flat = np.maximum(flat, floor)
@@ -394,7 +466,7 @@ def illumination_function(images: Iterable[np.ndarray], method: str = "cellprofi
     settings.update({"excluded": excluded, "n_seen": n_seen, "n_usable": len(signals),
                      "n_nearly_empty_in_sample": len(reservoir) - len(kept),
                      "grid": list(grids.shape[1:]), "flat_clipped_pixels": n_clipped,
-                     "channel": name})
+                     "channel": name, "fallback": fallback, "split_half": halves})
     return IlluminationFunction(flat.astype(np.float32), dark.astype(np.float32), method,
                                 len(kept), sum(excluded.values()), settings)
 
@@ -647,8 +719,11 @@ def _figure(function: IlluminationFunction, png_path: Path) -> None:
     ax_img.axhline(cy, color="w", lw=0.8)
     ax_img.axvline(cx, color="w", lw=0.8, ls="--")
     title = function.params.get("channel", "")
+    fallback = function.params.get("fallback", "")
+    note = "\nIDENTITY FLAT (see the report)" if fallback else ""
     ax_img.set_title(f"{title}\n{function.method}: {function.n_images} images, "
-                     f"{function.n_excluded} excluded", fontsize=9)
+                     f"{function.n_excluded} excluded{note}", fontsize=9,
+                     color="red" if fallback else "black")
     ax_line.plot(flat[cy], label=f"row {cy}")
     ax_line.plot(flat[:, cx], ls="--", label=f"column {cx}")
     ax_line.set_xlabel("pixel")

@@ -35,6 +35,7 @@ MATCH_TABLES = ("summary", "neighbours", "agreement")
 ILLUM_FOLDER = "illum"
 ILLUM_FUNCTION = ".npy"
 ILLUM_FIGURE = ".png"
+ILLUM_META = ".json"  # illumination.load_illumination reads it beside the function
 
 
 class LayoutError(ValueError):
@@ -132,15 +133,19 @@ class PlateFolder(ProfileFolder):
     def illum_figure(self, channel: str) -> str:
         return self.path(f"{ILLUM_FOLDER}/{channel}{ILLUM_FIGURE}")
 
+    def illum_meta(self, channel: str) -> str:
+        """How the function was made: method, images used and excluded, fallback to the identity."""
+        return self.path(f"{ILLUM_FOLDER}/{channel}{ILLUM_META}")
+
     @staticmethod
     def illum_channel(path: str | Path) -> str:
         """The channel of an illumination function or figure (the inverse of `illum` and
         `illum_figure`): scripts map the files their job lists to channels by it."""
         path = Path(path)
-        suffix = next((s for s in (ILLUM_FUNCTION, ILLUM_FIGURE) if path.name.endswith(s)), None)
+        suffix = next((s for s in (ILLUM_FUNCTION, ILLUM_FIGURE, ILLUM_META) if path.name.endswith(s)), None)
         if path.parent.name != ILLUM_FOLDER or suffix is None or path.name == suffix:
-            raise LayoutError(f"{path}: not an illumination file ({ILLUM_FOLDER}/<channel>{ILLUM_FUNCTION} "
-                              f"or {ILLUM_FIGURE})")
+            raise LayoutError(f"{path}: not an illumination file ({ILLUM_FOLDER}/<channel>{ILLUM_FUNCTION}, "
+                              f"{ILLUM_FIGURE} or {ILLUM_META})")
         return path.name.removesuffix(suffix)
 
     # focus
@@ -282,6 +287,7 @@ class PlateFolder(ProfileFolder):
         return PlateResults(
             qc_sites=self.qc_sites, qc_images=self.qc_images, focus=self.focus,
             focus_figure=self.focus_figure, illum_figures={c: self.illum_figure(c) for c in channels},
+            illum_meta={c: self.illum_meta(c) for c in channels},
             denoise_models=tuple(denoise_models),
             denoised_sources=denoised_sources, stain_sites=self.stain_sites, **stain,
             segment_sites=self.segment_sites, segment_metrics=self.segment_metrics,
@@ -402,6 +408,7 @@ class PlateResults:
     focus: str | None = None
     focus_figure: str | None = None
     illum_figures: Mapping[str, str] = field(default_factory=dict)
+    illum_meta: Mapping[str, str] = field(default_factory=dict)
     denoise_models: Sequence[str] = ()
     denoised_sources: PlateSources | None = None
     stain_sites: str | None = None
@@ -418,7 +425,7 @@ class PlateResults:
     match_agreement: str | None = None
 
     def _files(self) -> dict[str, str]:
-        collections = {"illum_figures", "denoise_models", "denoised_sources"}
+        collections = {"illum_figures", "illum_meta", "denoise_models", "denoised_sources"}
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name not in collections and getattr(self, f.name)}
 
@@ -427,6 +434,7 @@ class PlateResults:
         lists and, with a denoised store, the plate's sources (`PlateSources.named_inputs`; their
         `focus` is this `focus`)."""
         inputs: dict = {**self._files(), "illum_figures": list(self.illum_figures.values()),
+                        "illum_meta": list(self.illum_meta.values()),
                         "denoise_models": list(self.denoise_models)}
         if self.denoised_sources is not None:
             sources = self.denoised_sources.named_inputs()
@@ -440,10 +448,11 @@ class PlateResults:
     def from_input(cls, inputs) -> PlateResults:
         """The results a report job lists as named inputs (`snakemake.input`, or a mapping)."""
         files = {f.name: _optional(inputs, f.name) for f in fields(cls)
-                 if f.name not in ("illum_figures", "denoise_models", "denoised_sources")}
+                 if f.name not in ("illum_figures", "illum_meta", "denoise_models", "denoised_sources")}
         figures = {PlateFolder.illum_channel(p): str(p) for p in inputs.get("illum_figures") or []}
+        meta = {PlateFolder.illum_channel(p): str(p) for p in inputs.get("illum_meta") or []}
         sources = PlateSources.from_input(inputs) if inputs.get("denoised") else None
-        return cls(**files, illum_figures=figures,
+        return cls(**files, illum_figures=figures, illum_meta=meta,
                    denoise_models=tuple(str(p) for p in inputs.get("denoise_models") or []),
                    denoised_sources=sources)
 
@@ -456,6 +465,7 @@ class PlateResults:
         return replace(
             self, **{name: path if exists(path) else None for name, path in self._files().items()},
             illum_figures={c: p for c, p in self.illum_figures.items() if exists(p)},
+            illum_meta={c: p for c, p in self.illum_meta.items() if exists(p)},
             denoise_models=tuple(p for p in self.denoise_models if exists(p)),
             denoised_sources=sources if sources is not None and exists(sources.denoised) else None)
 

@@ -179,6 +179,23 @@ def well_heatmap(values: pd.Series, title: str, label: str) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def illumination_table(meta: Mapping[str, str]) -> pd.DataFrame:
+    """Per channel: how its illumination function was made (method, images used and excluded, dark
+    offset) and, where the data could not support a flat field, the identity flat and why."""
+    rows = []
+    for channel, path in sorted(meta.items()):
+        recorded = json.loads(Path(path).read_text())
+        params = recorded.get("params", {})
+        halves = params.get("split_half") or {}
+        rows.append({"channel": channel, "method": recorded.get("method", ""),
+                     "images": recorded.get("n_images"), "excluded": recorded.get("n_excluded"),
+                     "dark": params.get("dark"),
+                     "flat": "identity" if params.get("fallback") else "estimated",
+                     "split_half_disagreement": halves.get("disagreement"),
+                     "split_half_shading": halves.get("shading"), "reason": params.get("fallback", "")})
+    return pd.DataFrame(rows)
+
+
 ASSESSMENT_COLUMNS = ["channel", "apply", "estimated_gain_db", "min_gain_db", "decided_by", "noise_variance",
                       "blind_spot_loss", "n_images", "held_out"]
 
@@ -303,9 +320,10 @@ def plate_report(files: PlateResults, plate_info: Mapping, prov: Mapping,
     sections = report["sections"]
     illum = sorted(files.illum_figures.items(), key=lambda item: item[1])
     if illum:
+        tables = {"illumination": illumination_table(files.illum_meta)} if files.illum_meta else {}
         sections.append({"title": "Illumination functions", "figures": [
             _figure(path, f"{channel}: estimated flat field ({RELATIVE.illum(channel)})")
-            for channel, path in illum], "tables": {}})
+            for channel, path in illum], "tables": tables})
     if files.focus:
         focus = pd.read_parquet(files.focus)
         # basis: which rule chose the plane (contrast inversion or the sharpest plane); tables

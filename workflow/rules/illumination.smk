@@ -8,6 +8,7 @@ rule illumination:
         layout=PLATE.layout,
     output:
         function=PLATE.illum("{channel}"),
+        meta=PLATE.illum_meta("{channel}"),
         figure=report(
             PLATE.illum_figure("{channel}"),
             caption="../report/illumination.rst",
