@@ -258,6 +258,34 @@ def test_validate_passes_a_valid_screen(tiny_screen, capsys):
     assert code == 0 and capsys.readouterr().out.endswith("2 plate(s) valid\n")
 
 
+def test_validate_needs_the_screens_config(tiny_screen, capsys):
+    """A screen is checked against its own channels: no silent fallback to the demo's."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", str(tiny_screen / "plates.tsv")])
+    assert exit_.value.code == 2 and "--config" in capsys.readouterr().err
+
+
+def test_validate_pixels_finds_saturated_and_blank_images_before_a_run(tiny_screen, capsys):
+    manifest = pd.read_csv(tiny_screen / "T1" / "manifest.csv")
+    dna = manifest[manifest["channel"] == "DNA"].reset_index(drop=True)
+    saturated, blank = tiny_screen / "T1" / dna.loc[0, "path"], tiny_screen / "T1" / dna.loc[1, "path"]
+    image = tifffile.imread(saturated)
+    image[: image.shape[0] // 2] = np.iinfo(image.dtype).max
+    tifffile.imwrite(saturated, image)
+    tifffile.imwrite(blank, np.zeros_like(image))
+    config = str(user_config(tiny_screen))
+    code = main(["validate", str(tiny_screen / "plates.tsv"), "--config", config, "--pixels", "100000"])
+    out = capsys.readouterr().out
+    assert code == 0 and "pixels of" in out
+    flagged = [line for line in out.splitlines() if line.startswith("  ")]
+    assert len(flagged) == 2, out
+    assert any(str(saturated) in line and "saturated: 50.00% of pixels" in line for line in flagged)
+    assert any(str(blank) in line and "blank image (constant value 0)" in line for line in flagged)
+    # a sample: as many images as asked for, the same ones every time
+    main(["validate", str(tiny_screen / "plates.tsv"), "--config", config, "--pixels", "3"])
+    assert "plate T1: pixels of 3 image(s) read" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("channels, message", [
     ({"nuclei": "HOECHST"}, "channels.nuclei = 'HOECHST' must be one of channels.fluorescence"),
     ({"fluorescence": ["DNA", "CYTO", "DAMAGE", "BF"]}, "channels.brightfield 'BF' is also listed"),

@@ -13,11 +13,8 @@ from .demo.screen import simulate_screen
 from .demo.spec import DEFAULT_PLATES, ScreenSpec, spec_from_config
 from .errors import UserError
 from .io import manifest_from_folder
-from .validate import ImageLimits, validate_plate
+from .validate import ImageLimits, sample_pixel_flags, validate_plate
 from .workflow import DEFAULT_CONFIG, Screen, check_config, merged_config, read_config_file
-
-DEMO_CHANNELS = {"brightfield": "BF", "nuclei": "DNA", "cell": "CYTO",
-                 "fluorescence": ["DNA", "CYTO", "DAMAGE"]}
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -58,10 +55,11 @@ def _config_section(path: str, key: str) -> dict:
     return section
 
 
-def validation_config(sheet: str, config_path: str | None) -> dict:
+def validation_config(sheet: str, config_path: str) -> dict:
     """The config the workflow would run with: config/config.yaml's defaults, the user's file on top
-    (or the demo's channels without one), and `screen` = the sheet given on the command line."""
-    user = read_config_file(config_path) if config_path else {"channels": DEMO_CHANNELS}
+    (its channels: a screen is checked against its own), and `screen` = the sheet given on the
+    command line."""
+    user = read_config_file(config_path)
     defaults = read_config_file(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else {}
     return merged_config(defaults, {**user, "screen": sheet})
 
@@ -70,7 +68,7 @@ def _validate(args: argparse.Namespace) -> int:
     """The checks the workflow makes when it is parsed (config schema, channel roles, the sheet,
     the config's plate selection) and in each plate's validate_plate job, in that order."""
     config = validation_config(args.sheet, args.config)
-    check_config(config, source=f"config {args.config}" if args.config else "the default config")
+    check_config(config, source=f"config {args.config}")
     screen = Screen.from_config(config)
     screen.stain_training_plates()  # the workflow's parse-time check of the stain settings
     # .get: without the repository's config/config.yaml (a non-editable install) the defaults hold
@@ -90,6 +88,15 @@ def _validate(args: argparse.Namespace) -> int:
             failures.append(str(err))
             continue
         print(f"plate {plate}: {len(images)} images, {len(flags)} QC flag(s)")
+        if args.pixels:
+            flagged = sample_pixel_flags(images, root, args.pixels, seed=0,
+                                         saturation_limit=float(ingest.get("saturation_flag", 0.01)))
+            checked = min(args.pixels, len(images))
+            print(f"plate {plate}: pixels of {checked} image(s) read, {len(flagged)} flagged as ingest "
+                  "would flag them")
+            for row in flagged.itertuples():
+                print(f"  {row.file} (well {row.well}, site {row.site}, {row.channel} z {row.z}): "
+                      f"{row.flag}")
     if failures:
         print("\n".join(failures), file=sys.stderr)
         return 1
@@ -126,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     val = commands.add_parser("validate", help="check a screen sheet, its manifests, plate maps "
                                                "and image headers; list every problem")
     val.add_argument("sheet")
-    val.add_argument("--config", help="the config file the workflow will run with (its `screen:` "
-                                      "is replaced by SHEET; default: the demo's channels)")
+    val.add_argument("--config", required=True,
+                     help="the config file the workflow will run with: its channels and settings "
+                          "(its `screen:` is replaced by SHEET; the demo: config/demo.yaml)")
+    val.add_argument("--pixels", type=int, default=0, metavar="N",
+                     help="also read the pixels of up to N images per plate (a seeded sample) and list "
+                          "the saturated, blank or NaN ones, as ingest would flag them")
     val.add_argument("--on-missing", choices=["error", "flag"],
                      help="default: the config's ingest.on_missing")
     val.add_argument("--threads", type=int, default=2)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import tifffile
 
-from .io import IMAGE_DTYPES, InputError, Problem, read_manifest, read_platemap
+from .io import IMAGE_DTYPES, InputError, Problem, open_inside, read_manifest, read_platemap
 
 SITE_KEY = ["well", "site"]
 
@@ -316,3 +316,33 @@ def images_stamp(manifest_path: str | Path, plate: str, root: str | Path) -> str
         except OSError:
             digest.update(f"{file}\0missing\n".encode())
     return digest.hexdigest()
+
+
+PIXEL_FLAG_COLUMNS = ["well", "site", "channel", "z", "file", "flag"]
+
+
+def sample_pixel_flags(images: pd.DataFrame, root: str | Path, n: int, seed: int = 0,
+                       saturation_limit: float = 0.01) -> pd.DataFrame:
+    """Read the pixels of up to `n` of a plate's accepted images (a seeded draw) and flag those that
+    ingest would flag: saturated, blank, NaN / infinite (`ingest.image_flag`). Before a run, so a
+    wrong exposure shows before hours of work; ingest still checks every image. One row per flagged
+    image: well, site, channel, z, file, flag. Files are opened only inside the screen folder."""
+    from .ingest import image_flag, image_stats  # zarr behind ingest: only where pixels are asked for
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"pixels: the number of images to read must be an integer >= 1, got {n!r}")
+    rng = np.random.default_rng(seed)
+    picked = images.iloc[np.sort(rng.choice(len(images), min(n, len(images)), replace=False))]
+    rows = []
+    for image in picked.itertuples():
+        handle, real = open_inside(image.file, root)
+        if handle is None:
+            raise InputError([Problem(str(image.file), f"resolves to {real}, outside the screen "
+                                                       f"folder {root}")], "pixel check")
+        with handle:
+            pixels = tifffile.imread(handle)
+        flag = image_flag(image_stats(pixels), saturation_limit)
+        if flag:
+            rows.append({"well": image.well, "site": int(image.site), "channel": image.channel,
+                         "z": int(image.z), "file": str(image.file), "flag": flag})
+    return pd.DataFrame(rows, columns=PIXEL_FLAG_COLUMNS)
