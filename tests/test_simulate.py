@@ -98,6 +98,7 @@ def test_spec_validation_names_the_bad_field(kwargs, field):
     ({"role": "predict"}, "role"), ({"cell_type": "round"}, "cell_type"),
     ({"plate": "a/b"}, "plate"), ({"batch": ""}, "batch"), ({"bf_contrast": 0}, "bf_contrast"),
     ({"bf_absorption": -0.1}, "bf_absorption"), ({"bf_absorption": "low"}, "bf_absorption"),
+    ({"stain_background": 11}, "stain_background"),
 ])
 def test_plate_validation_names_the_bad_field(kwargs, field):
     values = {"plate": "P1", "batch": "B1", "cell_type": "flat", "role": "train", **kwargs}

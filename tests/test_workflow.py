@@ -32,7 +32,8 @@ from conftest import (
 from PIL import Image
 
 from brightpaint import report
-from brightpaint.demo.screen import describe_screen
+from brightpaint.demo.screen import describe_screen, simulate_screen
+from brightpaint.demo.spec import PlateSpec, ScreenSpec
 from brightpaint.features.pipelines import pipeline_names
 from brightpaint.illumination import correct_illumination, load_illumination
 from brightpaint.ingest import StoreLayout, read_field, read_plane, read_store_layout
@@ -303,6 +304,44 @@ def test_user_screen_with_only_screen_and_channels(tmp_path, tiny_screen_source,
     assert job_counts(output) == {"validate_plate": 1, "ingest_shard": 2, "assemble_plate": 1,
                                   "focus_shard": 2, "focus_plate": 1, "illumination": 1}, output[-3000:]
     assert not re.search(r"wildcards: .*plate=T[12]\b", output), output[-3000:]
+
+
+# Unlike the demo: thin cells that are phase objects in brightfield (least contrast at focus) and
+# stains that sit at the camera offset outside cells (no autofluorescence to sample the field)
+FOREIGN_SPEC = ScreenSpec(plates=(PlateSpec("F1", "B1", "flat", "both", bf_absorption=0.1,
+                                            stain_background=0.0),),
+                          wells=8, sites=2, size=128, seed=3)
+
+
+def test_foreign_screen_preprocessing_holds(tmp_path, run_snakemake):
+    """A screen the demo is not, with `screen:`, `channels:` and its camera's offset: the stains get
+    the identity flat with the reason (the screen goes on), brightfield its estimated field, and the
+    focal plane is found by contrast inversion where every sharpness score would miss it."""
+    simulate_screen(tmp_path / "foreign", FOREIGN_SPEC)
+    config = tmp_path / "my.yaml"
+    config.write_text(yaml.safe_dump({"screen": "foreign/plates.tsv", "channels": CHANNELS,
+                                      "illumination": {"dark": 100}}))
+    result = run_snakemake(tmp_path, "--cores", "2", "--configfile", str(config),
+                           "--until", "focus_plate", "illumination")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    folder = tmp_path / "results" / "plates" / "F1"
+    made = report.illumination_table({c: str(folder / "illum" / f"{c}.json")
+                                      for c in ["BF", *CHANNELS["fluorescence"]]}).set_index("channel")
+    assert made.loc["BF", "flat"] == "estimated"
+    for stain in CHANNELS["fluorescence"]:
+        assert made.loc[stain, "flat"] == "identity" and "no flat field" in made.loc[stain, "reason"]
+    focus = pd.read_parquet(folder / "focus.parquet")
+    truth = pd.read_csv(tmp_path / "foreign" / "truth" / "F1" / "sites.csv")
+    merged = focus.merge(truth, on=["well", "site"], validate="one_to_one")
+    cells = merged[merged["n_cells"] >= 2]
+    assert len(cells) >= 12
+    exact = (cells["plane"] == cells["focal_plane"]).mean()
+    scores = cells[[f"var_laplacian_z{z}" for z in range(5)]].to_numpy()
+    sharpest = (scores.argmax(axis=1) == cells["focal_plane"].to_numpy()).mean()
+    print(f"\nforeign screen: focal plane exact on {exact:.0%} of {len(cells)} sites with cells "
+          f"(the sharpest plane would be on {sharpest:.0%})")
+    assert exact >= 0.9 and (cells["basis"] == "contrast_inversion").mean() >= 0.9
+    assert sharpest <= 0.2
 
 
 def test_feature_pipeline_is_built_for_the_screens_own_channels(tmp_path, tiny_screen_source,

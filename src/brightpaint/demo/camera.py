@@ -75,7 +75,8 @@ def plate_optics(spec: ScreenSpec, plate: str) -> dict[str, ChannelOptics]:
         tilt = (rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05))
         flat = flat_field(spec.size, centre, ratio, tilt)
         flat.setflags(write=False)  # cached and shared: nobody may change the truth in place
-        optics[ch] = ChannelOptics(flat, DARK_OFFSET, GAIN[ch], READ_NOISE[ch], BACKGROUND[ch],
+        background = BACKGROUND[ch] * plate_spec.stain_background  # brightfield's is 0
+        optics[ch] = ChannelOptics(flat, DARK_OFFSET, GAIN[ch], READ_NOISE[ch], background,
                                    batch[ch], centre, float(ratio))
     return optics
 

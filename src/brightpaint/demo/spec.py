@@ -30,14 +30,18 @@ class PlateSpec:
     # phase (optical thickness) is unchanged. Below ~0.3 the cells are phase objects, as thin
     # cultured cells are at 20x: the focal plane has the least contrast of the stack.
     bf_absorption: float = 1.0
+    # the stains' uniform background (autofluorescence, unbound dye) relative to the demo's; 0: the
+    # stains sit at the camera offset outside cells, as clean or sparse stains do
+    stain_background: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.bf_contrast, int | float) or not 0 < self.bf_contrast <= 10:
             raise ValueError(f"bf_contrast: {self.bf_contrast!r} of plate {self.plate} must be a "
                              "number in (0, 10]")
-        if not isinstance(self.bf_absorption, int | float) or not 0 <= self.bf_absorption <= 10:
-            raise ValueError(f"bf_absorption: {self.bf_absorption!r} of plate {self.plate} must be a "
-                             "number in [0, 10]")
+        for name in ("bf_absorption", "stain_background"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 10:
+                raise ValueError(f"{name}: {value!r} of plate {self.plate} must be a number in [0, 10]")
         for name in ("plate", "batch"):
             value = getattr(self, name)
             if not isinstance(value, str) or not _SAFE_ID.match(value):
