@@ -31,6 +31,7 @@ from brightpaint.denoise import (
     build_model,
     choose_assessment_sites,
     choose_training_sites,
+    denoise_if_assessed,
     denoise_image,
     load_n2v,
     noise_variance,
@@ -516,3 +517,12 @@ def test_assessment_sites_are_held_out_from_training(plate_store):
     assert not held_out and set(sites) <= set(every) and len(sites) == 3
     assert choose_assessment_sites(store, wells, trained_on, n=3) == choose_assessment_sites(
         store, wells, [list(s) for s in trained_on], n=3)  # as JSON lists, from a model's metadata
+
+
+def test_a_stain_the_assessment_keeps_is_its_input(trained):
+    examples, model, _ = trained["DNA"]
+    image = examples[0].noisy
+    kept = denoise_if_assessed(None, image)
+    assert kept.dtype == np.float32 and np.array_equal(kept, image.astype(np.float32))
+    np.testing.assert_array_equal(denoise_if_assessed(model, image, threads=TEST_THREADS),
+                                  denoise_image(model, image, threads=TEST_THREADS))

@@ -361,6 +361,15 @@ def denoise_image(model: UNet, image: np.ndarray, *, tile: int = 256, overlap: i
     return out * np.float32(std) + np.float32(mean)
 
 
+def denoise_if_assessed(model: UNet | None, image: np.ndarray, *, tile: int = 256, device: str = "cpu",
+                        threads: int = 2) -> np.ndarray:
+    """`denoise_image` where the plate's assessment applies Noise2Void (a model), else the image
+    itself as float32 (None: the estimate said the stain is better kept as it is)."""
+    if model is None:
+        return np.asarray(image, dtype=np.float32)
+    return denoise_image(model, image, tile=tile, device=device, threads=threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # Does it help? Estimated from the data alone
 # ---------------------------------------------------------------------------------------------
