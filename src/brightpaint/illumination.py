@@ -71,14 +71,14 @@ background to sample (it sits at the dark offset outside cells: an offset-subtra
 foci stain); (2) split-half check (``cellprofiler`` method, >= 8 images): the function estimated from
 the even images must remove at least half the shading of the one from the odd images
 (``params["split_half"]``: the 1st..99th percentile range of their ratio, and of each), i.e. the
-estimate is reproducible rather than noise, and neither half may vary more than `MAX_SHADING`.
+estimate is reproducible rather than noise, and the halves may not both vary more than
+`MAX_SHADING` (no illumination does).
 Measured on the demo (48 sites of one plate): stains with their background give split-half ranges
 of 0.02-0.08 against shading of 0.26-0.45 (kept); the same stains with no background 4.9-3000
 against 1.5-42 (identity: the estimates' residual shading was 1.2-10.9, worse than the 0.30-0.51
 of no correction); the trimmed average of the demo's cell-body stain 0.58 against 0.78 (identity:
 its estimate was worse than none, 0.47 against 0.35); real BBBC016 (72 images) 0.19-0.37 against
 0.88-0.97 (kept). BaSiC (``basic``) is not checked.
-0.88-0.97 (kept).
 """
 
 from __future__ import annotations
