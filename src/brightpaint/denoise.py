@@ -451,9 +451,7 @@ def choose_assessment_sites(store: str | Path, wells: Sequence[str], exclude: Se
     pool, held_out = (fresh, True) if fresh else (candidates, False)
     if not pool:
         raise ValueError(f"{store}: no sites in wells {sorted(set(wells))}")
-    rng = np.random.default_rng(seed)
-    picked = rng.choice(len(pool), min(n, len(pool)), replace=False)
-    return [pool[i] for i in sorted(picked)], held_out
+    return seeded_sample(pool, n, seed), held_out
 
 
 def assess_plate_denoising(store: str | Path, layout: StoreLayout, channel: str, wells: Sequence[str],
@@ -531,9 +529,13 @@ def choose_training_sites(store: str | Path, wells: Sequence[str], max_sites: in
         raise ValueError(f"{store}: well(s) {', '.join(absent)} are not in the store")
     if not candidates:
         raise ValueError(f"{store}: no sites in wells {sorted(set(wells))}")
-    rng = np.random.default_rng(seed)
-    picked = rng.choice(len(candidates), min(max_sites, len(candidates)), replace=False)
-    return [candidates[i] for i in sorted(picked)]
+    return seeded_sample(candidates, max_sites, seed)
+
+
+def seeded_sample(pool: Sequence, n: int, seed: int) -> list:
+    """At most `n` items of `pool`, drawn without replacement with `seed`, in the pool's order."""
+    picked = np.random.default_rng(seed).choice(len(pool), min(n, len(pool)), replace=False)
+    return [pool[i] for i in sorted(picked)]
 
 
 def read_training_images(store: str | Path, layout: StoreLayout, channel: str,
