@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 from conftest import TINY_SPEC, shared_data
 
+from brightpaint.errors import UserError
 from brightpaint.io import (
     MANIFEST_COLUMNS,
     InputError,
@@ -60,7 +61,7 @@ def test_screen_sheet_path_outside_screen_folder(tiny_screen, tmp_path):
 
 def test_screen_sheet_missing_column(tmp_path):
     (tmp_path / "plates.tsv").write_text("plate\tmanifest\nP1\tm.csv\n")
-    with pytest.raises(InputError, match=r"missing column\(s\) \['platemap', 'batch', 'cell_type', 'role'\]"):
+    with pytest.raises(InputError, match=r"missing column\(s\) \['platemap', 'role'\]"):
         read_screen_sheet(tmp_path / "plates.tsv")
 
 
@@ -210,3 +211,44 @@ def test_open_inside_opens_only_files_whose_real_path_stays_inside(tmp_path, mon
     # a path swapped between the check and the open: what the descriptor opened is checked too
     monkeypatch.setattr("brightpaint.io.os.readlink", lambda link: str(outside))
     assert open_inside(root / "image.bin", root) == (None, outside)
+
+
+def test_platemap_control_labels_as_the_screen_writes_them(tmp_path):
+    """A LINCS-style plate map (ctl_vehicle / trt_cp, no moa or target columns) reads with the
+    screen's labels: the type in control_type, the written value in control_label; without them,
+    or with a label under two types, the error names the value, the well and the config key."""
+    path = tmp_path / "platemap.csv"
+    path.write_text("well,perturbation,dose,control_type\nA01,DMSO,,ctl_vehicle\n"
+                    "A02,BRD-K1,10,trt_cp\nA03,BRD-K1,3.3,trt_cp\n")
+    labels = {"negcon": ["ctl_vehicle"], "trt": ["trt_cp"]}
+    platemap = read_platemap(path, labels)
+    assert list(platemap["control_type"]) == ["negcon", "trt", "trt"]
+    assert list(platemap["control_label"]) == ["ctl_vehicle", "trt_cp", "trt_cp"]
+    assert (platemap["moa"] == "").all() and (platemap["target"] == "").all()
+    assert platemap["dose"].tolist()[1:] == [10.0, 3.3]
+    with pytest.raises(InputError) as err:
+        read_platemap(path)
+    message = str(err.value)
+    assert "well A01" in message and "control_type 'ctl_vehicle'" in message
+    assert "platemap.control_types" in message and "well A02" in message
+    with pytest.raises(UserError, match="'trt_cp' is listed under both negcon and trt"):
+        read_platemap(path, {"negcon": ["ctl_vehicle", "trt_cp"], "trt": ["trt_cp"]})
+
+
+def test_platemap_and_sheet_optional_columns(tmp_path):
+    """Without a dose column a treated well needs no dose (with one, an empty dose on a treated
+    well is still an error); a sheet without batch / cell_type gets 'unspecified'."""
+    path = tmp_path / "platemap.csv"
+    path.write_text("well,perturbation,control_type\nA01,DMSO,negcon\nA02,siRNA-7,trt\n")
+    platemap = read_platemap(path)
+    assert platemap["dose"].isna().all() and list(platemap["control_label"]) == ["negcon", "trt"]
+    path.write_text("well,perturbation,dose,control_type\nA01,DMSO,,negcon\nA02,siRNA-7,,trt\n")
+    with pytest.raises(InputError, match="well A02: empty dose on a treated"):
+        read_platemap(path)
+    path.write_text("well,dose\nA01,1\n")
+    with pytest.raises(InputError, match=r"missing column\(s\) \['perturbation', 'control_type'\]"):
+        read_platemap(path)
+    (tmp_path / "m.csv").write_text("x")
+    (tmp_path / "plates.tsv").write_text("plate\tmanifest\tplatemap\trole\nP1\tm.csv\tplatemap.csv\ttrain\n")
+    sheet = read_screen_sheet(tmp_path / "plates.tsv")
+    assert sheet.loc[0, "batch"] == "unspecified" and sheet.loc[0, "cell_type"] == "unspecified"

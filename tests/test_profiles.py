@@ -176,6 +176,49 @@ def test_normalise_negcon_median_zero_mad_one():
     np.testing.assert_allclose(neg["Cells_F_f1"].mean(), 0, atol=1e-12)
 
 
+def test_normalise_pooled_scale_centres_each_plate_and_scales_each_cell_type():
+    """scale_by: each plate centred on its own controls, each feature scaled by the controls of
+    all plates of a cell type pooled. Twelve plates: two cell types whose spreads differ 10x,
+    offsets from plate to plate. Pooled, the controls of each cell type have MAD 1 and each plate's
+    controls median 0; a plate's own MAD (of 6 wells) scatters around it."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for k in range(12):
+        plate, offset = f"P{k + 1}", float(rng.normal(0, 20))
+        cell_type, spread = ("flat", 1.0) if k % 2 else ("dense", 10.0)
+        for i in range(30):
+            rows.append({"Metadata_Plate": plate, "Metadata_cell_type": cell_type,
+                         "Metadata_Well": f"A{i + 1:02d}",
+                         "Metadata_control_type": "negcon" if i < 6 else "trt",
+                         **{f"Cells_F_f{j}": offset + spread * rng.normal() for j in range(40)}})
+    wells = pd.DataFrame(rows)
+    pooled = normalise_profiles(wells, scale_by=("Metadata_cell_type",))
+    features = feature_columns(pooled)
+    negcon = pooled[pooled["Metadata_control_type"] == "negcon"]
+    for _, plate in negcon.groupby("Metadata_Plate"):
+        np.testing.assert_allclose(plate[features].median(), 0, atol=1e-12)
+    for _, cells in negcon.groupby("Metadata_cell_type"):
+        np.testing.assert_allclose(median_abs_deviation(cells[features], scale="normal"), 1,
+                                   rtol=1e-9)
+    # a treated well's spread is its cell type's (1 in both), not its plate's noisy estimate
+    treated = pooled[pooled["Metadata_control_type"] == "trt"]
+    pooled_sd = treated.groupby("Metadata_Plate")[features].std().to_numpy()
+    own = normalise_profiles(wells)
+    own_sd = own[own["Metadata_control_type"] == "trt"].groupby("Metadata_Plate")[features].std()
+    # (measured: mean |log SD| 0.26 pooled, 0.46 each plate's own)
+    assert np.abs(np.log(pooled_sd)).mean() < 0.7 * np.abs(np.log(own_sd.to_numpy())).mean()
+    # one control well centres its plate (the scale comes from plates with more); a pool without
+    # a plate of two is an error
+    few = wells[(wells["Metadata_control_type"] == "trt") | wells["Metadata_Well"].isin(["A01"])
+                | wells["Metadata_Plate"].isin(["P1", "P2"])]
+    sparse = normalise_profiles(few, scale_by=("Metadata_cell_type",))
+    assert np.isfinite(sparse[features].to_numpy()).all()
+    one = sparse[(sparse["Metadata_control_type"] == "negcon") & ~sparse["Metadata_Plate"].isin(["P1", "P2"])]
+    assert len(one) == 10 and (one[features] == 0).all().all()
+    with pytest.raises(ValueError, match="no plate .* has 2 or more rows"):
+        normalise_profiles(few[few["Metadata_Plate"] == "P3"], scale_by=())
+
+
 def test_normalise_per_source():
     wells = pd.concat([_plates().assign(Metadata_Source="real"),
                        _plates(1).assign(Metadata_Source="virtual")], ignore_index=True)

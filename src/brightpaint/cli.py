@@ -83,7 +83,8 @@ def _validate(args: argparse.Namespace) -> int:
             images, flags = validate_plate(row["manifest"], row["platemap"], plate, row["role"],
                                            config["channels"], root, on_missing,
                                            threads=args.threads, limits=limits,
-                                           profiles=config.get("profiles", {}), plate_info=row)
+                                           profiles=config.get("profiles", {}), plate_info=row,
+                                           control_labels=config.get("platemap", {}).get("control_types"))
         except UserError as err:
             failures.append(str(err))
             continue

@@ -20,10 +20,19 @@ import pandas as pd
 from .errors import UserError
 
 SHEET_COLUMNS = ["plate", "manifest", "platemap", "batch", "cell_type", "role"]
+# optional sheet columns and the value every plate gets when the sheet has no such column: one
+# batch (NSCB matching then says it needs two), one cell type
+SHEET_DEFAULTS = {"batch": "unspecified", "cell_type": "unspecified"}
 MANIFEST_COLUMNS = ["plate", "well", "site", "channel", "z", "path"]
 PLATEMAP_COLUMNS = ["well", "perturbation", "dose", "control_type", "moa", "target"]
+# optional plate-map columns, empty in every well when absent: a screen without doses (a treatment
+# is then its perturbation), without MoA or target annotations (matching says it has none)
+PLATEMAP_OPTIONAL = ("dose", "moa", "target")
 ROLES = ("train", "apply", "both")
 CONTROL_TYPES = ("negcon", "poscon", "trt")
+# control_type values as a plate map may write them, per type (config `platemap.control_types`);
+# the readers turn them into the types and keep the written value as `control_label`
+DEFAULT_CONTROL_LABELS = {t: [t] for t in CONTROL_TYPES}
 IMAGE_DTYPES = (np.dtype("uint8"), np.dtype("uint16"), np.dtype("float32"))
 PLATE_ROWS = "ABCDEFGHIJKLMNOP"  # a 384-well plate: rows A-P, columns 1-24
 PLATE_COLUMNS = 24
@@ -205,9 +214,12 @@ def read_screen_sheet(path: str | Path) -> pd.DataFrame:
     """
     path = Path(path)
     df = _read_table(path, "\t", "screen sheet")
-    problems = _missing_columns(df, SHEET_COLUMNS, path)
+    problems = _missing_columns(df, [c for c in SHEET_COLUMNS if c not in SHEET_DEFAULTS], path)
     if problems:
         raise InputError(problems, "screen sheet")
+    for column, value in SHEET_DEFAULTS.items():
+        if column not in df.columns:
+            df[column] = value
     root = path.parent.resolve()
     df = df[SHEET_COLUMNS].apply(lambda col: col.str.strip())
     if df.empty:
@@ -395,17 +407,47 @@ def _shown(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def read_platemap(path: str | Path) -> pd.DataFrame:
-    """Read a plate map: one row per well, control_type in {negcon, poscon, trt}, numeric dose.
+def control_label_problem(control_labels: dict) -> str | None:
+    """Why a `platemap.control_types` mapping cannot be used, or None."""
+    unknown = sorted(set(control_labels) - set(CONTROL_TYPES))
+    if unknown:
+        return f"platemap.control_types: {unknown} are not control types {CONTROL_TYPES}"
+    seen: dict[str, str] = {}
+    for kind, labels in control_labels.items():
+        for label in labels:
+            if str(label) in seen and seen[str(label)] != kind:
+                return (f"platemap.control_types: {str(label)!r} is listed under both "
+                        f"{seen[str(label)]} and {kind}")
+            seen[str(label)] = kind
+    return None
 
-    moa and target may be empty (controls, unannotated compounds); dose may be empty for controls,
-    never for treated wells, and is a finite number where given.
+
+def read_platemap(path: str | Path, control_labels: dict | None = None) -> pd.DataFrame:
+    """Read a plate map: one row per well, control_type one of `control_labels`' values, numeric dose.
+
+    `control_labels` maps each control type (negcon, poscon, trt) to the control_type values the
+    plate maps write for it (config `platemap.control_types`, e.g. negcon: [ctl_vehicle]); the
+    table comes back with the type in `control_type` and the written value in `control_label`.
+    A value listed under no type is an error naming the well (a typo is never a treatment).
+
+    dose, moa and target are optional columns (empty when absent). moa and target may be empty
+    (controls, unannotated compounds); dose may be empty for controls, never for treated wells of a
+    plate map that has doses, and is a finite number where given.
     """
     path = Path(path)
+    labels = {**DEFAULT_CONTROL_LABELS, **(control_labels or {})}
+    bad_labels = control_label_problem(labels)
+    if bad_labels:
+        raise UserError(bad_labels)
+    kind_of = {str(label): kind for kind, names in labels.items() for label in names}
     df = _read_table(path, ",", "plate map")
-    problems = _missing_columns(df, PLATEMAP_COLUMNS, path)
+    has_dose = "dose" in df.columns
+    problems = _missing_columns(df, [c for c in PLATEMAP_COLUMNS if c not in PLATEMAP_OPTIONAL], path)
     if problems:
         raise InputError(problems, "plate map")
+    for column in PLATEMAP_OPTIONAL:
+        if column not in df.columns:
+            df[column] = ""
     df = df[PLATEMAP_COLUMNS].apply(lambda col: col.str.strip())
     if df.empty:
         raise InputError([Problem(str(path), "no wells (the plate map has a header only)")],
@@ -418,10 +460,13 @@ def read_platemap(path: str | Path) -> pd.DataFrame:
             problems.append(Problem(message=f"well {_shown(row['well'])} is not a 384-well plate "
                                             "well", **where))
         df.loc[line, "well"] = well
-        if row["control_type"] not in CONTROL_TYPES:
-            problems.append(Problem(message=f"control_type {_shown(row['control_type'])} is not "
-                                            f"one of {CONTROL_TYPES}", well=well, **where))
-        dose, bad_dose = _dose(row["dose"], row["control_type"])
+        kind = kind_of.get(row["control_type"])
+        if kind is None:
+            named = "; ".join(f"{k}: {v}" for k, v in labels.items())
+            problems.append(Problem(message=f"control_type {_shown(row['control_type'])} is none of "
+                                            f"the labels in config platemap.control_types ({named}); "
+                                            "add it under its type", well=well, **where))
+        dose, bad_dose = _dose(row["dose"], kind if has_dose else None)
         doses.append(dose)
         if bad_dose:
             problems.append(Problem(message=bad_dose, well=well, **where))
@@ -436,11 +481,14 @@ def read_platemap(path: str | Path) -> pd.DataFrame:
     if problems:
         raise InputError(problems, "plate map")
     df["dose"] = doses
+    df["control_label"] = df["control_type"]
+    df["control_type"] = df["control_type"].map(kind_of)
     return df.sort_values("well").reset_index(drop=True)
 
 
-def _dose(text: str, control_type: str) -> tuple[float, str | None]:
-    """(the dose, why it cannot be used or None): a finite number; empty only on control wells."""
+def _dose(text: str, control_type: str | None) -> tuple[float, str | None]:
+    """(the dose, why it cannot be used or None): a finite number; empty only on control wells (and
+    on every well of a plate map without doses: control_type None)."""
     if not text:
         if control_type == "trt":
             return np.nan, "empty dose on a treated (trt) well"

@@ -27,9 +27,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from copairs.map import average_precision, mean_average_precision
+from copairs.map import average_precision, mean_average_precision, multilabel
 from copairs.matching import UnpairedException
 from sklearn.ensemble import RandomForestClassifier
+from sklearn.preprocessing import MultiLabelBinarizer
 
 from brightpaint.profiles import (
     BATCH,
@@ -97,10 +98,15 @@ def _pool(profiles: pd.DataFrame, label: str | None, controls: Sequence[str]) ->
     return profiles[keep].reset_index(drop=True)
 
 
+def label_values(label) -> list[str]:
+    """The values of a (multi-)label: 'HDAC1|HDAC2' -> ['HDAC1', 'HDAC2'], sorted, blanks dropped;
+    the one rule by which every metric here says two profiles share a label (any value)."""
+    return sorted({t.strip() for t in str(label).split(LABEL_SEPARATOR) if t.strip()})
+
+
 def _label_match(labels: pd.Series) -> np.ndarray:
     """n x n: rows share at least one label value ('|'-separated values)."""
-    tokens = [frozenset(t.strip() for t in str(v).split(LABEL_SEPARATOR) if t.strip())
-              for v in labels]
+    tokens = [frozenset(label_values(v)) for v in labels]
     vocabulary = {t: i for i, t in enumerate(sorted(set().union(*tokens)))} if tokens else {}
     onehot = np.zeros((len(tokens), max(len(vocabulary), 1)), dtype=np.int32)
     for i, ts in enumerate(tokens):
@@ -240,10 +246,16 @@ def target_matching(profiles: pd.DataFrame, target: str = TARGET,
 
 def _copairs_map(meta: pd.DataFrame, feats: np.ndarray, pos_sameby, pos_diffby, neg_sameby,
                  neg_diffby, group: list[str], metric: str, null_size: int, threshold: float,
-                 seed: int) -> pd.DataFrame:
-    ap = average_precision(meta, feats, pos_sameby=pos_sameby, pos_diffby=pos_diffby,
-                           neg_sameby=neg_sameby, neg_diffby=neg_diffby,
-                           distance=_COPAIRS_DISTANCE[metric], progress_bar=False)
+                 seed: int, multilabel_col: str | None = None) -> pd.DataFrame:
+    if multilabel_col is None:
+        ap = average_precision(meta, feats, pos_sameby=pos_sameby, pos_diffby=pos_diffby,
+                               neg_sameby=neg_sameby, neg_diffby=neg_diffby,
+                               distance=_COPAIRS_DISTANCE[metric], progress_bar=False)
+    else:
+        ap = multilabel.average_precision(meta, feats, pos_sameby=pos_sameby, pos_diffby=pos_diffby,
+                                          neg_sameby=neg_sameby, neg_diffby=neg_diffby,
+                                          multilabel_col=multilabel_col,
+                                          distance=_COPAIRS_DISTANCE[metric], progress_bar=False)
     # copairs caches null distributions per (n_pos, n_total) in cache_dir (default ~/.copairs),
     # and the seed of each cached null depends on the order of configurations in the run that
     # wrote it: a private cache per call keeps results a function of the inputs and the seed.
@@ -251,7 +263,11 @@ def _copairs_map(meta: pd.DataFrame, feats: np.ndarray, pos_sameby, pos_diffby, 
         maps = mean_average_precision(ap, group, null_size=null_size, threshold=threshold,
                                       seed=seed, progress_bar=False, max_workers=1,
                                       cache_dir=cache)
-    counts = meta.groupby(group).size().rename("n_profiles").reset_index()
+    if multilabel_col is None:
+        counts = meta.groupby(group).size().rename("n_profiles").reset_index()
+    else:  # a profile counts towards each of its labels
+        counts = (meta[group].explode(multilabel_col).groupby(group).size()
+                  .rename("n_profiles").reset_index())
     maps = maps.drop(columns=["indices"]).merge(counts, on=group, how="left")
     return maps.rename(columns={"mean_average_precision": "mAP",
                                 "mean_normalized_average_precision": "normalised_mAP",
@@ -301,15 +317,19 @@ def consistency_map(profiles: pd.DataFrame, label: str = MOA, compound: str = PE
                     null_size: int = 10000, threshold: float = 0.05, seed: int = 0,
                     features: Sequence[str] | None = None) -> pd.DataFrame:
     """MoA (or target) consistency mAP with copairs over labelled non-control profiles
-    (treatment consensus or wells): positives = same label, different compound; negatives =
-    different label. One row per label: mAP, normalised_mAP, p_value, q_value, below_p,
-    retrieved, n_profiles. Raises ValueError when no label has two compounds."""
+    (treatment consensus or wells), multi-label as kNN matching: for each label value, positives
+    = the profiles of other compounds that carry it, negatives = the profiles sharing no value
+    with the query (copairs' multilabel AP; 'A|B' counts towards A and towards B). One row per
+    label value: mAP, normalised_mAP, p_value, q_value, below_p, retrieved, n_profiles. Raises
+    ValueError when no label value has two compounds."""
     pool = _pool(profiles, label, controls)
     features = _features(profiles, features)
     meta = pool[[label, compound]].astype(str)
+    meta[label] = [label_values(v) for v in meta[label]]
     try:
         return _copairs_map(meta, pool[features].to_numpy(dtype=float), [label], [compound], [],
-                            [label], [label], metric, null_size, threshold, seed)
+                            [label], [label], metric, null_size, threshold, seed,
+                            multilabel_col=label)
     except UnpairedException as err:
         raise ValueError(f"consistency_map: {err} (need a {label} with >= 2 compounds)") from err
 
@@ -451,7 +471,8 @@ def top_feature_nmae(real_wells: pd.DataFrame, virtual_wells: pd.DataFrame, labe
     """N-MAE of the most informative features (level 3 of the virtual-staining evaluation).
 
     A random forest (scikit-learn, `n_estimators` trees, random_state=seed, n_jobs=1) learns
-    `label` from the real well features (wells with a label; features with NaN left out); its
+    `label` from the real well features (wells with a label; features with NaN left out), its
+    values as a multi-label target ('A|B' is both A and B, as in every metric here); its
     impurity importances rank the features. For the top n: N-MAE = mean over matched wells of
     |virtual - real| / std(real) (std over those wells, ddof=1; NaN for a constant feature).
     0 = identical; ~1 = errors as large as the feature's spread across wells.
@@ -461,10 +482,11 @@ def top_feature_nmae(real_wells: pd.DataFrame, virtual_wells: pd.DataFrame, labe
     r, v, features = _paired(real_wells, virtual_wells, on)
     labelled = real_wells[~_missing(real_wells[label])]
     usable = [f for f in features if np.isfinite(labelled[f].to_numpy(dtype=float)).all()]
-    if labelled[label].nunique() < 2 or not usable:
-        raise ValueError(f"top_feature_nmae: need >= 2 {label} classes and finite features")
+    classes = MultiLabelBinarizer().fit_transform([label_values(v) for v in labelled[label]])
+    if classes.shape[1] < 2 or not usable:
+        raise ValueError(f"top_feature_nmae: need >= 2 {label} values and finite features")
     forest = RandomForestClassifier(n_estimators=n_estimators, random_state=seed, n_jobs=1)
-    forest.fit(labelled[usable].to_numpy(dtype=float), labelled[label].astype(str).to_numpy())
+    forest.fit(labelled[usable].to_numpy(dtype=float), classes)
     importance = pd.Series(forest.feature_importances_, index=usable)
     top = importance.sort_values(ascending=False, kind="stable").head(n)
     rows = []
@@ -493,6 +515,21 @@ def _knn_rows(neighbours: pd.DataFrame, name: str, top_k: Sequence[int]) -> list
     rows += [_row(f"{name}_top{k}", top_k_hit_rate(neighbours, k), n, details)
              for k in top_k if k != 1]
     return rows
+
+
+def replication(wells: pd.DataFrame, replicate: str = TREATMENT) -> str:
+    """How many replicate groups (non-control) have the >= 2 wells the replicate metrics need, said
+    with the remedy when most have one (a dose-response plate: one well per compound and dose)."""
+    if replicate not in wells.columns:
+        return f"no {replicate} column"
+    pool = wells[~wells[CONTROL_TYPE].isin(["negcon"])] if CONTROL_TYPE in wells.columns else wells
+    sizes = pool.loc[~_missing(pool[replicate]), replicate].value_counts()
+    replicated = int((sizes >= 2).sum())
+    text = f"{replicated} of {len(sizes)} treatments have >= 2 wells"
+    if len(sizes) and replicated < len(sizes) / 2:
+        text += (" (one well per compound and dose? profiles.replicate_by: [perturbation] makes "
+                 "a compound's doses its replicates)")
+    return text
 
 
 def matching(wells: pd.DataFrame, consensus: pd.DataFrame | None = None, label: str = MOA,
@@ -528,14 +565,16 @@ def matching(wells: pd.DataFrame, consensus: pd.DataFrame | None = None, label: 
                              "mean 1 - similarity, same target, different compound"))
             rows.append(_row(f"mtdist_all_pairs_{metric}", t["mtdist_all"], t["n_pairs_all"],
                              "mean 1 - similarity, all different-compound pairs (scale)"))
+    groups = replication(wells)
     try:
         rep = replicate_map(wells, null_size=null_size, seed=seed)
         rows.append(_row("replicate_mAP", rep["mAP"].mean(), len(rep),
-                         "copairs, cosine, positives same treatment, negatives negcon same plate"))
+                         "copairs, cosine, positives same treatment, negatives negcon same plate; "
+                         + groups))
         rows.append(_row("replicate_fraction_retrieved", rep["retrieved"].mean(), len(rep),
                          "treatments with q < 0.05 (BH over treatments)"))
     except ValueError as err:
-        rows.append(_row("replicate_mAP", np.nan, 0, str(err)))
+        rows.append(_row("replicate_mAP", np.nan, 0, f"{err}; {groups}"))
     try:
         con = consistency_map(consensus, label, null_size=null_size, seed=seed)
         rows.append(_row(f"{label.removeprefix('Metadata_')}_consistency_mAP", con["mAP"].mean(),
@@ -544,7 +583,8 @@ def matching(wells: pd.DataFrame, consensus: pd.DataFrame | None = None, label: 
         rows.append(_row(f"{label.removeprefix('Metadata_')}_consistency_mAP", np.nan, 0, str(err)))
     pr = percent_replicating(wells, n_null=null_size, seed=seed)
     rows.append(_row("percent_replicating", 100 * pr["replicating"].mean() if len(pr) else np.nan,
-                     len(pr), "median pairwise Pearson vs 95th percentile of non-replicate null"))
+                     len(pr), "median pairwise Pearson vs 95th percentile of non-replicate null; "
+                     + groups))
     summary = pd.DataFrame(rows, columns=["metric", "value", "n", "details"])
     neighbours = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     return summary, neighbours

@@ -262,11 +262,12 @@ def flags_table(problems: list[Problem]) -> pd.DataFrame:
 def validate_plate(manifest_path: str, platemap_path: str, plate: str, role: str,
                    channels: dict, root: str, on_missing: str = "error", threads: int = 1,
                    limits: ImageLimits = ImageLimits(), profiles: dict | None = None,
-                   plate_info: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   plate_info: dict | None = None, control_labels: dict | None = None
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read and check one plate's manifest and plate map and every image header; with `profiles`
     (config `profiles:`) and `plate_info` (the plate's sheet row), also that the plate map gives the
     reference wells its profiles will be normalised against, which would otherwise fail only after
-    segmentation and features.
+    segmentation and features. `control_labels` is config `platemap.control_types`.
 
     Returns (images that go into the store, QC flags). Raises `InputError` listing every fatal
     problem of the plate at once.
@@ -278,7 +279,7 @@ def validate_plate(manifest_path: str, platemap_path: str, plate: str, role: str
     except InputError as err:
         problems += err.problems
     try:
-        platemap = read_platemap(platemap_path)
+        platemap = read_platemap(platemap_path, control_labels)
     except InputError as err:
         problems += err.problems
     if problems:

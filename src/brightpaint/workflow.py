@@ -20,7 +20,7 @@ import yaml
 from .defaults import DEFAULT_CONFIG
 from .errors import UserError
 from .groups import group_wells, screen_groups, untrainable_reason
-from .io import InputError, name_problem, read_platemap, read_screen_sheet
+from .io import InputError, control_label_problem, name_problem, read_platemap, read_screen_sheet
 from .layout import plate_folder_problem
 from .provenance import (
     CELLPROFILER_PACKAGES,
@@ -93,6 +93,9 @@ def check_config(config: Mapping, schema: str | Path = CONFIG_SCHEMA, source: st
         check_channels(config["channels"])
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from err
+    labels = (config.get("platemap") or {}).get("control_types")
+    if labels and (problem := control_label_problem(labels)):
+        raise ConfigError(f"{source}: {problem}")
 
 
 def check_channels(channels: object) -> None:
@@ -229,7 +232,8 @@ class Screen:
             return {channel: [channel] for channel in targets}
         return {"all": targets}
 
-    def generalisation_groups(self, settings: dict, training_plates: list[str]
+    def generalisation_groups(self, settings: dict, training_plates: list[str],
+                              control_labels: dict | None = None
                               ) -> tuple[dict[str, dict], dict[str, str]]:
         """(groups, skipped) of the generalisation matrix (config `generalisation`): groups are name ->
         Group fields, every cell type among the training plates (with `cell_types`) x every
@@ -251,7 +255,8 @@ class Screen:
         except ValueError as err:
             raise ConfigError(str(err)) from err
         try:
-            plates = {p: (str(self.plate_row(p)["cell_type"]), read_platemap(self.plate_row(p)["platemap"]))
+            plates = {p: (str(self.plate_row(p)["cell_type"]), read_platemap(self.plate_row(p)["platemap"],
+                                                                          control_labels))
                       for p in training_plates}
         except InputError:
             # the plate's validation job stops the run and names every problem of its plate map

@@ -195,7 +195,7 @@ def training_sources():
 # reason shown on the index page.
 GENERALISATION = config["generalisation"]
 GENERALISATION_GROUPS, GENERALISATION_SKIPPED = SCREEN.generalisation_groups(
-    GENERALISATION, STAIN_TRAINING_PLATES
+    GENERALISATION, STAIN_TRAINING_PLATES, config["platemap"]["control_types"]
 )
 # the per-group models train like the screen's model, with the matrix's (smaller) budget on top
 GENERALISATION_SETTINGS = {**STAIN["model"], **GENERALISATION["model"]}

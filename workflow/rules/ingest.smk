@@ -20,6 +20,7 @@ rule validate_plate:
         max_image_pixels=config["ingest"]["max_image_pixels"],
         max_planes=config["ingest"]["max_planes"],
         max_plate_bytes=config["ingest"]["max_plate_bytes"],
+        control_labels=config["platemap"]["control_types"],
         **image_change_params(),
     threads: config["threads"]["validate"]
     conda:

@@ -27,7 +27,7 @@ rule match_screen:
     input:
         selected=SCREEN_FOLDER.profile("selected"),
         consensus=SCREEN_FOLDER.profile("consensus"),
-        normalised=[plate_folder(p).profile("normalised") for p in SCREEN.plate_ids()],
+        normalised=[SCREEN_FOLDER.profile("normalised")],
     output:
         **SCREEN_FOLDER.matches,
     params:

@@ -1,5 +1,6 @@
 # Profiles (pycytominer): a plate's cells -> annotated well profiles, normalised to the plate's negative
-# controls, feature-selected and one consensus profile per treatment; the screen's from every plate.
+# controls, feature-selected and one consensus profile per treatment; the screen's from every plate's
+# well profiles (each plate centred on its controls, scaled by the pooled controls of profiles.scale_by).
 
 
 rule profiles_plate:
@@ -12,6 +13,7 @@ rule profiles_plate:
         **code_params("profiles_plate.py"),
         plate_info=lambda wildcards: SCREEN.plate_row(wildcards.plate),
         settings=config["profiles"],
+        control_labels=config["platemap"]["control_types"],
     threads: config["threads"]["profiles"]
     conda:
         MAIN_ENV
@@ -25,8 +27,9 @@ rule profiles_plate:
 
 rule profiles_screen:
     input:
-        normalised=[plate_folder(p).profile("normalised") for p in SCREEN.plate_ids()],
+        wells=[plate_folder(p).profile("wells") for p in SCREEN.plate_ids()],
     output:
+        normalised=SCREEN_FOLDER.profile("normalised"),
         selected=SCREEN_FOLDER.profile("selected"),
         consensus=SCREEN_FOLDER.profile("consensus"),
     params:

@@ -18,6 +18,7 @@ rule stain_train:
         sources=training_sources(),
         targets=lambda wildcards: STAIN_MODELS[wildcards.model],
         brightfield=config["channels"]["brightfield"],
+        control_labels=config["platemap"]["control_types"],
         settings=STAIN["model"],
         train_wells=STAIN["train_wells"],
         validation_wells=STAIN["validation_wells"],

@@ -18,11 +18,12 @@ from brightpaint.stain.files import load_stain_model
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
+control_labels = dict(params.control_labels)  # plate-map control_type labels
 device = resolve_device(params.device, what="generalisation matrix")
 generator, card = load_stain_model(inp.model)
 # each plate's sources as the registry names them, checked to be among the job's inputs
 sources = [open_plate_source(PlateSources.from_params(files).among(inp, snakemake.rule),  # noqa: F821
-                             params.brightfield, platemap=read_platemap(platemap))
+                             params.brightfield, platemap=read_platemap(platemap, control_labels))
            for files, platemap in zip(params.sources, inp.platemaps, strict=True)]
 tests = {group: held_out_sites(json.loads(Path(path).read_text()), sources, params.test_sites)
          for group, path in zip(params.groups, inp.cards, strict=True)}

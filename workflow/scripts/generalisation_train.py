@@ -15,10 +15,11 @@ from brightpaint.stain.train import fit_stain_model
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
+control_labels = dict(params.control_labels)  # plate-map control_type labels
 group = Group(**params.group)
 # each plate's sources as the registry names them, checked to be among the job's inputs
 plates = [(open_plate_source(PlateSources.from_params(files).among(inp, snakemake.rule),  # noqa: F821
-                             params.brightfield, platemap=read_platemap(platemap)), row)
+                             params.brightfield, platemap=read_platemap(platemap, control_labels)), row)
           for files, platemap, row in zip(params.sources, inp.platemaps, params.plates, strict=True)]
 sources = group_sources(group, [(source, str(row["cell_type"])) for source, row in plates])
 if not sources:

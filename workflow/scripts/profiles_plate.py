@@ -8,7 +8,7 @@ from brightpaint.profiles import aggregate_parquet_wells, feature_columns, missi
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
-platemap = read_platemap(inp.platemap)
+platemap = read_platemap(inp.platemap, dict(params.control_labels))
 # wells aggregated a batch of cells at a time: memory does not grow with the plate
 wells = aggregate_parquet_wells(inp.cells, params.settings["aggregate"])
 tables = profiles_from_wells(wells, platemap, params.plate_info, params.settings)

@@ -1,5 +1,5 @@
-"""The screen's feature-selected well profiles and treatment consensus from every plate's
-normalised profiles (rule profiles_screen)."""
+"""The screen's normalised and feature-selected well profiles and treatment consensus from every
+plate's annotated well profiles (rule profiles_screen)."""
 
 import pandas as pd
 
@@ -9,7 +9,7 @@ from brightpaint.profiles import feature_columns, screen_profiles
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
-tables = screen_profiles([pd.read_parquet(path) for path in inp.normalised], params.settings)
+tables = screen_profiles([pd.read_parquet(path) for path in inp.wells], params.settings)
 for level, table in tables.items():
     with atomic_path(out[level]) as tmp:
         table.to_parquet(tmp, index=False)

@@ -11,9 +11,10 @@ from brightpaint.stain.train import fit_stain_model
 
 log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
+control_labels = dict(params.control_labels)  # plate-map control_type labels
 # each plate's sources as the registry names them, checked to be among the job's inputs
 sources = [open_plate_source(PlateSources.from_params(files).among(inp, snakemake.rule),  # noqa: F821
-                             params.brightfield, platemap=read_platemap(platemap))
+                             params.brightfield, platemap=read_platemap(platemap, control_labels))
            for files, platemap in zip(params.sources, inp.platemaps, strict=True)]
 generator, card, history = fit_stain_model(
     sources, list(params.targets), StainSettings.from_config(dict(params.settings)),

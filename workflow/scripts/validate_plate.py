@@ -16,7 +16,8 @@ root = str(Path(p.screen_folder).resolve())
 limits = ImageLimits(max_image_pixels=p.max_image_pixels, max_planes=p.max_planes,
                      max_plate_bytes=p.max_plate_bytes)
 images, flags = validate_plate(p.manifest, p.platemap, plate, p.role, dict(p.channels), root,
-                               p.on_missing, threads=snakemake.threads, limits=limits)  # noqa: F821
+                               p.on_missing, threads=snakemake.threads, limits=limits,  # noqa: F821
+                               control_labels=dict(p.control_labels))
 layout = plan_layout(images, plate, dict(p.channels))
 with atomic_path(out.flags) as tmp:
     flags.to_csv(tmp, index=False)
