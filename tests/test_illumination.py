@@ -16,18 +16,22 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 import zarr
 from conftest import CHANNELS, REPO, TINY_SPEC, shared_data
 from scipy import ndimage
 
+from brightpaint import report
 from brightpaint.demo.camera import DARK_OFFSET, add_noise, flat_field, plate_optics
 from brightpaint.demo.site import simulate_site
 from brightpaint.demo.spec import BRIGHTFIELD, FLUORESCENCE, ScreenSpec
 from brightpaint.demo.treatments import plate_wells
 from brightpaint.illumination import (
+    DARK_ABOVE_DATA,
     IlluminationFunction,
+    camera_offset_estimate,
     correct_illumination,
     illumination_function,
     load_illumination,
@@ -161,6 +165,48 @@ def test_a_stain_with_no_background_gets_the_identity_and_a_reason(channel):
     halves = function.params["split_half"]
     assert function.params["fallback"] == "" and residual_shading(function.flat, optics.flat) <= 0.02
     assert halves["disagreement"] < 0.25 * halves["shading"]
+
+
+def test_camera_offset_from_the_darkest_areas():
+    """Each channel's darkest level (its 4 x 4 means' 1st percentile) and the share of pixels below
+    the offset, on the demo's stains at the camera offset (100) outside cells: the plate's darkest
+    channel gives the offset (within 3 ADU); with it, about half the background lies below it and no
+    check fires; 5 ADU too high, most pixels do and the check says so (the foci stain has no signal
+    above it at all: the error names its darkest level); not given (dark 0), the
+    report's camera-offset table says what the data show. A stain with background bounds the offset
+    only from above."""
+    sites = [simulate_site(DEMO, "P1", well, site, fluorescence=False)
+             for well in plate_wells(DEMO.wells)[:12] for site in range(1, DEMO.sites + 1)]
+    rng = np.random.default_rng(7)
+    functions = {}
+    for channel in FLUORESCENCE:
+        optics = plate_optics(DEMO, "P1")[channel]
+        bare = dataclasses.replace(optics, background=0.0) if channel != "CYTO" else optics
+        images = [add_noise(rng, s.clean[channel], bare) for s in sites]
+        for dark in (0.0, optics.dark, optics.dark + 5):
+            if channel == "DAMAGE" and dark > optics.dark:  # sparse foci: no signal above it at all
+                with pytest.raises(ValueError, match=r"darkest areas are at 9\d\.\d+: is illumination"):
+                    illumination_function(iter(images), dark=dark, name=channel)
+                continue
+            functions[(channel, dark)] = illumination_function(iter(images), dark=dark, name=channel)
+    offset = plate_optics(DEMO, "P1")["DNA"].dark
+    levels = {c: functions[(c, offset)].params["darkest_level"] for c in FLUORESCENCE}
+    print("\ndarkest levels", {c: round(v, 1) for c, v in levels.items()},
+          {k: round(f.params["below_dark_fraction"], 2) for k, f in functions.items()})
+    channel, level = camera_offset_estimate(levels)
+    assert channel in ("DNA", "DAMAGE") and abs(level - offset) <= 3  # measured 1.7 below
+    assert levels["CYTO"] > offset + 5  # its background: an upper bound only
+    for c in ("DNA", "DAMAGE"):
+        right = functions[(c, offset)].params
+        assert 0.2 <= right["below_dark_fraction"] <= DARK_ABOVE_DATA and right["offset_check"] == ""
+    high = functions[("DNA", offset + 5)].params
+    assert high["below_dark_fraction"] > DARK_ABOVE_DATA and "above most pixels" in high["offset_check"]
+    assert functions[("CYTO", offset)].params["below_dark_fraction"] < 0.05
+    table = pd.DataFrame([{"channel": c, "dark": 0.0, "darkest_level": functions[(c, 0.0)].params[
+        "darkest_level"], "offset_check": ""} for c in FLUORESCENCE])
+    shown = report.camera_offset_table(table).iloc[0]
+    assert abs(shown["offset_at_most"] - offset) <= 3 and "set illumination.dark" in shown["note"]
+    assert report.camera_offset_table(table.assign(dark=offset)).iloc[0]["note"] == ""
 
 
 def test_background_average_ignores_the_blocks_own_noise():

@@ -330,6 +330,10 @@ def test_foreign_screen_preprocessing_holds(tmp_path, run_snakemake):
     assert made.loc["BF", "flat"] == "estimated"
     for stain in CHANNELS["fluorescence"]:
         assert made.loc[stain, "flat"] == "identity" and "no flat field" in made.loc[stain, "reason"]
+        assert made.loc[stain, "offset_check"] == ""
+    # the camera offset the data show: the stains' darkest areas, the configured 100 within 3 ADU
+    offset = report.camera_offset_table(made.reset_index(), "BF").iloc[0]
+    assert abs(offset["offset_at_most"] - 100) <= 3 and offset["note"] == "", offset.to_dict()
     focus = pd.read_parquet(folder / "focus.parquet")
     truth = pd.read_csv(tmp_path / "foreign" / "truth" / "F1" / "sites.csv")
     merged = focus.merge(truth, on=["well", "site"], validate="one_to_one")

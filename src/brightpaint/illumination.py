@@ -64,6 +64,13 @@ Images that are not used (counted in ``n_excluded``, reasons in ``params["exclud
 
 No usable image left: ``ValueError`` saying "no usable image" and naming the channel (``name=``).
 
+The camera offset from the data: every image's `dark_level` (the 1st percentile of its 4 x 4-pixel
+means: the offset plus the least background it has) is recorded, their median per channel in
+``params["darkest_level"]``; the smallest over a plate's channels bounds its camera offset from above
+(`camera_offset_estimate`), which the report shows beside the configured ``dark``. Where more than
+`DARK_ABOVE_DATA` of the pixels lie below ``dark``, ``params["offset_check"]`` says the offset is too
+high.
+
 A flat field the images cannot support is replaced by the identity (flat 1, the dark offset still
 subtracted), with the reason in ``params["fallback"]``, rather than stopping the screen. Checks,
 from the data: (1) the average is not positive although the images have signal: the stain has no
@@ -112,6 +119,10 @@ SPLIT_HALF_MIN_IMAGES = 8  # below this, halves are too small to judge: the chec
 # mean): strong real vignetting (BBBC016, corner / centre 0.32) is 0.93, the demo's fields 0.27-0.46,
 # while "flat fields" of stains with no background (the cells' density) were 1.5-42
 MAX_SHADING = 2.0
+# The dark offset against the data: a stain without background has about half its background pixels
+# below a right offset (read noise is symmetric), so more than this share of all pixels below it
+# says the offset is too high (`params["offset_check"]`)
+DARK_ABOVE_DATA = 0.6
 
 _COMMON = {"dark": 0.0, "working_size": None, "max_images": None, "clip_percentile": 99.9,
            "saturation": None, "max_saturated": 0.5, "min_signal": 0.1, "on_nonfinite": "exclude",
@@ -163,6 +174,20 @@ class _Reduced:
     grid: np.ndarray  # float32 block means of the valid pixels (NaN where a block has none)
     weight: np.ndarray  # float32 valid pixels per block
     signal: float  # mean of the valid pixels after dark subtraction
+    darkest: float  # dark_level of the raw image
+    below_dark: float  # fraction of the raw pixels below the dark offset
+
+
+def dark_level(image: np.ndarray, block: int = 4, percentile: float = 1.0) -> float:
+    """The level of an image's darkest areas: the `percentile` of its block x block means. The
+    means cut the read noise `block` times, so this is the camera offset plus the least
+    background the image has (a stain without background: the offset itself), not a noise tail."""
+    data = np.asarray(image, dtype=np.float32)
+    ny, nx = data.shape[0] // block, data.shape[1] // block
+    if ny == 0 or nx == 0:
+        return float(np.percentile(data, percentile))
+    means = data[:ny * block, :nx * block].reshape(ny, block, nx, block).mean(axis=(1, 3))
+    return float(np.percentile(means, percentile))
 
 
 def _reduce(image: np.ndarray, index: int, p: dict, edges) -> _Reduced | str:
@@ -185,6 +210,8 @@ def _reduce(image: np.ndarray, index: int, p: dict, edges) -> _Reduced | str:
         if saturated.mean() > p["max_saturated"]:
             return "saturated"
         valid = ~saturated
+    darkest = dark_level(data)
+    below_dark = float(np.count_nonzero(data < p["dark"]) / data.size) if p["dark"] else 0.0
     if p["clip_percentile"] is not None and p["clip_percentile"] < 100:
         step = max(1, int(math.sqrt(data.size / 65536)))  # percentile of a ~64k-pixel subsample
         sample = data[::step, ::step]
@@ -203,7 +230,7 @@ def _reduce(image: np.ndarray, index: int, p: dict, edges) -> _Reduced | str:
     with np.errstate(invalid="ignore", divide="ignore"):
         grid = sums / weight
     signal = float(sums.sum() / weight.sum())
-    return _Reduced(grid.astype(np.float32), weight.astype(np.float32), signal)
+    return _Reduced(grid.astype(np.float32), weight.astype(np.float32), signal, darkest, below_dark)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,8 +441,11 @@ def illumination_function(images: Iterable[np.ndarray], method: str = "cellprofi
                          f"({n_seen} seen: {reasons})")
     reference = float(np.median(list(signals.values())))
     if not reference > 0:
+        darkest = float(np.median([r.darkest for _, r in reservoir]))
         raise ValueError(f"{name}: no usable image for the illumination function: the median "
-                         f"signal above the dark offset ({p['dark']}) is {reference:g}")
+                         f"signal above the dark offset ({p['dark']}) is {reference:g} (the images' "
+                         f"darkest areas are at {darkest:.4g}: is illumination.dark the camera's "
+                         "offset?)")
     empty = {i for i, s in signals.items() if s <= p["min_signal"] * reference}
     if empty:
         excluded["nearly empty"] = len(empty)
@@ -462,8 +492,18 @@ def illumination_function(images: Iterable[np.ndarray], method: str = "cellprofi
     floor = FLAT_FLOOR * float(flat.mean())
     n_clipped = int((flat < floor).sum())
     flat = np.maximum(flat, floor)
+    darkest = float(np.median([r.darkest for _, r in reservoir]))
+    below_dark = float(np.median([r.below_dark for _, r in reservoir]))
+    offset_check = ""
+    if below_dark > DARK_ABOVE_DATA:
+        offset_check = (f"the dark offset ({p['dark']:g}) is above most pixels ({below_dark:.0%} of them "
+                        f"lie below it; the darkest areas are at {darkest:.4g}): is it the camera's "
+                        "offset? (illumination.dark)")
+        LOGGER.warning("%s: %s", name, offset_check)
     settings = {k: v for k, v in p.items() if k != "name"}
-    settings.update({"excluded": excluded, "n_seen": n_seen, "n_usable": len(signals),
+    settings.update({"darkest_level": darkest, "below_dark_fraction": below_dark,
+                     "offset_check": offset_check,
+                     "excluded": excluded, "n_seen": n_seen, "n_usable": len(signals),
                      "n_nearly_empty_in_sample": len(reservoir) - len(kept),
                      "grid": list(grids.shape[1:]), "flat_clipped_pixels": n_clipped,
                      "channel": name, "fallback": fallback, "split_half": halves})
@@ -733,3 +773,17 @@ def _figure(function: IlluminationFunction, png_path: Path) -> None:
     ax_line.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path)
+
+
+def camera_offset_estimate(darkest_levels: dict[str, float], brightfield: str | None = None
+                           ) -> tuple[str, float] | None:
+    """(channel, level): the channel whose darkest areas are darkest, and their level, from each
+    channel's ``params["darkest_level"]``; the brightfield (never dark) is left out. The camera
+    adds its offset to every channel, so the offset is at most this level: equal to it where a
+    stain has no background (sparse foci, offset-subtracted exports), above the offset by the
+    least background otherwise. None without a fluorescence channel."""
+    levels = {c: float(v) for c, v in darkest_levels.items() if c != brightfield and v is not None}
+    if not levels:
+        return None
+    channel = min(levels, key=levels.get)
+    return channel, levels[channel]

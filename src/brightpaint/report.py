@@ -36,6 +36,7 @@ import pandas as pd
 import yaml
 import zarr
 
+from .illumination import camera_offset_estimate
 from .ingest import stored_sites
 from .layout import PlateFolder, PlateResults, PlateSources
 from .match import agreement_summary
@@ -181,7 +182,8 @@ def well_heatmap(values: pd.Series, title: str, label: str) -> str:
 
 def illumination_table(meta: Mapping[str, str]) -> pd.DataFrame:
     """Per channel: how its illumination function was made (method, images used and excluded, dark
-    offset) and, where the data could not support a flat field, the identity flat and why."""
+    offset), where the data could not support a flat field the identity flat and why, and the
+    images' darkest level and share of pixels below the offset (with a check when most are)."""
     rows = []
     for channel, path in sorted(meta.items()):
         recorded = json.loads(Path(path).read_text())
@@ -192,8 +194,36 @@ def illumination_table(meta: Mapping[str, str]) -> pd.DataFrame:
                      "dark": params.get("dark"),
                      "flat": "identity" if params.get("fallback") else "estimated",
                      "split_half_disagreement": halves.get("disagreement"),
-                     "split_half_shading": halves.get("shading"), "reason": params.get("fallback", "")})
+                     "split_half_shading": halves.get("shading"), "reason": params.get("fallback", ""),
+                     "darkest_level": params.get("darkest_level"),
+                     "below_dark_fraction": params.get("below_dark_fraction"),
+                     "offset_check": params.get("offset_check", "")})
     return pd.DataFrame(rows)
+
+
+def camera_offset_table(illumination: pd.DataFrame, brightfield: str | None = None) -> pd.DataFrame:
+    """The plate's camera offset: the configured `dark` beside the bound the data give
+    (`camera_offset_estimate`: the darkest fluorescence channel's darkest level), with a note where
+    no offset is subtracted though every channel stays above one, or the offset is above most
+    pixels of a channel."""
+    if "darkest_level" not in illumination or illumination["darkest_level"].isna().all():
+        return pd.DataFrame(columns=["dark", "offset_at_most", "darkest_channel", "note"])
+    levels = dict(zip(illumination["channel"], illumination["darkest_level"], strict=True))
+    estimate = camera_offset_estimate({c: v for c, v in levels.items() if pd.notna(v)}, brightfield)
+    if estimate is None:
+        return pd.DataFrame(columns=["dark", "offset_at_most", "darkest_channel", "note"])
+    channel, level = estimate
+    dark = float(illumination["dark"].fillna(0).max())
+    note = ""
+    if dark == 0 and level > 0:
+        note = (f"no offset is subtracted, yet no channel's darkest areas go below {level:.4g}: where "
+                "that is the camera's offset (an sCMOS camera adds ~100 ADU), set illumination.dark; "
+                "dim stains' intensities and flat fields depend on it")
+    elif illumination["offset_check"].fillna("").astype(bool).any():
+        note = (f"the offset ({dark:g}) is above most pixels of some channel (offset_check): is it the "
+                "camera's?")
+    return pd.DataFrame([{"dark": dark, "offset_at_most": level, "darkest_channel": channel,
+                          "note": note}])
 
 
 ASSESSMENT_COLUMNS = ["channel", "apply", "estimated_gain_db", "min_gain_db", "decided_by", "noise_variance",
@@ -320,7 +350,10 @@ def plate_report(files: PlateResults, plate_info: Mapping, prov: Mapping,
     sections = report["sections"]
     illum = sorted(files.illum_figures.items(), key=lambda item: item[1])
     if illum:
-        tables = {"illumination": illumination_table(files.illum_meta)} if files.illum_meta else {}
+        tables = {}
+        if files.illum_meta:
+            tables["illumination"] = illumination_table(files.illum_meta)
+            tables["camera_offset"] = camera_offset_table(tables["illumination"], brightfield)
         sections.append({"title": "Illumination functions", "figures": [
             _figure(path, f"{channel}: estimated flat field ({RELATIVE.illum(channel)})")
             for channel, path in illum], "tables": tables})
