@@ -415,14 +415,21 @@ def normalise_profiles(wells: pd.DataFrame, method: str = "mad_robustize",
             zero[name] = flat
             if zero_scale == "nan":
                 result[np.ix_(rows, [features.index(f) for f in flat])] = np.nan
+    return _normalised_table(wells, meta, features, result, zero,
+                             "set to NaN" if zero_scale == "nan" else "kept (scaled by epsilon)")
+
+
+def _normalised_table(wells: pd.DataFrame, meta: list[str], features: list[str], result: np.ndarray,
+                      zero: dict[str, list[str]], action: str) -> pd.DataFrame:
+    """The normalised values as a table in the input's column order, warning about (and recording in
+    attrs["zero_scale_features"]) the features each group could not scale."""
     out = pd.concat([wells[meta], pd.DataFrame(result, index=wells.index, columns=features)],
                     axis=1)[list(wells.columns)]
     if zero:
         summary = "; ".join(f"{k}: {len(v)} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
                             for k, v in zero.items())
-        action = "set to NaN" if zero_scale == "nan" else "kept (scaled by epsilon)"
         warnings.warn(f"normalise_profiles: features without spread in the reference wells, "
-                      f"{action}: {summary}", stacklevel=2)
+                      f"{action}: {summary}", stacklevel=3)
     out.attrs["zero_scale_features"] = zero
     return out
 
@@ -466,16 +473,8 @@ def _normalise_pooled_scale(wells: pd.DataFrame, method: str, samples: str, by: 
             zero[name] = [f for f, z in zip(features, flat, strict=True) if z]
             if zero_scale == "keep":
                 result[np.ix_(rows, np.flatnonzero(flat))] = centred[np.ix_(rows, np.flatnonzero(flat))]
-    out = pd.concat([wells[meta], pd.DataFrame(result, index=wells.index, columns=features)],
-                    axis=1)[list(wells.columns)]
-    if zero:
-        summary = "; ".join(f"{k}: {len(v)} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
-                            for k, v in zero.items())
-        action = "set to NaN" if zero_scale == "nan" else "kept centred, unscaled"
-        warnings.warn(f"normalise_profiles: features without spread in the pooled reference "
-                      f"wells, {action}: {summary}", stacklevel=3)
-    out.attrs["zero_scale_features"] = zero
-    return out
+    return _normalised_table(wells, meta, features, result, zero,
+                             "set to NaN" if zero_scale == "nan" else "kept centred, unscaled")
 
 
 def select_features(profiles: pd.DataFrame, operations: Sequence[str] = DEFAULT_SELECTION,
