@@ -373,11 +373,11 @@ def normalise_profiles(wells: pd.DataFrame, method: str = "mad_robustize",
     location. One reference row per `by` group is then enough to centre it (groups with two or
     more give the scale).
     """
+    if zero_scale not in ("nan", "keep"):
+        raise ValueError(f"zero_scale must be 'nan' or 'keep', got {zero_scale!r}")
     if scale_by is not None and [c for c in scale_by if c in wells.columns] != \
             [c for c in by if c in wells.columns] and method in SCALED_METHODS:
         return _normalise_pooled_scale(wells, method, samples, by, scale_by, zero_scale)
-    if zero_scale not in ("nan", "keep"):
-        raise ValueError(f"zero_scale must be 'nan' or 'keep', got {zero_scale!r}")
     by = [c for c in by if c in wells.columns]
     features = _numeric_features(wells, "normalise_profiles")
     meta = metadata_columns(wells)
