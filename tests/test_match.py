@@ -401,9 +401,15 @@ def test_dose_response_plate_replicates_by_compound(tmp_path):
     rep = replicate_map(selected, null_size=200).set_index("Metadata_treatment")
     assert rep.loc[[f"BRD-{c:02d}" for c in range(20)], "retrieved"].mean() >= 0.9
     assert rep.loc[[f"BRD-{c:02d}" for c in range(20, 40)], "retrieved"].mean() <= 0.15
-    # no target column: target metrics are absent or NaN, never an error
+    # no target column: target metrics are absent or NaN, never an error; nor without MoAs
     assert "target_match_rate_cosine" not in summary.index or \
         not np.isfinite(summary.loc["target_match_rate_cosine", "value"])
+    bare = matching_summary(selected.drop(columns=["Metadata_moa"]).assign(Metadata_moa=np.nan),
+                            tables["consensus"].assign(Metadata_moa=np.nan), null_size=50)
+    bare = bare.set_index("metric")
+    assert not np.isfinite(bare.loc[["moa_nsc_accuracy_cosine", "moa_consistency_mAP"], "value"]).any()
+    assert "no non-control profile has a label" in bare.loc["moa_nsc_accuracy_cosine", "details"]
+    assert "no Metadata_moa value is carried by two compounds" in bare.loc["moa_consistency_mAP", "details"]
 
 
 def test_consistency_map_is_multilabel_like_knn():

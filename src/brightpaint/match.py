@@ -326,6 +326,10 @@ def consistency_map(profiles: pd.DataFrame, label: str = MOA, compound: str = PE
     features = _features(profiles, features)
     meta = pool[[label, compound]].astype(str)
     meta[label] = [label_values(v) for v in meta[label]]
+    compounds = meta.explode(label).groupby(label)[compound].nunique()
+    if not (compounds >= 2).any():
+        raise ValueError(f"consistency_map: no {label} value is carried by two compounds "
+                         f"({len(pool)} labelled non-control profiles)")
     try:
         return _copairs_map(meta, pool[features].to_numpy(dtype=float), [label], [compound], [],
                             [label], [label], metric, null_size, threshold, seed,
@@ -511,6 +515,8 @@ def _knn_rows(neighbours: pd.DataFrame, name: str, top_k: Sequence[int]) -> list
     n = int(neighbours["has_positive"].sum()) if len(neighbours) else 0
     without = len(neighbours) - n
     details = f"{len(neighbours)} queries, {without} without an eligible same-label candidate"
+    if not len(neighbours):
+        details += " (no non-control profile has a label: an empty plate-map column?)"
     rows = [_row(f"{name}_accuracy", knn_accuracy(neighbours), n, details)]
     rows += [_row(f"{name}_top{k}", top_k_hit_rate(neighbours, k), n, details)
              for k in top_k if k != 1]
