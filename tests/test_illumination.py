@@ -36,6 +36,7 @@ from brightpaint.illumination import (
     illumination_function,
     load_illumination,
     plate_illumination,
+    residual_shading,
     save_illumination,
 )
 from brightpaint.ingest import assemble_plate_store, field_path, plan_layout, stored_sites, write_shard_store
@@ -48,13 +49,6 @@ CP_SCRIPT = REPO / "tests" / "cellprofiler" / "illum_reference.py"
 # per-plate, per-channel offsets of the demo vary by +-20 ADU around it)
 CAMERA_OFFSET = DARK_OFFSET
 DEMO = ScreenSpec()  # the demo screen: 24 wells x 2 sites, 256 px, 5 brightfield planes
-
-
-def residual_shading(estimated: np.ndarray, true: np.ndarray) -> float:
-    ratio = (estimated / estimated.mean()) / (true / true.mean())
-    ratio = ndimage.gaussian_filter(ratio.astype(np.float64), 2, mode="nearest")
-    low, high = np.percentile(ratio, [1, 99])
-    return float(high - low)
 
 
 def corner_centre(image: np.ndarray, box: int = 32) -> float:

@@ -787,3 +787,13 @@ def camera_offset_estimate(darkest_levels: dict[str, float], brightfield: str | 
         return None
     channel = min(levels, key=levels.get)
     return channel, levels[channel]
+
+
+def residual_shading(estimated: np.ndarray, true: np.ndarray) -> float:
+    """The shading an estimated flat field leaves against the true one: the 1st..99th percentile
+    range of their ratio (each relative to its mean, smoothed by 2 px); 0 = perfect, and the
+    identity's equals the true field's own shading. For tests and benchmarks with a known field."""
+    ratio = (estimated / estimated.mean()) / (true / true.mean())
+    ratio = ndimage.gaussian_filter(ratio.astype(np.float64), 2, mode="nearest")
+    low, high = np.percentile(ratio, [1, 99])
+    return float(high - low)
