@@ -161,15 +161,19 @@ def format_dose(dose) -> str:
     return f"{float(dose):g}"
 
 
+def check_replicate_by(replicate_by: Sequence[str]) -> None:
+    """Config `profiles.replicate_by`: the perturbation, optionally with the dose."""
+    if set(replicate_by) - set(REPLICATE_FIELDS) or "perturbation" not in replicate_by:
+        raise ValueError(f"profiles.replicate_by: {list(replicate_by)}; a replicate group is the "
+                         f"perturbation, optionally with the dose ({list(REPLICATE_FIELDS)})")
+
+
 def treatment_name(perturbation: str, dose, control_type: str,
                    replicate_by: Sequence[str] = REPLICATE_FIELDS) -> str:
     """The replicate group of a well: '<perturbation>@<dose>'; just the perturbation for negative
     controls, dose-less wells, and when `replicate_by` leaves the dose out (every dose of a compound
     one group: a dose-response plate with one well per compound and dose)."""
-    unknown = sorted(set(replicate_by) - set(REPLICATE_FIELDS))
-    if unknown or "perturbation" not in replicate_by:
-        raise ValueError(f"profiles.replicate_by: {list(replicate_by)}; a replicate group is the "
-                         f"perturbation, optionally with the dose ({list(REPLICATE_FIELDS)})")
+    check_replicate_by(replicate_by)
     if "dose" not in replicate_by or control_type == "negcon" or dose is None or pd.isna(dose):
         return str(perturbation)
     return f"{perturbation}@{format_dose(dose)}"
@@ -209,7 +213,7 @@ def annotate_wells(wells: pd.DataFrame, platemap: pd.DataFrame,
         raise ValueError(f"annotate_wells: plate_info is for plate {info['plate']!r}, the profiles "
                          f"are of plate {plate!r}")
     taken = [f"{META}{f}" for f in (*PLATEMAP_FIELDS, *plate_fields)] + [TREATMENT]
-    treatment_name("", None, "", replicate_by)  # a bad replicate_by fails before any work
+    check_replicate_by(replicate_by)
     already = [c for c in taken if c in wells.columns]
     if already:
         raise ValueError(f"annotate_wells: plate {plate} is already annotated ({already})")
