@@ -167,8 +167,8 @@ def test_camera_offset_from_the_darkest_areas():
     channel gives the offset (within 3 ADU); with it, about half the background lies below it and no
     check fires; 5 ADU too high, most pixels do and the check says so (the foci stain has no signal
     above it at all: the error names its darkest level); not given (dark 0), the
-    report's camera-offset table says what the data show. A stain with background bounds the offset
-    only from above."""
+    report's camera-offset table says what the data show, and says nothing of an offset-subtracted
+    export, which reaches 0. A stain with background bounds the offset only from above."""
     sites = [simulate_site(DEMO, "P1", well, site, fluorescence=False)
              for well in plate_wells(DEMO.wells)[:12] for site in range(1, DEMO.sites + 1)]
     rng = np.random.default_rng(7)
@@ -177,6 +177,8 @@ def test_camera_offset_from_the_darkest_areas():
         optics = plate_optics(DEMO, "P1")[channel]
         bare = dataclasses.replace(optics, background=0.0) if channel != "CYTO" else optics
         images = [add_noise(rng, s.clean[channel], bare) for s in sites]
+        exported = [np.clip(i.astype(np.int32) - int(optics.dark), 0, None).astype(np.uint16) for i in images]
+        functions[(channel, "exported")] = illumination_function(iter(exported), name=channel)
         for dark in (0.0, optics.dark, optics.dark + 5):
             if channel == "DAMAGE" and dark > optics.dark:  # sparse foci: no signal above it at all
                 with pytest.raises(ValueError, match=r"darkest areas are at 9\d\.\d+: is illumination"):
@@ -186,7 +188,8 @@ def test_camera_offset_from_the_darkest_areas():
     offset = plate_optics(DEMO, "P1")["DNA"].dark
     levels = {c: functions[(c, offset)].params["darkest_level"] for c in FLUORESCENCE}
     print("\ndarkest levels", {c: round(v, 1) for c, v in levels.items()},
-          {k: round(f.params["below_dark_fraction"], 2) for k, f in functions.items()})
+          {k: (round(f.params["darkest_level"], 2), round(f.params["below_dark_fraction"], 2))
+           for k, f in functions.items()})
     channel, level = camera_offset_estimate(levels)
     assert channel in ("DNA", "DAMAGE") and abs(level - offset) <= 3  # measured 1.7 below
     assert levels["CYTO"] > offset + 5  # its background: an upper bound only
@@ -196,11 +199,17 @@ def test_camera_offset_from_the_darkest_areas():
     high = functions[("DNA", offset + 5)].params
     assert high["below_dark_fraction"] > DARK_ABOVE_DATA and "above most pixels" in high["offset_check"]
     assert functions[("CYTO", offset)].params["below_dark_fraction"] < 0.05
-    table = pd.DataFrame([{"channel": c, "dark": 0.0, "darkest_level": functions[(c, 0.0)].params[
-        "darkest_level"], "offset_check": ""} for c in FLUORESCENCE])
-    shown = report.camera_offset_table(table).iloc[0]
+    def table(key):
+        return pd.DataFrame([{"channel": c, "dark": 0.0, "offset_check": "", **{
+            k: functions[(c, key)].params[k] for k in ("darkest_level", "below_dark_fraction")}}
+            for c in FLUORESCENCE])
+    shown = report.camera_offset_table(table(0.0)).iloc[0]
     assert abs(shown["offset_at_most"] - offset) <= 3 and "set illumination.dark" in shown["note"]
-    assert report.camera_offset_table(table.assign(dark=offset)).iloc[0]["note"] == ""
+    assert report.camera_offset_table(table(offset).assign(dark=offset)).iloc[0]["note"] == ""
+    # an offset-subtracted export (dark 0 is right): its darkest areas a fraction of an ADU above 0,
+    # a good share of its pixels at 0: no note
+    shown = report.camera_offset_table(table("exported")).iloc[0]
+    assert shown["offset_at_most"] < 1 and shown["note"] == ""
 
 
 def test_background_average_ignores_the_blocks_own_noise():

@@ -175,7 +175,7 @@ class _Reduced:
     weight: np.ndarray  # float32 valid pixels per block
     signal: float  # mean of the valid pixels after dark subtraction
     darkest: float  # dark_level of the raw image
-    below_dark: float  # fraction of the raw pixels below the dark offset
+    below_dark: float  # fraction of the raw pixels below the dark offset (dark 0: at or below 0)
 
 
 def dark_level(image: np.ndarray, block: int = 4, percentile: float = 1.0) -> float:
@@ -211,7 +211,10 @@ def _reduce(image: np.ndarray, index: int, p: dict, edges) -> _Reduced | str:
             return "saturated"
         valid = ~saturated
     darkest = dark_level(data)
-    below_dark = float(np.count_nonzero(data < p["dark"]) / data.size) if p["dark"] else 0.0
+    # below the offset; with none (dark 0), at or below 0: an offset-subtracted export clips its
+    # background there, a raw frame with an offset never reaches it
+    below = data < p["dark"] if p["dark"] else data <= 0
+    below_dark = float(np.count_nonzero(below) / data.size)
     if p["clip_percentile"] is not None and p["clip_percentile"] < 100:
         step = max(1, int(math.sqrt(data.size / 65536)))  # percentile of a ~64k-pixel subsample
         sample = data[::step, ::step]
@@ -495,7 +498,7 @@ def illumination_function(images: Iterable[np.ndarray], method: str = "cellprofi
     darkest = float(np.median([r.darkest for _, r in reservoir]))
     below_dark = float(np.median([r.below_dark for _, r in reservoir]))
     offset_check = ""
-    if below_dark > DARK_ABOVE_DATA:
+    if p["dark"] and below_dark > DARK_ABOVE_DATA:
         offset_check = (f"the dark offset ({p['dark']:g}) is above most pixels ({below_dark:.0%} of them "
                         f"lie below it; the darkest areas are at {darkest:.4g}): is it the camera's "
                         "offset? (illumination.dark)")

@@ -204,8 +204,8 @@ def illumination_table(meta: Mapping[str, str]) -> pd.DataFrame:
 def camera_offset_table(illumination: pd.DataFrame, brightfield: str | None = None) -> pd.DataFrame:
     """The plate's camera offset: the configured `dark` beside the bound the data give
     (`camera_offset_estimate`: the darkest fluorescence channel's darkest level), with a note where
-    no offset is subtracted though every channel stays above one, or the offset is above most
-    pixels of a channel."""
+    no offset is subtracted though every channel stays above one (not where that channel reaches 0,
+    as an offset-subtracted export does), or the offset is above most pixels of a channel."""
     if "darkest_level" not in illumination or illumination["darkest_level"].isna().all():
         return pd.DataFrame(columns=["dark", "offset_at_most", "darkest_channel", "note"])
     levels = dict(zip(illumination["channel"], illumination["darkest_level"], strict=True))
@@ -214,8 +214,12 @@ def camera_offset_table(illumination: pd.DataFrame, brightfield: str | None = No
         return pd.DataFrame(columns=["dark", "offset_at_most", "darkest_channel", "note"])
     channel, level = estimate
     dark = float(illumination["dark"].fillna(0).max())
+    below = illumination.set_index("channel").get("below_dark_fraction")
+    reaches_zero = below is not None and pd.notna(below.get(channel)) and below[channel] > 0.01
     note = ""
-    if dark == 0 and level > 0:
+    # an offset-subtracted export clips its background at 0: its darkest areas are a fraction of
+    # an ADU above it, and it reaches 0; a raw frame with an unsubtracted offset never does
+    if dark == 0 and level > 0 and not reaches_zero:
         note = (f"no offset is subtracted, yet no channel's darkest areas go below {level:.4g}: where "
                 "that is the camera's offset (an sCMOS camera adds ~100 ADU), set illumination.dark; "
                 "dim stains' intensities and flat fields depend on it")
