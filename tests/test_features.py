@@ -17,7 +17,7 @@ import pytest
 import tifffile
 from conftest import REPO, shared_data
 
-from brightpaint.features.extract import extract_features
+from brightpaint.features.extract import extract_features, site_batches, write_features
 from brightpaint.features.pipelines import (
     PIPELINE,
     SITE_PIPELINE,
@@ -317,21 +317,57 @@ def test_tiled_half_and_site_half_give_the_whole_pipelines_features(tmp_path):
     pd.testing.assert_frame_equal(split_qc, whole_qc)
     pd.testing.assert_frame_equal(split_images, whole_images[split_images.columns], check_like=True)
     assert sorted(split.columns) == sorted(whole.columns) and len(whole) == 50
-    split = split[whole.columns]
+    as_extracted, split = split, split[whole.columns]
     keys = [*SITE_KEYS, OBJECT_KEY]
     pd.testing.assert_frame_equal(split[keys], whole[keys])
     border = np.array([any(_touches_border(sites[tuple(r[:4])][1][o] == r[4]) for o in OBJECTS)
                        for r in whole[keys].itertuples(index=False)])
     assert 0 < border.sum() < len(whole)
-    differing = set()
-    for column in whole.columns[len(keys):]:
-        a, b = whole[column].to_numpy(float), split[column].to_numpy(float)
-        same = np.isclose(a, b, rtol=1e-4, atol=1e-6, equal_nan=True)  # float32 round-off
-        if not same.all():
-            assert border[~same].all(), (f"{column} differs for objects inside the site: "
-                                         f"{a[~same & ~border]} vs {b[~same & ~border]}")
-            differing.add(column)
+
+    def differing_columns(other: pd.DataFrame) -> set[str]:
+        differing = set()
+        for column in whole.columns[len(keys):]:
+            a, b = whole[column].to_numpy(float), other[column].to_numpy(float)
+            same = np.isclose(a, b, rtol=1e-4, atol=1e-6, equal_nan=True)  # float32 round-off
+            if not same.all():
+                assert border[~same].all(), (f"{column} differs for objects inside the site: "
+                                             f"{a[~same & ~border]} vs {b[~same & ~border]}")
+                differing.add(column)
+        return differing
+
+    differing = differing_columns(split)
     assert differing and all("IntensityEdge" in c for c in differing), sorted(differing)
+
+    # the workflow's way: batches of whole wells, each batch's tables on disk, streamed into one file
+    batched_qc = write_features([*sites][::-1], read_images, read_labels, tmp_path / "cells.parquet",
+                                tmp_path / "images.parquet", SITE_PIPELINE, tmp_path / "batched",
+                                sites_per_batch=3, tiled_pipeline=TILED_PIPELINE,
+                                tile_pixels=4 * 120 * 120, log=tmp_path / "batched.log")
+    assert len(list((tmp_path / "batched").glob("cells*.parquet"))) == 2  # A01's 5 sites, then A02
+    assert not list((tmp_path / "batched").glob("batch*"))  # each batch's inputs removed
+    log = (tmp_path / "batched.log").read_text()
+    assert "batch0" in log and "batch1" in log  # every batch's command and output, none overwritten
+    pd.testing.assert_frame_equal(batched_qc, split_qc)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "images.parquet"), split_images)
+    batched = pd.read_parquet(tmp_path / "cells.parquet")
+    # the columns and their order of one extract_features call; only the tiles differ (A01's 5
+    # sites now fill tiles of 4 and 1), which changes the edge intensities of border objects only
+    assert list(batched.columns) == list(as_extracted.columns)
+    pd.testing.assert_frame_equal(batched[keys], whole[keys])
+    assert differing_columns(batched[whole.columns]) <= differing
+
+
+def test_site_batches_are_sorted_runs_of_whole_wells():
+    sites = [("P1", w, s, src) for w in ("B02", "A01", "A03") for s in (2, 1) for src in ("virtual", "real")]
+    sites.append(("P1", "A01", 1, "real"))  # listed twice: kept in its well's batch
+    batches = site_batches(sites, 5)
+    assert [len(b) for b in batches] == [5, 4, 4]  # a well larger than the batch is a batch alone
+    assert [k for b in batches for k in b] == sorted(sites)
+    assert all(len({k[1] for k in b}) == 1 for b in batches)
+    assert [len(b) for b in site_batches(sites, 9)] == [9, 4]
+    assert site_batches([], 4) == []
+    with pytest.raises(ValueError, match="sites_per_batch"):
+        site_batches(sites, 0)
 
 
 @pytest.mark.cellprofiler

@@ -36,6 +36,7 @@ rule features_shard:
         **PIPELINE_FILES[1],
         **CELLPROFILER,
         tile_pixels=FEATURES["tile_pixels"],
+        sites_per_batch=FEATURES["sites_per_batch"],
         n_shards=config["shards"],
     threads: config["threads"]["features"]
     conda:

@@ -5,7 +5,7 @@ import tempfile
 import pandas as pd
 
 from brightpaint.atomic import atomic_path
-from brightpaint.features.extract import extract_features, measurable_sites, plate_site_readers
+from brightpaint.features.extract import measurable_sites, plate_site_readers, write_features
 from brightpaint.ingest import shard_wells
 from brightpaint.layout import PlateSources
 from brightpaint.logs import log_to_rule
@@ -19,16 +19,14 @@ segment_sites = pd.read_csv(inp.segment_sites, keep_default_na=False)
 wells = shard_wells(list(segment_sites["well"]), params.n_shards, shard)
 sites, skipped = measurable_sites(source.plate, segment_sites, wells, params.sources)
 read_images, read_labels = plate_site_readers(source, inp.virtual, inp.labels)
-with tempfile.TemporaryDirectory(prefix=f"features-{source.plate}-{shard}-") as work:
-    cells, images, qc = extract_features(sites, read_images, read_labels, params.pipeline, work,
-                                         tiled_pipeline=params.get("tiled_pipeline"),
-                                         tile_pixels=params.tile_pixels,
-                                         cellprofiler=params.cellprofiler, threads=snakemake.threads,  # noqa: F821
-                                         log=snakemake.log.cellprofiler)  # noqa: F821
+# batches of sites: the job holds one batch's table, never the shard's
+with (tempfile.TemporaryDirectory(prefix=f"features-{source.plate}-{shard}-") as work,
+      atomic_path(out.cells) as cells, atomic_path(out.images) as images):
+    qc = write_features(sites, read_images, read_labels, cells, images, params.pipeline, work,
+                        sites_per_batch=params.sites_per_batch, tiled_pipeline=params.get("tiled_pipeline"),
+                        tile_pixels=params.tile_pixels, cellprofiler=params.cellprofiler,
+                        threads=snakemake.threads, log=snakemake.log.cellprofiler)  # noqa: F821
 qc = pd.concat([skipped, qc], ignore_index=True).sort_values(["source", "well", "site"])
-for table, path in ((cells, out.cells), (images, out.images)):
-    with atomic_path(path) as tmp:
-        table.to_parquet(tmp, index=False)
 with atomic_path(out.sites) as tmp:
     qc.to_csv(tmp, index=False)
 for name, group in qc.groupby("source"):

@@ -3,6 +3,8 @@ measure, and readers of a plate's real and virtual stains and label images."""
 
 from __future__ import annotations
 
+import itertools
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -17,9 +19,12 @@ from ..plate import VIRTUAL_PREFIX, PlateSource, fluorescence_plane
 from .pipelines import PIPELINE, pipeline_names
 from .runner import CELLPROFILER, run_cellprofiler, write_loaddata, write_site_inputs
 from .schema import ADU_MAX, OBJECT_KEY, OBJECTS, SITE_KEYS, SiteKey, site_where
-from .tables import read_object_tables
+from .tables import read_object_tables, write_concatenated
 from .tiles import TILE_PIXELS, join_parts, tile_area, tile_sites, top_label, untile_cells
 
+# sites per CellProfiler run in write_features: a batch's cell table is what a job holds (~3 MB per
+# 1080 px site of ~340 cells and ~1,000 columns) and CellProfiler's start is paid once per batch
+SITES_PER_BATCH = 64
 QC_COLUMNS = ["plate", "well", "site", "source", "status", "reason", "cells"]
 
 
@@ -34,8 +39,8 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
                      pipeline: str | Path = PIPELINE, work_dir: str | Path | None = None, *,
                      tiled_pipeline: str | Path | None = None, tile_pixels: int = TILE_PIXELS,
                      cellprofiler: str | Path = CELLPROFILER, threads: int = 1,
-                     log: str | Path | None = None, timeout: float | None = None
-                     ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+                     log: str | Path | None = None, timeout: float | None = None,
+                     append_log: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Features of a batch of sites with one CellProfiler run (two with a tiled pipeline): returns
     (cells, images, qc).
 
@@ -54,7 +59,8 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
     the site-by-site ones. Only modules whose per-object results depend on the object's own pixels
     alone belong in a tiled pipeline; tests/test_features.py checks the shipped halves against the
     whole pipeline. Inputs and outputs go into `work_dir` (a new temporary folder if None); removing
-    it is the caller's business. CellProfiler failing on the batch raises FeatureError."""
+    it is the caller's business. CellProfiler failing on the batch raises FeatureError. CellProfiler's
+    output goes to `log` (added to its end with `append_log`)."""
     channels, objects = pipeline_names(pipeline)
     if tiled_pipeline is not None:
         tiled_channels, tiled_objects = pipeline_names(tiled_pipeline)
@@ -112,7 +118,7 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
     log = log if log is not None else work / "cellprofiler.log"
     loaddata = write_loaddata(rows, inputs / "loaddata.csv")
     run_cellprofiler(pipeline, loaddata, out_dir, cellprofiler=cellprofiler, threads=threads,
-                     log=log, timeout=timeout)
+                     log=log, timeout=timeout, append_log=append_log)
     cells, images = read_object_tables(out_dir, loaddata, objects)
     if tiled_pipeline is not None:
         tiled_loaddata = write_loaddata(tile_rows, work / "tiles" / "loaddata.csv")
@@ -132,6 +138,58 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
             qc.append(_qc(*key, "ok", "", n))
     qc = pd.DataFrame(qc, columns=QC_COLUMNS).sort_values(QC_COLUMNS[:4], kind="stable")
     return cells, images, qc.reset_index(drop=True)
+
+
+def site_batches(sites: Iterable[SiteKey], sites_per_batch: int) -> list[list[SiteKey]]:
+    """`sites` sorted by plate, well, site and source (the feature tables' row order) and cut into
+    batches of whole wells of up to `sites_per_batch` sites (a larger well is a batch of its own), so
+    a well's cells stay one run of rows and a site listed twice stays in one batch."""
+    if sites_per_batch < 1:
+        raise ValueError(f"sites_per_batch: must be >= 1, got {sites_per_batch!r}")
+    ordered = sorted(sites, key=lambda key: (str(key[0]), str(key[1]), int(key[2]), str(key[3])))
+    batches, batch = [], []
+    for _, well in itertools.groupby(ordered, key=lambda key: (str(key[0]), str(key[1]))):
+        well = list(well)
+        if batch and len(batch) + len(well) > sites_per_batch:
+            batches.append(batch)
+            batch = []
+        batch += well
+    return batches + ([batch] if batch else [])
+
+
+def write_features(sites: Iterable[SiteKey], read_images: Callable[..., Mapping[str, np.ndarray]],
+                   read_labels: Callable[..., Mapping[str, np.ndarray]], cells_path: str | Path,
+                   images_path: str | Path, pipeline: str | Path = PIPELINE,
+                   work_dir: str | Path | None = None, *, sites_per_batch: int = SITES_PER_BATCH,
+                   log: str | Path | None = None, **options) -> pd.DataFrame:
+    """`extract_features` on any number of sites in bounded memory and disk: the sites are measured
+    in batches (`site_batches`), one CellProfiler run (two with a tiled pipeline) per batch; each
+    batch's cell and image tables go to parquet and its inputs are removed, then the batches are
+    streamed into `cells_path` and `images_path` (`write_concatenated`: one batch in memory). The
+    tables are those one `extract_features` call on all sites gives. Returns the qc of every site.
+    `options` are extract_features' (tiled_pipeline, tile_pixels, cellprofiler, threads, timeout);
+    every batch's CellProfiler output goes to the end of `log`."""
+    work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="features-"))
+    parts, qcs = {"cells": [], "images": []}, []
+    for number, batch in enumerate(site_batches(sites, sites_per_batch)):
+        batch_dir = work / f"batch{number}"
+        cells, images, qc = extract_features(batch, read_images, read_labels, pipeline, batch_dir,
+                                             log=log if log is not None else work / "cellprofiler.log",
+                                             append_log=number > 0, **options)
+        for name, table in (("cells", cells), ("images", images)):
+            parts[name].append(work / f"{name}{number}.parquet")
+            table.to_parquet(parts[name][-1], index=False)
+        qcs.append(qc)
+        del cells, images
+        shutil.rmtree(batch_dir)
+    for name, path in (("cells", cells_path), ("images", images_path)):
+        if parts[name]:
+            write_concatenated(parts[name], path)
+        else:  # no site listed: the tables extract_features gives for no site
+            keys = [*SITE_KEYS, OBJECT_KEY] if name == "cells" else SITE_KEYS
+            pd.DataFrame(columns=keys).to_parquet(path, index=False)
+    qc = pd.concat(qcs, ignore_index=True) if qcs else pd.DataFrame(columns=QC_COLUMNS)
+    return qc.sort_values(QC_COLUMNS[:4], kind="stable").reset_index(drop=True)
 
 
 def plate_site_readers(source: PlateSource, virtual_store: str | Path, labels_store: str | Path
