@@ -20,7 +20,13 @@ import zarr
 from conftest import CHANNELS, TEST_THREADS, shared_data
 from scipy import ndimage
 
-from brightpaint.inference import cpu_has_fast_bf16, predict_tiled, resolve_precision
+from brightpaint.inference import (
+    balanced_tile,
+    cpu_has_fast_bf16,
+    predict_tiled,
+    resolve_precision,
+    tile_starts,
+)
 from brightpaint.ingest import read_plane, read_store_layout
 from brightpaint.layout import PlateFolder
 from brightpaint.metrics import image_metrics, pearson
@@ -381,6 +387,25 @@ def test_predict_tiled_handles_sizes_that_are_not_tile_multiples():
     tiled = predict_tiled(generator, image, tile=64, overlap=48, batch=5)
     assert tiled.shape == whole.shape == (2, 150, 203)
     assert np.abs(tiled - whole).max() < 1e-3 * np.abs(whole).max()
+    fixed = predict_tiled(generator, image, tile=64, overlap=48, batch=5, balance=False)
+    assert np.abs(fixed - whole).max() < 1e-3 * np.abs(whole).max()
+
+
+@pytest.mark.parametrize("length, tile, overlap, multiple", [(1080, 512, 96, 8), (2048, 512, 96, 8),
+                                                             (2160, 512, 96, 8), (1080, 256, 32, 8),
+                                                             (520, 512, 96, 8), (513, 512, 96, 1),
+                                                             (150, 64, 48, 4), (300, 512, 96, 8)])
+def test_balanced_tiles_are_as_many_never_larger_and_keep_the_overlap(length, tile, overlap, multiple):
+    side = balanced_tile(length, tile, overlap, multiple)
+    fixed = tile_starts(length, tile, overlap, multiple)
+    balanced = tile_starts(length, side, overlap, multiple)
+    assert side <= tile and side % multiple == 0 and len(balanced) == len(fixed)
+    assert balanced[0] == 0 and (balanced[-1] + side == length or length <= side)
+    assert all(a + side - b >= overlap for a, b in zip(balanced, balanced[1:], strict=False))
+    if len(fixed) > 1 and side > multiple:  # the smallest such side: one step less needs more tiles
+        smaller = side - multiple
+        assert smaller <= overlap or len(tile_starts(length, smaller, overlap, multiple)) > len(fixed)
+    assert balanced_tile(1080, 512, 96, 8) == 424  # 3 x 424 px per axis instead of 3 x 512
 
 
 def test_metrics_on_known_pairs():

@@ -110,6 +110,21 @@ def tile_starts(length: int, tile: int, overlap: int, multiple: int = 1) -> list
     return [*starts, length - tile]
 
 
+def balanced_tile(length: int, tile: int, overlap: int, multiple: int = 1) -> int:
+    """The smallest tile side (a multiple of `multiple`, at most `tile`) that covers an axis of
+    `length` px with as few tiles as `tile` does (`tile_starts`). Tiles of a fixed side overhang each
+    other more than the overlap wherever the axis is not a whole number of steps: a 1080 px site in
+    512 px tiles takes 3 per axis, 1,536 px of network input for 1,080; 424 px tiles also take 3 and
+    cover 1,272 px (31 % fewer pixels through the network on the site)."""
+    if length <= tile:
+        return tile
+    count = len(tile_starts(length, tile, overlap, multiple))
+    side = -(-((length - overlap) // count + overlap) // multiple) * multiple
+    while side < tile and (side <= overlap or len(tile_starts(length, side, overlap, multiple)) > count):
+        side += multiple
+    return min(side, tile)
+
+
 def blend_ramp(size: int, overlap: int, at_start: bool, at_end: bool) -> np.ndarray:
     """Blending weight along one tile axis. On each side that borders another tile, the first
     overlap/2 px get weight 0 (there the network saw the tile's zero padding instead of the image,
@@ -160,13 +175,15 @@ def _autocast(device: torch.device, amp: bool):
 
 
 def predict_tiled(model: nn.Module, image: np.ndarray, *, tile: int = 256, overlap: int = 32,
-                  batch: int = 8, device: torch.device | str = "cpu", amp: bool = True) -> np.ndarray:
+                  batch: int = 8, device: torch.device | str = "cpu", amp: bool = True,
+                  balance: bool = True) -> np.ndarray:
     """A network applied to a (C, Y, X) float32 image in overlapping tiles, blended with raised-cosine
     ramps: (C_out, Y, X) float32. Tiles of one size go through the network `batch` at a time. The
     model must be in eval mode and on `device`; it is put in channels-last format (`channels_last`).
     Its `multiple` attribute (default 1) gives the size divisor. An overlap of at least twice the
     network's receptive radius makes the result equal whole-image inference within float tolerance
-    (`blend_ramp`)."""
+    (`blend_ramp`). With `balance`, each axis's tiles are shrunk to the fewest pixels that need no
+    more tiles (`balanced_tile`): the same result, less network time on sites larger than a tile."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 3 or min(image.shape) < 1:
         raise ValueError(f"predict_tiled: need a (C, Y, X) image, got shape {image.shape}")
@@ -175,14 +192,16 @@ def predict_tiled(model: nn.Module, image: np.ndarray, *, tile: int = 256, overl
     device = torch.device(device)
     data = pad_to_multiple(image, multiple)
     height, width = data.shape[-2:]
-    windows = [(y, x) for y in tile_starts(height, tile, overlap, multiple)
-               for x in tile_starts(width, tile, overlap, multiple)]
+    tile_y, tile_x = ((balanced_tile(height, tile, overlap, multiple),
+                       balanced_tile(width, tile, overlap, multiple)) if balance else (tile, tile))
+    windows = [(y, x) for y in tile_starts(height, tile_y, overlap, multiple)
+               for x in tile_starts(width, tile_x, overlap, multiple)]
     total = weights = None
     channels_last(model)
     with torch.inference_mode(), _autocast(device, amp):
         for start in range(0, len(windows), batch):
             group = windows[start:start + batch]
-            stack = np.stack([data[:, y:y + tile, x:x + tile] for y, x in group])
+            stack = np.stack([data[:, y:y + tile_y, x:x + tile_x] for y, x in group])
             tensor = channels_last(torch.from_numpy(stack).to(device))
             out = model(tensor).float().cpu().numpy()
             if total is None:
