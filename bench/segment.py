@@ -1,7 +1,11 @@
 """Segmentation time per site (nuclei + cells + relating, the shipped Cellpose networks) at 256,
 512 and 1080 px, on CPU and, where torch sees one, on the GPU.
 
-    python bench/segment.py --out bench/results/segment.json [--device auto] [--threads 2] [--sites 4]
+    python bench/segment.py --out bench/results/segment.json [--device auto] [--threads 2] [--sites 4] \
+        [--tiles 224 0]
+
+With several `--tiles` (Cellpose's tile side, `segment.tile`; 0: the whole site as one tile) each size
+is timed with each, and the masks are compared with the first tile's (objects matched at IoU 0.5).
 
 Sites are rendered by the demo generator at each size (so object density is realistic) and go
 through `Segmenter.segment` in one batch, as a shard does; the time includes Cellpose's mask
@@ -23,6 +27,7 @@ from brightpaint.demo.site import simulate_site
 from brightpaint.demo.spec import PlateSpec, ScreenSpec
 from brightpaint.demo.treatments import plate_wells
 from brightpaint.inference import resolve_device, torch_threads
+from brightpaint.segment.evaluate import instance_metrics
 from brightpaint.segment.run import Segmenter
 from brightpaint.segment.settings import SegmentSettings
 from brightpaint.segment.weights import load_cellpose_model
@@ -41,22 +46,34 @@ def sites_at(size: int, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def time_device(device: torch.device, sizes: list[int], n_sites: int, threads: int) -> list[dict]:
+def time_device(device: torch.device, sizes: list[int], n_sites: int, threads: int,
+                tiles: list[int]) -> list[dict]:
     models = tuple(load_cellpose_model(REPO / "resources" / "cellpose" / f"{k}.pth", device)
                    for k in ("nuclei", "cells"))
-    segmenter = Segmenter(*models, SegmentSettings(), nuclei_diameter=19.0, cell_diameter=50.0)
     rows = []
     with torch_threads(threads):
-        segmenter.segment(sites_at(128, 1))  # warm-up
         for size in sizes:
             sites = sites_at(size, n_sites)
-            start = time.perf_counter()
-            results = segmenter.segment(sites)
-            seconds = time.perf_counter() - start
-            rows.append({"device": str(device), "size": size, "sites": len(sites),
-                         "seconds_per_site": round(seconds / len(sites), 3),
-                         "objects_per_site": float(np.mean([r.counts["objects"] for r in results]))})
-            print(rows[-1], flush=True)
+            first = None
+            for tile in tiles:
+                segmenter = Segmenter(*models, SegmentSettings(tile=tile), nuclei_diameter=19.0,
+                                      cell_diameter=50.0)
+                segmenter.segment(sites_at(128, 1))  # warm-up
+                start = time.perf_counter()
+                results = segmenter.segment(sites)
+                seconds = time.perf_counter() - start
+                row = {"device": str(device), "size": size, "tile": tile, "sites": len(sites),
+                       "seconds_per_site": round(seconds / len(sites), 3),
+                       "objects_per_site": float(np.mean([r.counts["objects"] for r in results]))}
+                if first is None:
+                    first = results
+                else:  # the same cells as with the first tile side?
+                    for objects in ("nuclei", "cells"):
+                        ap = [instance_metrics(getattr(a, objects), getattr(b, objects))["ap50"]
+                              for a, b in zip(first, results, strict=True)]
+                        row[f"{objects}_ap50_vs_tile_{tiles[0]}"] = round(float(np.mean(ap)), 4)
+                rows.append(row)
+                print(row, flush=True)
     return rows
 
 
@@ -67,12 +84,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1080])
+    parser.add_argument("--tiles", type=int, nargs="+", default=[SegmentSettings().tile])
     args = parser.parse_args()
     devices = [torch.device("cpu")]
     chosen = resolve_device(args.device, what="segmentation benchmark")
     if chosen.type != "cpu":
         devices.append(chosen)
-    rows = [row for device in devices for row in time_device(device, args.sizes, args.sites, args.threads)]
+    rows = [row for device in devices
+            for row in time_device(device, args.sizes, args.sites, args.threads, args.tiles)]
     result = {"benchmark": "segment", "host": platform.node(), "cpu_threads": args.threads,
               "torch": torch.__version__,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -26,6 +26,7 @@ import yaml
 
 from brightpaint.inference import (
     autocast,
+    balanced_tile,
     channels_last,
     predict_tiled,
     resolve_device,
@@ -55,22 +56,27 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_prediction(generator, device, size: int, tile: int, overlap: int, batch: int, repeats: int) -> dict:
+def time_prediction(generator, device, size: int, tile: int, overlap: int, batch: int, repeats: int,
+                    balance: bool = True) -> dict:
     shape = (generator.config["in_channels"], size, size)
     image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-    predict_tiled(generator, image, tile=tile, overlap=overlap, batch=batch, device=device)  # warm-up
+    predict_tiled(generator, image, tile=tile, overlap=overlap, batch=batch, device=device,
+                  balance=balance)  # warm-up
     synchronise(device)
     utilisation = []
     start = time.perf_counter()
     for _ in range(repeats):
-        predict_tiled(generator, image, tile=tile, overlap=overlap, batch=batch, device=device)
+        predict_tiled(generator, image, tile=tile, overlap=overlap, batch=batch, device=device,
+                      balance=balance)
         utilisation.append(gpu_utilisation())
     synchronise(device)
     seconds = (time.perf_counter() - start) / repeats
     padded = -(-size // generator.multiple) * generator.multiple
-    tiles = len(tile_starts(padded, tile, overlap, generator.multiple)) ** 2
+    side = balanced_tile(padded, tile, overlap, generator.multiple) if balance else tile
+    tiles = len(tile_starts(padded, side, overlap, generator.multiple)) ** 2
     used = [u for u in utilisation if u is not None]
-    return {"size": size, "tile": tile, "overlap": overlap, "batch": batch, "tiles_per_site": tiles,
+    return {"size": size, "tile": tile, "balanced": balance, "tile_side": side, "overlap": overlap,
+            "batch": batch, "tiles_per_site": tiles,
             "seconds_per_site": seconds, "sites_per_s": 1 / seconds, "tiles_per_s": tiles / seconds,
             "gpu_utilisation_percent": float(np.mean(used)) if used else None}
 
@@ -124,8 +130,10 @@ def main() -> None:
         if device.type == "cuda":
             generator = generator.to(memory_format=torch.channels_last)
         tile = defaults["tile"] if device.type == "cpu" else 1024
+        # balanced tiles (the workflow's) and, for the before / after, tiles of the configured side
         prediction = [time_prediction(generator, device, size, tile, defaults["overlap"], defaults["batch"],
-                                      args.repeats) for size in (1080, 2048)]
+                                      args.repeats, balance) for size in (1080, 2048)
+                      for balance in (True, False)]
         # both precisions where bf16 has hardware units (what `precision: auto` picks), else fp32 only
         precisions = sorted({"fp32", resolve_precision("auto", device)})
         training = [time_training(settings, device, args.train_steps, p) for p in precisions]
