@@ -7,10 +7,15 @@ and profile / matching time per plate, on a finished run's plate.
 writing the TIFFs and LoadData CSVs, the site-by-site half of the pipeline on each site and the
 tiled half on tiles of sites, reading the CSVs into the per-cell table); `whole` is the same with
 the whole pipeline site by site (no tiles); `bare` is the whole pipeline's
-`cellprofiler -c -r -p ... --data-file ...` command run by hand on the inputs `whole` wrote. CPU
-seconds are this process's plus its children's (CellProfiler is a child). whole / bare is what the
-orchestration adds (goal <= 1.1); whole / ours is what tiling gains. Profiles and matching are timed
-on the plate's own cell table (`plate_profiles`, then `match_profiles`).
+`cellprofiler -c -r -p ... --data-file ... --plugins-directory ...` command run by hand on the inputs
+`whole` wrote, with CellProfiler's own HDF5 measurement store; `stock` is bare CellProfiler 5 as a lab
+runs it: the same pipeline with CellProfiler's own MeasureGranularity (which also writes the
+per-image summaries the project's MeasureGranularitySpectrum leaves out, docs/features.md). Each bare
+run must write an Image.csv row per site and as many nuclei as `whole` found, or the bench stops.
+CPU seconds are this process's plus its children's (CellProfiler is a child). whole / bare is what
+the orchestration adds (goal <= 1.1); whole / ours is what tiling gains; ours / stock is the
+workflow's feature cost against bare CellProfiler's. Profiles and matching are timed on the plate's
+own cell table (`plate_profiles`, then `match_profiles`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import pandas as pd
 
 from brightpaint.features.extract import extract_features, measurable_sites, plate_site_readers
 from brightpaint.features.pipelines import PIPELINE, SITE_PIPELINE, TILED_PIPELINE
-from brightpaint.features.runner import CELLPROFILER, thread_environment
+from brightpaint.features.runner import CELLPROFILER, PLUGINS, thread_environment
 from brightpaint.io import read_platemap, read_screen_sheet
 from brightpaint.layout import PlateFolder
 from brightpaint.match import match_profiles
@@ -49,11 +54,24 @@ def timed(function, *args, **kwargs):
     return result, cpu_seconds() - cpu, time.perf_counter() - wall
 
 
-def bare_cellprofiler(loaddata: Path, out_dir: Path) -> None:
-    command = [str(CELLPROFILER), "-c", "-r", "-p", str(PIPELINE), "--data-file", str(loaddata),
+def stock_pipeline(out: Path) -> Path:
+    """The shipped pipeline with CellProfiler 5's own MeasureGranularity (same settings)."""
+    text = PIPELINE.read_text()
+    assert text.count("MeasureGranularitySpectrum:[") == 1
+    out.write_text(text.replace("MeasureGranularitySpectrum:[", "MeasureGranularity:["))
+    return out
+
+
+def bare_cellprofiler(pipeline: Path, loaddata: Path, out_dir: Path, sites: int, nuclei: int) -> None:
+    command = [str(CELLPROFILER), "-c", "-r", "-p", str(pipeline), "--data-file", str(loaddata),
                "-o", str(out_dir), "-i", str(loaddata.parent), "-t", str(out_dir),
-               "-L", "WARNING", "-e", "imageio_reader"]
+               "--plugins-directory", str(PLUGINS), "-L", "WARNING", "-e", "imageio_reader"]
     subprocess.run(command, check=True, capture_output=True, env=thread_environment(1))
+    # CellProfiler exits 0 on a pipeline it could not load: check that it measured what ours did
+    images, found = pd.read_csv(out_dir / "Image.csv"), pd.read_csv(out_dir / "Nuclei.csv")
+    if len(images) != sites or len(found) != nuclei:
+        raise SystemExit(f"bare CellProfiler ({pipeline.name}) measured {len(images)} sites and "
+                         f"{len(found)} nuclei, not {sites} and {nuclei}")
 
 
 def main() -> None:
@@ -77,19 +95,25 @@ def main() -> None:
         timed(extract_features, chosen[:1], *readers, PIPELINE, work / "warm")  # page cache, imports
         (cells, _, qc), ours_cpu, ours_wall = timed(extract_features, chosen, *readers, SITE_PIPELINE,
                                                     work / "ours", tiled_pipeline=TILED_PIPELINE)
-        _, whole_cpu, whole_wall = timed(extract_features, chosen, *readers, PIPELINE, work / "whole")
+        (whole, _, _), whole_cpu, whole_wall = timed(extract_features, chosen, *readers, PIPELINE,
+                                                     work / "whole")
         loaddata = work / "whole" / "inputs" / "loaddata.csv"
+        counts = (len(chosen), len(whole))
         (work / "bare").mkdir()
-        _, bare_cpu, bare_wall = timed(bare_cellprofiler, loaddata, work / "bare")
+        _, bare_cpu, bare_wall = timed(bare_cellprofiler, PIPELINE, loaddata, work / "bare", *counts)
+        (work / "stock").mkdir()
+        stock = stock_pipeline(work / "stock.cppipe")
+        _, stock_cpu, stock_wall = timed(bare_cellprofiler, stock, loaddata, work / "stock", *counts)
     n = len(chosen)
     result = {"host": platform.node(), "plate": source.plate, "sites": n, "cells": len(cells),
               "features_per_cell": cells.shape[1], "status": qc["status"].value_counts().to_dict()}
     for name, cpu, wall in (("ours", ours_cpu, ours_wall), ("whole", whole_cpu, whole_wall),
-                            ("bare", bare_cpu, bare_wall)):
+                            ("bare", bare_cpu, bare_wall), ("stock", stock_cpu, stock_wall)):
         result[f"{name}_cpu_s_per_site"] = round(cpu / n, 3)
         result[f"{name}_wall_s_per_site"] = round(wall / n, 3)
     result.update({"orchestration_ratio_cpu": round(whole_cpu / bare_cpu, 3),
-                   "tiling_speedup_cpu": round(whole_cpu / ours_cpu, 3)})
+                   "tiling_speedup_cpu": round(whole_cpu / ours_cpu, 3),
+                   "ours_to_stock_cellprofiler_cpu": round(ours_cpu / stock_cpu, 3)})
     print(json.dumps(result), flush=True)
 
     plate_cells = pd.read_parquet(folder.features_cells)
