@@ -22,8 +22,9 @@ from .schema import ADU_MAX, OBJECT_KEY, OBJECTS, SITE_KEYS, SiteKey, site_where
 from .tables import read_object_tables, write_concatenated
 from .tiles import TILE_PIXELS, join_parts, tile_area, tile_sites, top_label, untile_cells
 
-# sites per CellProfiler run in write_features: a batch's cell table is what a job holds (~3 MB per
-# 1080 px site of ~340 cells and ~1,000 columns) and CellProfiler's start is paid once per batch
+# sites per CellProfiler run in write_features: a job's memory grows with its batch (CellProfiler's
+# buffered measurements, ~28 MB per 1080 px site of ~340 cells), not with its shard, and
+# CellProfiler's start is paid once per batch (docs/performance.md)
 SITES_PER_BATCH = 64
 QC_COLUMNS = ["plate", "well", "site", "source", "status", "reason", "cells"]
 
