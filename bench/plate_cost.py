@@ -3,6 +3,7 @@ seconds per site and the extrapolation to a 384-well x 9-site plate.
 
     python bench/plate_cost.py --size 1080 --wells 12 --sites 1 --out bench/results/plate_cost_1080.json
     python bench/plate_cost.py --size 2160 --wells 12 --sites 1 --until features_shard --out ...
+    python bench/plate_cost.py --size 1080 --wells 6 --set features.batch_megapixels=4.7 ...  # a setting
     python bench/plate_cost.py --from-run DIR --size 1080 --wells 12 --sites 1   # summarise a run again
 
 The demo generator writes one plate (real stains and brightfield, role `both`: the stain model is
@@ -66,6 +67,19 @@ def sample_caps(config: dict) -> dict[str, int]:
             "stain_evaluate": int(config["stain"]["eval_sites"])}
 
 
+def with_setting(config: dict, setting: str) -> dict:
+    """`config` with one `--set section.key=value` (value read as YAML) applied."""
+    key, sep, value = setting.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--set {setting!r}: give section.key=value")
+    *sections, last = key.split(".")
+    node = config
+    for section in sections:
+        node = node.setdefault(section, {})
+    node[last] = yaml.safe_load(value)
+    return config
+
+
 def run_plate(workdir: Path, args: argparse.Namespace) -> float:
     spec = ScreenSpec(plates=(PlateSpec("C1", "B1", "flat", "both"),), wells=args.wells, sites=args.sites,
                       size=args.size, z_planes=args.z_planes, seed=0)
@@ -79,6 +93,8 @@ def run_plate(workdir: Path, args: argparse.Namespace) -> float:
               "stain": {"model": {"max_epochs": 1, "steps_per_epoch": args.stain_steps}},
               # the generalisation matrix trains one model per group: a training study, not plate cost
               "generalisation": {"enabled": False}}
+    for setting in args.set:
+        config = with_setting(config, setting)
     (workdir / "bench.yaml").write_text(yaml.safe_dump(config))
     command = [str(Path(sys.executable).with_name("snakemake")), "-s", str(REPO / "Snakefile"),
                "--cores", str(args.cores), "--configfile", "bench.yaml"]
@@ -140,6 +156,7 @@ def summarise(run: Path, args: argparse.Namespace, wall: float | None) -> dict:
     report = {"benchmark": "plate_cost", "machine": platform.node(), "cpus": os.cpu_count(),
               "note": args.note, "site_px": args.size, "z_planes": args.z_planes, "wells": args.wells,
               "sites_per_well": args.sites, "shards": args.shards, "until": args.until,
+              "settings": args.set,
               "wall_seconds": None if wall is None else round(wall, 1),
               "plate_cpu_h_without_training": round(float(target["plate_cpu_h"].sum()), 2),
               "cpu_s_per_site_without_training": round(float(per_site), 2),
@@ -166,6 +183,8 @@ def main() -> None:
                         help="also time N sites per stain source through bare CellProfiler")
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it (else a temporary one)")
     parser.add_argument("--from-run", type=Path, help="summarise this finished run folder instead")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a setting over the production defaults, e.g. features.batch_megapixels=4.7")
     parser.add_argument("--note", default="")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

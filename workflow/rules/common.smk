@@ -297,7 +297,9 @@ def segment_outputs(plates):
 FEATURES = config["features"]
 # `auto`: the pipeline's two halves built for this screen's channels (rule features_pipeline)
 FEATURES_CHANNELS = SCREEN.feature_channels(FEATURES["sources"])
-BUILT_PIPELINES = {part: f"{RESULTS}/screen/features/pipeline_{part}.cppipe" for part in ("site", "tiled")}
+BUILT_PIPELINES = {
+    part: f"{RESULTS}/screen/features/pipeline_{part}.cppipe" for part in ("site", "tiled", "whole")
+}
 
 
 def feature_pipeline(key):
@@ -314,8 +316,18 @@ def feature_pipeline(key):
 
 FEATURES_PIPELINE = feature_pipeline("pipeline")
 FEATURES_TILED_PIPELINE = feature_pipeline("tiled_pipeline")
+# the built halves in one, run site by site where too few sites share a tile (features.min_sites_per_tile)
+FEATURES_WHOLE_PIPELINE = BUILT_PIPELINES["whole"] if FEATURES_TILED_PIPELINE == BUILT_PIPELINES["tiled"] else None
 PIPELINE_FILES = located_files(
-    {name: path for name, path in (("pipeline", FEATURES_PIPELINE), ("tiled_pipeline", FEATURES_TILED_PIPELINE)) if path}
+    {
+        name: path
+        for name, path in (
+            ("pipeline", FEATURES_PIPELINE),
+            ("tiled_pipeline", FEATURES_TILED_PIPELINE),
+            ("whole_pipeline", FEATURES_WHOLE_PIPELINE),
+        )
+        if path
+    }
 )
 CELLPROFILER = cellprofiler_params(workflow_file(FEATURES["cellprofiler"], workflow.basedir, "features.cellprofiler"))
 SCREEN_FOLDER = ProfileFolder.screen(RESULTS)

@@ -7,6 +7,7 @@ rule features_pipeline:
     output:
         site=BUILT_PIPELINES["site"],
         tiled=BUILT_PIPELINES["tiled"],
+        whole=BUILT_PIPELINES["whole"],
     params:
         **code_params("features_pipeline.py"),
         channels=FEATURES_CHANNELS,
@@ -36,7 +37,8 @@ rule features_shard:
         **PIPELINE_FILES[1],
         **CELLPROFILER,
         tile_pixels=FEATURES["tile_pixels"],
-        sites_per_batch=FEATURES["sites_per_batch"],
+        min_sites_per_tile=FEATURES["min_sites_per_tile"],
+        batch_megapixels=FEATURES["batch_megapixels"],
         n_shards=config["shards"],
     threads: config["threads"]["features"]
     conda:

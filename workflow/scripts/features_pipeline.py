@@ -1,4 +1,5 @@
-"""The feature pipeline's site and tiled halves for the screen's channels (rule features_pipeline)."""
+"""The feature pipeline's site and tiled halves, and the two in one, for the screen's channels (rule
+features_pipeline)."""
 
 from pathlib import Path
 
@@ -9,7 +10,8 @@ from brightpaint.logs import log_to_rule
 log = log_to_rule(snakemake)  # noqa: F821
 out, params = snakemake.output, snakemake.params  # noqa: F821
 python = Path(params.cellprofiler).with_name("python")  # the CellProfiler environment's
-for part in ("site", "tiled"):
-    with atomic_path(out[part]) as tmp:
+for name, part in (("site", "site"), ("tiled", "tiled"), ("whole", "all")):
+    with atomic_path(out[name]) as tmp:
         write_pipeline(tmp, list(params.channels), python=python, part=part)
-log.info("feature pipeline built for channels %s: %s, %s", list(params.channels), out.site, out.tiled)
+log.info("feature pipeline built for channels %s: %s, %s, %s", list(params.channels), out.site, out.tiled,
+         out.whole)

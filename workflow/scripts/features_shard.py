@@ -5,7 +5,7 @@ import tempfile
 import pandas as pd
 
 from brightpaint.atomic import atomic_path
-from brightpaint.features.extract import measurable_sites, plate_site_readers, write_features
+from brightpaint.features.extract import batch_sites, measurable_sites, plate_site_readers, write_features
 from brightpaint.ingest import shard_wells
 from brightpaint.layout import PlateSources
 from brightpaint.logs import log_to_rule
@@ -20,11 +20,15 @@ wells = shard_wells(list(segment_sites["well"]), params.n_shards, shard)
 sites, skipped = measurable_sites(source.plate, segment_sites, wells, params.sources)
 read_images, read_labels = plate_site_readers(source, inp.virtual, inp.labels)
 # batches of sites: the job holds one batch's table, never the shard's
+sites_per_batch = batch_sites(source.layout.shape, params.batch_megapixels)
+log.info("plate %s shard %d: %d sites to measure, %d per CellProfiler run", source.plate, shard, len(sites),
+         sites_per_batch)
 with (tempfile.TemporaryDirectory(prefix=f"features-{source.plate}-{shard}-") as work,
       atomic_path(out.cells) as cells, atomic_path(out.images) as images):
     qc = write_features(sites, read_images, read_labels, cells, images, params.pipeline, work,
-                        sites_per_batch=params.sites_per_batch, tiled_pipeline=params.get("tiled_pipeline"),
-                        tile_pixels=params.tile_pixels, cellprofiler=params.cellprofiler,
+                        sites_per_batch=sites_per_batch, tiled_pipeline=params.get("tiled_pipeline"),
+                        tile_pixels=params.tile_pixels, whole_pipeline=params.get("whole_pipeline"),
+                        min_sites_per_tile=params.min_sites_per_tile, cellprofiler=params.cellprofiler,
                         threads=snakemake.threads, log=snakemake.log.cellprofiler)  # noqa: F821
 qc = pd.concat([skipped, qc], ignore_index=True).sort_values(["source", "well", "site"])
 with atomic_path(out.sites) as tmp:

@@ -4,6 +4,7 @@ measure, and readers of a plate's real and virtual stains and label images."""
 from __future__ import annotations
 
 import itertools
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,11 +23,16 @@ from .schema import ADU_MAX, OBJECT_KEY, OBJECTS, SITE_KEYS, SiteKey, site_where
 from .tables import read_object_tables, write_concatenated
 from .tiles import TILE_PIXELS, join_parts, tile_area, tile_sites, top_label, untile_cells
 
-# sites per CellProfiler run in write_features: a job's memory grows with its batch (CellProfiler's
-# buffered measurements, ~28 MB per 1080 px site of ~340 cells), not with its shard, and
-# CellProfiler's start is paid once per batch (docs/performance.md)
-SITES_PER_BATCH = 64
+# pixels per CellProfiler run in write_features: a job's memory grows with its batch (CellProfiler's
+# buffered measurements, ~28 MB per 1080 px site of ~340 cells: ~24 MB per megapixel), not with its
+# shard, and CellProfiler's start is paid once per batch (docs/performance.md)
+BATCH_MEGAPIXELS = 75.0  # 64 sites of 1080 px, 16 of 2160 px
+# tiling pays CellProfiler's per-image-set cost once per tile, but loads the inputs twice and runs two
+# pipelines: below this many sites per tile the whole pipeline site by site is cheaper
+# (bench/feature_tiling.py, docs/performance.md)
+MIN_SITES_PER_TILE = 8
 QC_COLUMNS = ["plate", "well", "site", "source", "status", "reason", "cells"]
+_log = logging.getLogger(__name__)
 
 
 def _qc(plate, well, site, source, status: str, reason: str, cells: int = 0) -> dict:
@@ -39,6 +45,8 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
                      read_labels: Callable[[str, str, int, str], Mapping[str, np.ndarray]],
                      pipeline: str | Path = PIPELINE, work_dir: str | Path | None = None, *,
                      tiled_pipeline: str | Path | None = None, tile_pixels: int = TILE_PIXELS,
+                     whole_pipeline: str | Path | None = None,
+                     min_sites_per_tile: int = MIN_SITES_PER_TILE,
                      cellprofiler: str | Path = CELLPROFILER, threads: int = 1,
                      log: str | Path | None = None, timeout: float | None = None,
                      append_log: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -59,19 +67,24 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
     is then paid once per tile. Its per-cell results are mapped back to the sites and joined to
     the site-by-site ones. Only modules whose per-object results depend on the object's own pixels
     alone belong in a tiled pipeline; tests/test_features.py checks the shipped halves against the
-    whole pipeline. Inputs and outputs go into `work_dir` (a new temporary folder if None); removing
-    it is the caller's business. CellProfiler failing on the batch raises FeatureError. CellProfiler's
-    output goes to `log` (added to its end with `append_log`)."""
+    whole pipeline. With a `whole_pipeline` (the two halves in one), a batch whose sites are too
+    large for `min_sites_per_tile` of them to share a tile (judged on its first readable site: a
+    plate's sites share one size) runs it site by site instead, with no tiles. Inputs and outputs
+    go into `work_dir` (a new temporary folder if None); removing it is the caller's business.
+    CellProfiler failing on the batch raises FeatureError. CellProfiler's output goes to `log`
+    (added to its end with `append_log`)."""
     channels, objects = pipeline_names(pipeline)
-    if tiled_pipeline is not None:
-        tiled_channels, tiled_objects = pipeline_names(tiled_pipeline)
-        channels += [c for c in tiled_channels if c not in channels]
-        objects += [o for o in tiled_objects if o not in objects]
+    for other in (tiled_pipeline, whole_pipeline if tiled_pipeline is not None else None):
+        if other is not None:
+            other_channels, other_objects = pipeline_names(other)
+            channels += [c for c in other_channels if c not in channels]
+            objects += [o for o in other_objects if o not in objects]
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="features-"))
     inputs, out_dir = work / "inputs", work / "cellprofiler"
     rows, qc, seen, empty = [], [], set(), set()
     tile_rows, placements, pending = [], [], []
     in_tile = {"area": 0, "top": 0}  # pixels and label values the pending tile holds
+    tiling = None  # whether this batch tiles: decided on its first readable site
 
     def write_tile() -> None:
         tile = len(tile_rows) + 1
@@ -104,7 +117,14 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
         if objects and all(not np.any(np.asarray(labels[o])) for o in objects):
             empty.add(key)
         rows.append(row)
-        if tiled_pipeline is not None:
+        if tiling is None and tiled_pipeline is not None:
+            per_tile = tile_pixels // tile_area(images)
+            tiling = whole_pipeline is None or per_tile >= min_sites_per_tile
+            if not tiling:
+                pipeline = whole_pipeline
+                _log.info("%s: %d sites of this size per tile of %d px, fewer than %d: the whole "
+                          "pipeline site by site", where, per_tile, tile_pixels, min_sites_per_tile)
+        if tiling:
             area, top = tile_area(images), top_label(labels)
             if pending and (in_tile["area"] + area > tile_pixels or in_tile["top"] + top > ADU_MAX):
                 write_tile()
@@ -121,7 +141,7 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
     run_cellprofiler(pipeline, loaddata, out_dir, cellprofiler=cellprofiler, threads=threads,
                      log=log, timeout=timeout, append_log=append_log)
     cells, images = read_object_tables(out_dir, loaddata, objects)
-    if tiled_pipeline is not None:
+    if tiling:
         tiled_loaddata = write_loaddata(tile_rows, work / "tiles" / "loaddata.csv")
         run_cellprofiler(tiled_pipeline, tiled_loaddata, work / "cellprofiler-tiled",
                          cellprofiler=cellprofiler, threads=threads, log=log, timeout=timeout,
@@ -139,6 +159,18 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
             qc.append(_qc(*key, "ok", "", n))
     qc = pd.DataFrame(qc, columns=QC_COLUMNS).sort_values(QC_COLUMNS[:4], kind="stable")
     return cells, images, qc.reset_index(drop=True)
+
+
+def batch_sites(site_shape: Sequence[int], batch_megapixels: float = BATCH_MEGAPIXELS) -> int:
+    """Sites of `site_shape` (height, width) per CellProfiler run: as many as `batch_megapixels`
+    hold, at least one. Bounding the batch by pixels, not sites, keeps a job's memory the same for
+    small and large sites (cells per site grow with its pixels at one magnification)."""
+    if batch_megapixels <= 0:
+        raise ValueError(f"batch_megapixels: must be > 0, got {batch_megapixels!r}")
+    return max(1, int(batch_megapixels * 1e6 // (int(site_shape[0]) * int(site_shape[1]))))
+
+
+SITES_PER_BATCH = batch_sites((1080, 1080))
 
 
 def site_batches(sites: Iterable[SiteKey], sites_per_batch: int) -> list[list[SiteKey]]:
@@ -168,7 +200,8 @@ def write_features(sites: Iterable[SiteKey], read_images: Callable[..., Mapping[
     batch's cell and image tables go to parquet and its inputs are removed, then the batches are
     streamed into `cells_path` and `images_path` (`write_concatenated`: one batch in memory). The
     tables are those one `extract_features` call on all sites gives. Returns the qc of every site.
-    `options` are extract_features' (tiled_pipeline, tile_pixels, cellprofiler, threads, timeout);
+    `options` are extract_features' (tiled_pipeline, tile_pixels, whole_pipeline,
+    min_sites_per_tile, cellprofiler, threads, timeout);
     every batch's CellProfiler output goes to the end of `log`."""
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="features-"))
     parts, qcs = {"cells": [], "images": []}, []
