@@ -116,8 +116,10 @@ def test_provenance_lists_the_real_environments_and_files(demo, plates):
     files = frame(page.tables["files"]).set_index("what")
     model = demo / "models" / "stain" / "all" / "model.safetensors"
     assert files.loc["stain model 1", "sha256"] == sha256_file(model)
-    assert files.loc["CellProfiler pipeline 2", "sha256"] == sha256_file(
-        REPO / "resources" / "cellprofiler" / "features_tiled.cppipe")
+    # the whole pipeline built for the demo's channels is the shipped one, and no tiled half runs
+    assert files.loc["CellProfiler pipeline 1", "sha256"] == sha256_file(
+        REPO / "resources" / "cellprofiler" / "features.cppipe")
+    assert "CellProfiler pipeline 2" not in files.index
     jobs = frame(page.tables["benchmarks"])["job"].tolist()
     assert {"validate_plate", "focus_plate", "features_shard_0", "match_plate"} <= set(jobs)
     commit = page.data[("data-provenance", "git_commit")]

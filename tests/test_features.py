@@ -356,17 +356,6 @@ def test_tiled_half_and_site_half_give_the_whole_pipelines_features(tmp_path):
     pd.testing.assert_frame_equal(batched[keys], whole[keys])
     assert differing_columns(batched[whole.columns]) <= differing
 
-    # sites too large for `min_sites_per_tile` of them to share a tile: the whole pipeline site by
-    # site instead, no tiles, the whole pipeline's very tables
-    alone, alone_images, alone_qc = extract_features(
-        list(sites), read_images, read_labels, SITE_PIPELINE, tmp_path / "alone",
-        tiled_pipeline=TILED_PIPELINE, tile_pixels=4 * 120 * 120, whole_pipeline=PIPELINE,
-        min_sites_per_tile=5)
-    assert not (tmp_path / "alone" / "tiles").exists()
-    pd.testing.assert_frame_equal(alone, whole)
-    pd.testing.assert_frame_equal(alone_images, whole_images)
-    pd.testing.assert_frame_equal(alone_qc, whole_qc)
-
 
 def test_batch_sites_bounds_a_batch_by_pixels():
     assert batch_sites((1080, 1080)) == 64 and batch_sites((2160, 2160)) == 16

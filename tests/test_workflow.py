@@ -361,8 +361,10 @@ def test_feature_pipeline_is_built_for_the_screens_own_channels(tmp_path, tiny_s
     channels = {"brightfield": "BF", "nuclei": "Hoechst", "cell": "Actin",
                 "fluorescence": ["Hoechst", "Actin", "gH2AX"]}
     config = tmp_path / "my.yaml"
+    # the split pipeline (opt-in): its site and tiled halves; the demo run builds the whole one
     config.write_text(yaml.safe_dump({"screen": "myscreen/plates.tsv", "channels": channels,
-                                      "stain": {"targets": ["Hoechst", "Actin"]}}))
+                                      "stain": {"targets": ["Hoechst", "Actin"]},
+                                      "features": {"tiled_pipeline": "auto"}}))
     built = [f"results/screen/features/pipeline_{part}.cppipe" for part in ("site", "tiled")]
     result = run_snakemake(tmp_path, *built, "--cores", "1", "--configfile", str(config))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

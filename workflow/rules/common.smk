@@ -295,20 +295,23 @@ def segment_outputs(plates):
 # Features, profiles and matching: CellProfiler on real (where a plate has them) and virtual stains,
 # pycytominer per plate and for the screen, kNN / mAP matching.
 FEATURES = config["features"]
-# `auto`: the pipeline's two halves built for this screen's channels (rule features_pipeline)
+# `auto`: the pipeline built for this screen's channels (the features_pipeline job): whole, or its site
+# and tiled halves with `tiled_pipeline: auto`
 FEATURES_CHANNELS = SCREEN.feature_channels(FEATURES["sources"])
 BUILT_PIPELINES = {
-    part: f"{RESULTS}/screen/features/pipeline_{part}.cppipe" for part in ("site", "tiled", "whole")
+    part: f"{RESULTS}/screen/features/pipeline_{part}.cppipe" for part in ("whole", "site", "tiled")
 }
+FEATURES_AUTO = {key: str(FEATURES[key]).strip() == "auto" for key in ("pipeline", "tiled_pipeline")}
 
 
 def feature_pipeline(key):
-    """The pipeline file config features.<key> names: the built half for `auto` (the tiled half only
+    """The pipeline file config features.<key> names: the built one for `auto` (the tiled half only
     with the built site half), None for "" (no tiled half), else the user's file."""
     value = str(FEATURES[key]).strip()
-    auto = str(FEATURES["pipeline"]).strip() == "auto"
-    if value == "auto":
-        return BUILT_PIPELINES["site" if key == "pipeline" else "tiled"] if auto else None
+    if key == "pipeline" and FEATURES_AUTO["pipeline"]:
+        return BUILT_PIPELINES["site" if FEATURES_AUTO["tiled_pipeline"] else "whole"]
+    if key == "tiled_pipeline" and FEATURES_AUTO["tiled_pipeline"]:
+        return BUILT_PIPELINES["tiled"] if FEATURES_AUTO["pipeline"] else None
     if value == "":
         return None
     return workflow_file(value, workflow.basedir, f"features.{key}")
@@ -316,18 +319,13 @@ def feature_pipeline(key):
 
 FEATURES_PIPELINE = feature_pipeline("pipeline")
 FEATURES_TILED_PIPELINE = feature_pipeline("tiled_pipeline")
-# the built halves in one, run site by site where too few sites share a tile (features.min_sites_per_tile)
-FEATURES_WHOLE_PIPELINE = BUILT_PIPELINES["whole"] if FEATURES_TILED_PIPELINE == BUILT_PIPELINES["tiled"] else None
+# what the features_pipeline job builds: the built files the configuration uses (none with the user's own
+# pipeline: its only output is then the whole pipeline, and no job asks for it)
+PIPELINES_TO_BUILD = {
+    part: path for part, path in BUILT_PIPELINES.items() if path in (FEATURES_PIPELINE, FEATURES_TILED_PIPELINE)
+} or {"whole": BUILT_PIPELINES["whole"]}
 PIPELINE_FILES = located_files(
-    {
-        name: path
-        for name, path in (
-            ("pipeline", FEATURES_PIPELINE),
-            ("tiled_pipeline", FEATURES_TILED_PIPELINE),
-            ("whole_pipeline", FEATURES_WHOLE_PIPELINE),
-        )
-        if path
-    }
+    {name: path for name, path in (("pipeline", FEATURES_PIPELINE), ("tiled_pipeline", FEATURES_TILED_PIPELINE)) if path}
 )
 CELLPROFILER = cellprofiler_params(workflow_file(FEATURES["cellprofiler"], workflow.basedir, "features.cellprofiler"))
 SCREEN_FOLDER = ProfileFolder.screen(RESULTS)

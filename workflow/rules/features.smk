@@ -5,9 +5,7 @@
 
 rule features_pipeline:
     output:
-        site=BUILT_PIPELINES["site"],
-        tiled=BUILT_PIPELINES["tiled"],
-        whole=BUILT_PIPELINES["whole"],
+        **PIPELINES_TO_BUILD,
     params:
         **code_params("features_pipeline.py"),
         channels=FEATURES_CHANNELS,
@@ -37,7 +35,6 @@ rule features_shard:
         **PIPELINE_FILES[1],
         **CELLPROFILER,
         tile_pixels=FEATURES["tile_pixels"],
-        min_sites_per_tile=FEATURES["min_sites_per_tile"],
         batch_megapixels=FEATURES["batch_megapixels"],
         n_shards=config["shards"],
     threads: config["threads"]["features"]

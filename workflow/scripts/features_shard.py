@@ -27,8 +27,7 @@ with (tempfile.TemporaryDirectory(prefix=f"features-{source.plate}-{shard}-") as
       atomic_path(out.cells) as cells, atomic_path(out.images) as images):
     qc = write_features(sites, read_images, read_labels, cells, images, params.pipeline, work,
                         sites_per_batch=sites_per_batch, tiled_pipeline=params.get("tiled_pipeline"),
-                        tile_pixels=params.tile_pixels, whole_pipeline=params.get("whole_pipeline"),
-                        min_sites_per_tile=params.min_sites_per_tile, cellprofiler=params.cellprofiler,
+                        tile_pixels=params.tile_pixels, cellprofiler=params.cellprofiler,
                         threads=snakemake.threads, log=snakemake.log.cellprofiler)  # noqa: F821
 qc = pd.concat([skipped, qc], ignore_index=True).sort_values(["source", "well", "site"])
 with atomic_path(out.sites) as tmp:

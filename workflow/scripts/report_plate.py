@@ -19,8 +19,7 @@ manifest, platemap = inp.sources
 files = {"input: screen sheet": params.sheet, "input: manifest": manifest, "input: plate map": platemap,
          **{f"stain model {i + 1}": path for i, path in enumerate(inp.models)},
          **{f"CellProfiler pipeline {i + 1}": path
-            for i, path in enumerate(p for p in (params.pipeline, params.get("tiled_pipeline"),
-                                                 params.get("whole_pipeline")) if p)}}
+            for i, path in enumerate(p for p in (params.pipeline, params.get("tiled_pipeline")) if p)}}
 prov = provenance(params.config, params.repo, files, params.benchmarks,
                   cellprofiler_site_packages(params.cellprofiler))
 report = plate_report(PlateResults.from_input(inp), params.info, prov, params.rules, stain_cards=inp.cards,

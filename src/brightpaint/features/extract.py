@@ -4,7 +4,6 @@ measure, and readers of a plate's real and virtual stains and label images."""
 from __future__ import annotations
 
 import itertools
-import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -27,12 +26,7 @@ from .tiles import TILE_PIXELS, join_parts, tile_area, tile_sites, top_label, un
 # buffered measurements, ~28 MB per 1080 px site of ~340 cells: ~24 MB per megapixel), not with its
 # shard, and CellProfiler's start is paid once per batch (docs/performance.md)
 BATCH_MEGAPIXELS = 75.0  # 64 sites of 1080 px, 16 of 2160 px
-# tiling pays CellProfiler's per-image-set cost once per tile, but loads the inputs twice and runs two
-# pipelines: below this many sites per tile the whole pipeline site by site is cheaper
-# (bench/feature_tiling.py, docs/performance.md)
-MIN_SITES_PER_TILE = 8
 QC_COLUMNS = ["plate", "well", "site", "source", "status", "reason", "cells"]
-_log = logging.getLogger(__name__)
 
 
 def _qc(plate, well, site, source, status: str, reason: str, cells: int = 0) -> dict:
@@ -45,8 +39,6 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
                      read_labels: Callable[[str, str, int, str], Mapping[str, np.ndarray]],
                      pipeline: str | Path = PIPELINE, work_dir: str | Path | None = None, *,
                      tiled_pipeline: str | Path | None = None, tile_pixels: int = TILE_PIXELS,
-                     whole_pipeline: str | Path | None = None,
-                     min_sites_per_tile: int = MIN_SITES_PER_TILE,
                      cellprofiler: str | Path = CELLPROFILER, threads: int = 1,
                      log: str | Path | None = None, timeout: float | None = None,
                      append_log: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -67,24 +59,22 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
     is then paid once per tile. Its per-cell results are mapped back to the sites and joined to
     the site-by-site ones. Only modules whose per-object results depend on the object's own pixels
     alone belong in a tiled pipeline; tests/test_features.py checks the shipped halves against the
-    whole pipeline. With a `whole_pipeline` (the two halves in one), a batch whose sites are too
-    large for `min_sites_per_tile` of them to share a tile (judged on its first readable site: a
-    plate's sites share one size) runs it site by site instead, with no tiles. Inputs and outputs
-    go into `work_dir` (a new temporary folder if None); removing it is the caller's business.
+    whole pipeline. With CellProfiler 5's buffered measurement store, tiling no longer pays on the
+    sites measured (bench/feature_tiling.py: 1.1-1.4x the whole pipeline's CPU from 256 to 1080
+    px sites), so the workflow runs the whole pipeline unless asked. Inputs and outputs go into
+    `work_dir` (a new temporary folder if None); removing it is the caller's business.
     CellProfiler failing on the batch raises FeatureError. CellProfiler's output goes to `log`
     (added to its end with `append_log`)."""
     channels, objects = pipeline_names(pipeline)
-    for other in (tiled_pipeline, whole_pipeline if tiled_pipeline is not None else None):
-        if other is not None:
-            other_channels, other_objects = pipeline_names(other)
-            channels += [c for c in other_channels if c not in channels]
-            objects += [o for o in other_objects if o not in objects]
+    if tiled_pipeline is not None:
+        tiled_channels, tiled_objects = pipeline_names(tiled_pipeline)
+        channels += [c for c in tiled_channels if c not in channels]
+        objects += [o for o in tiled_objects if o not in objects]
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="features-"))
     inputs, out_dir = work / "inputs", work / "cellprofiler"
     rows, qc, seen, empty = [], [], set(), set()
     tile_rows, placements, pending = [], [], []
     in_tile = {"area": 0, "top": 0}  # pixels and label values the pending tile holds
-    tiling = None  # whether this batch tiles: decided on its first readable site
 
     def write_tile() -> None:
         tile = len(tile_rows) + 1
@@ -117,14 +107,7 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
         if objects and all(not np.any(np.asarray(labels[o])) for o in objects):
             empty.add(key)
         rows.append(row)
-        if tiling is None and tiled_pipeline is not None:
-            per_tile = tile_pixels // tile_area(images)
-            tiling = whole_pipeline is None or per_tile >= min_sites_per_tile
-            if not tiling:
-                pipeline = whole_pipeline
-                _log.info("%s: %d sites of this size per tile of %d px, fewer than %d: the whole "
-                          "pipeline site by site", where, per_tile, tile_pixels, min_sites_per_tile)
-        if tiling:
+        if tiled_pipeline is not None:
             area, top = tile_area(images), top_label(labels)
             if pending and (in_tile["area"] + area > tile_pixels or in_tile["top"] + top > ADU_MAX):
                 write_tile()
@@ -141,7 +124,7 @@ def extract_features(sites: Iterable[tuple[str, str, int, str]],
     run_cellprofiler(pipeline, loaddata, out_dir, cellprofiler=cellprofiler, threads=threads,
                      log=log, timeout=timeout, append_log=append_log)
     cells, images = read_object_tables(out_dir, loaddata, objects)
-    if tiling:
+    if tiled_pipeline is not None:
         tiled_loaddata = write_loaddata(tile_rows, work / "tiles" / "loaddata.csv")
         run_cellprofiler(tiled_pipeline, tiled_loaddata, work / "cellprofiler-tiled",
                          cellprofiler=cellprofiler, threads=threads, log=log, timeout=timeout,
@@ -200,8 +183,7 @@ def write_features(sites: Iterable[SiteKey], read_images: Callable[..., Mapping[
     batch's cell and image tables go to parquet and its inputs are removed, then the batches are
     streamed into `cells_path` and `images_path` (`write_concatenated`: one batch in memory). The
     tables are those one `extract_features` call on all sites gives. Returns the qc of every site.
-    `options` are extract_features' (tiled_pipeline, tile_pixels, whole_pipeline,
-    min_sites_per_tile, cellprofiler, threads, timeout);
+    `options` are extract_features' (tiled_pipeline, tile_pixels, cellprofiler, threads, timeout);
     every batch's CellProfiler output goes to the end of `log`."""
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="features-"))
     parts, qcs = {"cells": [], "images": []}, []
