@@ -28,8 +28,8 @@ run overstates the per-site figures of rules with many jobs per plate (one per s
 
 With `--bare-cellprofiler N`, N sites per stain source of the finished run also go through bare
 CellProfiler 5 (`cellprofiler -c -r -p PIPELINE`, the whole pipeline site by site) and through the
-workflow's own feature extraction (site half site by site, tiled half on tiles), in the same
-process, for the features / bare ratio (bench/features.py's measurement).
+workflow's own feature extraction (and its opt-in tiled split), in the same process, for the
+features / bare ratio (bench/features.py's measurement).
 """
 
 from __future__ import annotations
