@@ -78,6 +78,16 @@ def test_every_plate_has_a_report_whose_numbers_are_the_tables(demo, plates):
         cells = frame(page.tables["features_sites"])
         assert cells["cells"].astype(int).sum() == len(pd.read_parquet(folder / "features" / "cells.parquet",
                                                                        columns=["Metadata_Site"]))
+        # virtual against real stains: the plate's own tables, judged as report.virtual_fit says; a
+        # plate without real stains (apply-only) cannot be judged
+        stain_metrics = folder / "stain" / "metrics.parquet"
+        evidence, verdict = R.virtual_stain_evidence(
+            pd.read_parquet(stain_metrics) if stain_metrics.is_file() else None,
+            pd.read_parquet(folder / "segment" / "metrics.parquet"), match, "DNA")
+        assert summary["virtual_stains"] == verdict
+        assert page.data[("data-virtual-stains", verdict)] == verdict
+        assert frame(page.tables["virtual_vs_real"])["fit"].tolist() == evidence["fit"].tolist()
+        assert (verdict == "not measured") == (not stain_metrics.is_file())
         if (folder / "stain" / "metrics.parquet").is_file():
             metrics = pd.read_parquet(folder / "stain" / "metrics.parquet")
             means = metrics.groupby(["split", "channel"])["pcc"].mean()

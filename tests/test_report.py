@@ -42,7 +42,7 @@ class Tables(HTMLParser):
             self._cell = ""
         elif tag == "img":
             self.images.append(attrs.get("src", ""))
-        for key in ("data-verdict", "data-count", "data-provenance", "data-info"):
+        for key in ("data-verdict", "data-count", "data-provenance", "data-info", "data-virtual-stains"):
             if key in attrs:
                 self._data_key = (key, attrs[key])
                 self.data[self._data_key] = attrs[key] if key == "data-verdict" else ""
@@ -249,3 +249,70 @@ def test_sites_outside_the_stain_domain_are_flagged_and_can_set_the_plate_to_rev
     expected_cv = float(np.median([0.08] * len(outside) + [0.04] * (18 - len(outside))))
     assert table.loc["brightfield contrast (std / mean)", "plate median"] == pytest.approx(expected_cv)
     assert table.loc["brightfield contrast (std / mean)", "z"] == pytest.approx((expected_cv - 0.04) / 0.01)
+
+
+def _evidence_tables(virtual_nsc: float):
+    stain = pd.DataFrame({"split": ["train", "validation", "validation", "validation"],
+                          "channel": ["DNA", "DNA", "DNA", "CYTO"], "pcc": [0.99, 0.95, 0.91, 0.5],
+                          "ssim": 0.8, "psnr": 30.0, "nmae": 0.1})
+    segment = pd.DataFrame({"objects": ["nuclei"] * 3 + ["cells"],
+                            "comparison": ["real_vs_truth", "virtual_vs_real", "virtual_vs_real",
+                                           "virtual_vs_real"],
+                            "ap50": [0.95, 0.9, 0.88, 0.1], "f1_70": 0.8})
+    summary = pd.DataFrame({"metric": ["moa_nsc_accuracy_cosine"] * 2 + ["replicate_mAP"] * 2
+                            + ["feature_agreement_median_pearson"],
+                            "source": ["real", "virtual"] * 2 + ["real vs virtual"],
+                            "value": [0.8, virtual_nsc, 0.5, 0.45, 0.6]})
+    return stain, segment, summary
+
+
+@pytest.mark.parametrize("virtual_nsc, verdict", [(0.75, "fit for profiling"), (0.7, "not fit")])
+def test_virtual_stain_evidence_holds_each_level_against_its_floor(virtual_nsc, verdict):
+    stain, segment, summary = _evidence_tables(virtual_nsc)
+    table, found = R.virtual_stain_evidence(stain, segment, summary, "DNA")
+    rows = table.set_index("measure")
+    # pixels: held-out sites only (the training site's 0.99 is not evidence); CYTO shown, not judged
+    assert rows.loc["DNA PCC, held-out sites", "compared"] == pytest.approx(0.93)
+    assert rows.loc["DNA PCC, held-out sites", "fit"] == "yes"
+    assert rows.loc["CYTO PCC, held-out sites", "fit"] == ""
+    nuclei = table[table["level"] == "nuclei"].iloc[0]
+    assert nuclei["compared"] == pytest.approx(0.89 / 0.95) and nuclei["fit"] == "yes"  # cells ignored
+    nsc = rows.loc["MoA NSC 1-NN accuracy"]
+    assert nsc["compared"] == pytest.approx(virtual_nsc / 0.8)  # 0.9375 meets 0.9, 0.875 does not
+    assert rows.loc["replicate mAP", "compared"] == pytest.approx(0.9)
+    assert rows.loc["replicate mAP", "fit"] == "yes"
+    assert found == verdict
+    # stricter floors from the config's report.virtual_fit
+    _, strict = R.virtual_stain_evidence(stain, segment, summary, "DNA", {"nuclei_pcc": 0.95})
+    assert strict == "not fit"
+
+
+def test_virtual_stain_evidence_without_real_stains_is_not_measured():
+    _, _, summary = _evidence_tables(0.75)
+    virtual_only = summary[summary["source"] == "virtual"]
+    table, verdict = R.virtual_stain_evidence(None, None, virtual_only, "DNA")
+    assert verdict == "not measured"
+    judged = table[table["floor"].notna()]
+    assert len(judged) == 4 and (judged["fit"] == "not measured").all()
+    # without truth masks the nuclei floor is against perfect agreement
+    _, segment, _ = _evidence_tables(0.75)
+    table, _ = R.virtual_stain_evidence(None, segment[segment["comparison"] != "real_vs_truth"], None, "DNA")
+    assert table[table["level"] == "nuclei"].iloc[0]["compared"] == pytest.approx(0.89)
+
+
+def test_report_shows_the_virtual_stain_evidence_and_its_verdict(plate, tmp_path):
+    stain, segment, summary = _evidence_tables(0.7)
+    (plate / "stain").mkdir()
+    stain.to_parquet(plate / "stain" / "metrics.parquet")
+    segment.to_parquet(plate / "segment" / "metrics.parquet")
+    summary.assign(n=1, details="").to_parquet(plate / "match" / "summary.parquet")
+    prov = R.provenance({}, tmp_path, {}, tmp_path / "benchmarks" / "P9", None)
+    report = R.plate_report(results(plate), {"plate": "P9"}, prov, nuclei="DNA")
+    page = Tables(R.render_plate_report(report))
+    evidence = frame(page.tables["virtual_vs_real"]).set_index("measure")
+    assert evidence.loc["MoA NSC 1-NN accuracy", "fit"] == "no"
+    assert page.data[("data-virtual-stains", "not fit")] == "not fit"
+    summary_json = R.report_summary(report)
+    assert summary_json["virtual_stains"] == "not fit"
+    index = Tables(R.render_index([{**summary_json, "href": "plates/P9/report.html"}]))
+    assert frame(index.tables["plates"]).iloc[0]["virtual stains"] == "not fit"

@@ -36,6 +36,7 @@ import pandas as pd
 import yaml
 import zarr
 
+from .defaults import config_default
 from .illumination import camera_offset_estimate
 from .ingest import stored_sites
 from .layout import PlateFolder, PlateResults, PlateSources
@@ -52,6 +53,7 @@ TEMPLATES = Path(__file__).with_name("templates")
 FIGURE_MAX_PX = 1200
 FLAG_COLUMNS = ["stage", "well", "site", "source", "flag", "reason"]
 DEFAULT_RULES = {"review_flagged_fraction": 0.10, "fail_lost_fraction": 0.10, "domain_fraction": 0.10}
+EVIDENCE_COLUMNS = ["level", "measure", "real", "virtual", "compared", "floor", "fit"]
 # paths relative to a plate folder, as the captions name them
 RELATIVE = PlateFolder("")
 
@@ -127,6 +129,82 @@ def plate_verdict(flags: pd.DataFrame, n_sites: int, rules: Mapping | None = Non
     if any(c["triggered"] and c["outcome"] == "fail" for c in checks):
         verdict = "fail"
     return verdict, checks
+
+
+def _summary_value(summary: pd.DataFrame, metric: str, source: str) -> float:
+    if not {"metric", "source", "value"} <= set(summary.columns):
+        return float("nan")
+    rows = summary[(summary["metric"] == metric) & (summary["source"] == source)]["value"]
+    return float(rows.iloc[0]) if len(rows) and pd.notna(rows.iloc[0]) else float("nan")
+
+
+def virtual_stain_evidence(stain_metrics: pd.DataFrame | None, segment_metrics: pd.DataFrame | None,
+                           match_summary: pd.DataFrame | None, nuclei: str,
+                           floors: Mapping | None = None) -> tuple[pd.DataFrame, str]:
+    """A plate's virtual stains against its real ones at the three levels, side by side, and the
+    verdict "fit for profiling" from them. Returns (table, verdict): one row per measure with
+    EVIDENCE_COLUMNS (`compared` is the figure held against `floor`; `fit` yes / no, `not measured`
+    where the plate lacks what it needs, empty for measures shown without a floor) and the verdict
+    `fit for profiling` (every measured floor met), `not fit` (any missed) or `not measured`
+    (none could be measured: a plate without real stains, or without held-out sites).
+
+    Floors (`floors` over config/config.yaml's report.virtual_fit): pixels, the PCC of the virtual
+    `nuclei` stain on held-out sites (every split but `train`) >= nuclei_pcc; nuclei, AP@0.5 of
+    virtual-stain nuclei against real-stain nuclei >= nuclei_ap_ratio x that of real-stain nuclei
+    against truth masks (x 1 without truth masks); profiles, the MoA NSC 1-NN accuracy (cosine) and
+    the replicate mAP from virtual stains >= nsc_ratio and replicate_map_ratio x those from real
+    stains. A table without the columns it needs counts as not measured."""
+    floors = {**config_default("report", "virtual_fit"), **(floors or {})}
+    nan = float("nan")
+    rows = []
+
+    def add(level, measure, real, virtual, compared, floor):
+        if floor is None:
+            fit = ""
+        elif not np.isfinite(compared):
+            fit = "not measured"
+        else:
+            fit = "yes" if compared >= floor else "no"
+        rows.append(dict(zip(EVIDENCE_COLUMNS, [level, measure, real, virtual, compared,
+                                                nan if floor is None else floor, fit], strict=True)))
+
+    if stain_metrics is not None and not {"channel", "split", "pcc"} <= set(stain_metrics.columns):
+        stain_metrics = None
+    if segment_metrics is not None and not {"objects", "comparison", "ap50"} <= set(segment_metrics.columns):
+        segment_metrics = None
+    for channel in ([] if stain_metrics is None else sorted(set(stain_metrics["channel"]))):
+        held_out = stain_metrics[(stain_metrics["channel"] == channel) & (stain_metrics["split"] != "train")]
+        pcc = float(held_out["pcc"].mean()) if len(held_out) else nan
+        add("pixels", f"{channel} PCC, held-out sites", nan, pcc, pcc,
+            floors["nuclei_pcc"] if channel == nuclei else None)
+    if stain_metrics is None or nuclei not in set(stain_metrics["channel"]):
+        add("pixels", f"{nuclei} PCC, held-out sites", nan, nan, nan, floors["nuclei_pcc"])
+    ap = {}
+    if segment_metrics is not None and len(segment_metrics):
+        nuclei_rows = segment_metrics[segment_metrics["objects"] == "nuclei"]
+        ap = nuclei_rows.groupby("comparison")["ap50"].mean().to_dict()
+    real_ap = float(ap.get("real_vs_truth", 1.0)) if "virtual_vs_real" in ap else nan
+    virtual_ap = float(ap.get("virtual_vs_real", nan))
+    add("nuclei", "AP@0.5 (virtual: against real-stain nuclei; real: against truth, 1 without)",
+        real_ap, virtual_ap, virtual_ap / real_ap if real_ap > 0 else nan, floors["nuclei_ap_ratio"])
+    summary = (match_summary if match_summary is not None
+               else pd.DataFrame(columns=["metric", "source", "value"]))
+    for metric, measure, floor in (
+            ("moa_nsc_accuracy_cosine", "MoA NSC 1-NN accuracy", floors["nsc_ratio"]),
+            ("replicate_mAP", "replicate mAP", floors["replicate_map_ratio"]),
+            ("percent_replicating", "percent replicating", None)):
+        real, virtual = _summary_value(summary, metric, "real"), _summary_value(summary, metric, "virtual")
+        add("profiles", measure, real, virtual, virtual / real if real > 0 else nan, floor)
+    for metric, measure in (
+            ("feature_agreement_median_pearson", "median per-feature Pearson r, real vs virtual"),
+            ("top20_feature_nmae", "top-20 MoA features' N-MAE, real vs virtual")):
+        value = _summary_value(summary, metric, "real vs virtual")
+        add("profiles", measure, nan, nan, value, None)
+    table = pd.DataFrame(rows, columns=EVIDENCE_COLUMNS)
+    judged = table[table["fit"].isin(["yes", "no"])]
+    verdict = ("not measured" if judged.empty else "not fit" if (judged["fit"] == "no").any()
+               else "fit for profiling")
+    return table, verdict
 
 
 def domain_table(sites: pd.DataFrame, cards: Iterable[Mapping]) -> pd.DataFrame:
@@ -327,10 +405,12 @@ def _figure(path: str | None, caption: str) -> dict | None:
 
 def plate_report(files: PlateResults, plate_info: Mapping, prov: Mapping,
                  rules: Mapping | None = None, stain_cards: Iterable[str | Path] = (),
-                 brightfield: str = "BF") -> dict:
+                 brightfield: str = "BF", nuclei: str = "DNA") -> dict:
     """Everything the plate's report shows, read from its result files (`files`: those the plate
-    has): summary with verdict, inputs, flags, figures and tables of each stage that ran,
-    provenance. `plate_info` is the plate's row of the screen sheet (its `plate` names it)."""
+    has): summary with verdict, inputs, flags, figures and tables of each stage that ran, the
+    virtual stains against the real ones (`virtual_stain_evidence`, floors from `rules`'
+    virtual_fit), provenance. `plate_info` is the plate's row of the screen sheet (its `plate` names
+    it); `nuclei` is the nuclear stain's channel."""
     limits = {**DEFAULT_RULES, **(rules or {})}
     sites = _read_csv(files.qc_sites)
     n_sites = 0 if sites is None else len(sites)
@@ -455,6 +535,14 @@ def plate_report(files: PlateResults, plate_info: Mapping, prov: Mapping,
         if files.match_neighbours:
             tables["match_neighbours"] = pd.read_parquet(files.match_neighbours)
         sections.append({"title": "Matching", "tables": tables, "figures": []})
+    if files.stain_metrics or files.match_summary:
+        evidence, report["virtual_stains"] = virtual_stain_evidence(
+            pd.read_parquet(files.stain_metrics) if files.stain_metrics else None,
+            pd.read_parquet(files.segment_metrics) if files.segment_metrics else None,
+            pd.read_parquet(files.match_summary) if files.match_summary else None,
+            nuclei, limits.get("virtual_fit"))
+        sections.append({"title": "Virtual against real stains", "verdict": report["virtual_stains"],
+                         "tables": {"virtual_vs_real": evidence}, "figures": []})
     for section in sections:
         section["figures"] = [f for f in section["figures"] if f]
     return report
@@ -465,7 +553,8 @@ def report_summary(report: Mapping) -> dict:
     info = report["info"]
     return {"plate": report["plate"], "batch": info.get("batch", ""), "cell_type": info.get("cell_type", ""),
             "role": info.get("role", ""), "n_sites": report["n_sites"], "n_wells": report["n_wells"],
-            "n_flags": len(report["flags"]), "verdict": report["verdict"], "checks": report["checks"]}
+            "n_flags": len(report["flags"]), "verdict": report["verdict"], "checks": report["checks"],
+            "virtual_stains": report.get("virtual_stains", "")}
 
 
 def _environment() -> jinja2.Environment:

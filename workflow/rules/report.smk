@@ -26,6 +26,7 @@ rule report_plate:
         **CELLPROFILER,
         benchmarks=lambda wildcards: f"{RESULTS}/benchmarks/{wildcards.plate}",
         brightfield=config["channels"]["brightfield"],
+        nuclei=config["channels"]["nuclei"],
     threads: 1
     conda:
         MAIN_ENV

@@ -23,7 +23,7 @@ files = {"input: screen sheet": params.sheet, "input: manifest": manifest, "inpu
 prov = provenance(params.config, params.repo, files, params.benchmarks,
                   cellprofiler_site_packages(params.cellprofiler))
 report = plate_report(PlateResults.from_input(inp), params.info, prov, params.rules, stain_cards=inp.cards,
-                      brightfield=params.brightfield)
+                      brightfield=params.brightfield, nuclei=params.nuclei)
 with atomic_path(out.html) as tmp:
     tmp.write_text(render_plate_report(report))
 with atomic_path(out.summary) as tmp:
