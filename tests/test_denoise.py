@@ -492,6 +492,14 @@ def test_assessment_applies_noise2void_where_it_helps_and_keeps_bright_stains(tr
     assert bright_true < 0
     assert assessed["n_images"] == 4 and assessed["noise_variance"] > 0
 
+    # large sites: only each image's centre is assessed, so the cost does not grow with the site
+    images = [x.noisy.astype(np.float32) for x in dim]
+    height, width = images[0].shape
+    rows = slice((height - 48) // 2, (height - 48) // 2 + 48)
+    columns = slice((width - 40) // 2, (width - 40) // 2 + 40)
+    assert (assess_denoising(model, [image[:, columns] for image in images], threads=TEST_THREADS, side=48)
+            == assess_denoising(model, [image[rows, columns] for image in images], threads=TEST_THREADS))
+
 
 def demo_examples_bright(channel: str, gain_factor: float) -> list[Example]:
     """The `trained` fixture's 16 training sites, acquired with `gain_factor` times the light."""

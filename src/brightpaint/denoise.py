@@ -78,6 +78,9 @@ NEIGHBOURHOOD = 5  # masked pixels take the value of a random other pixel in thi
 MIN_STD = 1e-6  # an image whose standard deviation is below this carries no signal
 MIN_GAIN_DB = 1.0  # apply Noise2Void where its estimated gain is at least this
 ASSESS_SITES = 4  # sites per plate and stain on which the gain is estimated (not trained on)
+# px per axis of each assessed image (its centre): the estimate is an average over pixels, so a
+# megapixel per site is plenty, and the assessment then costs the same for 1080 and 2160 px sites
+ASSESS_SIDE = 1024
 MAX_REPORTED_GAIN_DB = 20.0
 NOISE_BLOCK = 32  # px: blocks over which the noise level is taken as constant
 # Immerkaer's operator: zero on any locally linear signal; its response to white noise of variance
@@ -414,13 +417,14 @@ def blind_spot_loss(model: UNet, image: np.ndarray, *, fraction: float = 0.02, r
 
 
 def assess_denoising(model: UNet, images: Sequence[np.ndarray], *, min_gain_db: float = MIN_GAIN_DB,
-                     seed: int = 0, tile: int = 256, device: str = "cpu", threads: int = 2) -> dict:
+                     seed: int = 0, tile: int = 256, device: str = "cpu", threads: int = 2,
+                     side: int = ASSESS_SIDE) -> dict:
     """Whether Noise2Void improves these images (of one stain, not trained on), from the images
-    alone (module docstring): each image is normalised as for denoising; noise variance and
-    blind-spot loss are averaged over the images. Returns a JSON-ready dict: apply (estimated gain
-    >= `min_gain_db`), estimated_gain_db, noise_variance and blind_spot_loss (in units of each
-    image's variance), n_images, min_gain_db."""
-    usable = [np.asarray(image, dtype=np.float32) for image in images]
+    alone (module docstring): each image's centre, at most `side` px per axis, is normalised as for
+    denoising; noise variance and blind-spot loss are averaged over the images. Returns a
+    JSON-ready dict: apply (estimated gain >= `min_gain_db`), estimated_gain_db, noise_variance and
+    blind_spot_loss (in units of each image's variance), n_images, min_gain_db."""
+    usable = [_centre(np.asarray(image, dtype=np.float32), side) for image in images]
     usable = [image for image in usable if np.isfinite(image).all() and image.std() > MIN_STD]
     if not usable:
         raise ValueError("assess_denoising: no image with signal to assess the model on")
@@ -438,6 +442,12 @@ def assess_denoising(model: UNet, images: Sequence[np.ndarray], *, min_gain_db: 
     return {"apply": bool(gain >= min_gain_db), "estimated_gain_db": round(float(gain), 2),
             "noise_variance": round(noise_mean, 5), "blind_spot_loss": round(loss_mean, 5),
             "n_images": len(usable), "min_gain_db": min_gain_db}
+
+
+def _centre(image: np.ndarray, side: int) -> np.ndarray:
+    """The central window of at most `side` px per axis of a 2-D image."""
+    y0, x0 = max(0, (image.shape[0] - side) // 2), max(0, (image.shape[1] - side) // 2)
+    return image[y0:y0 + side, x0:x0 + side]
 
 
 def choose_assessment_sites(store: str | Path, wells: Sequence[str], exclude: Sequence[Sequence],
