@@ -14,6 +14,7 @@ from test_profiles import BBBC021_OPERATIONS, bbbc021  # noqa: F401  (fixture)
 
 from brightpaint.io import read_platemap
 from brightpaint.match import (
+    SHAPE_ONLY,
     agreement_summary,
     consistency_map,
     feature_agreement,
@@ -23,6 +24,7 @@ from brightpaint.match import (
     nearest_neighbours,
     percent_replicating,
     replicate_map,
+    shape_only_matching,
     similarity,
     target_matching,
     top_feature_nmae,
@@ -301,11 +303,31 @@ def test_match_profiles_tables():
                             {"null_size": 100, "top_features": 5})
     assert set(tables) == {"summary", "neighbours", "agreement"}
     summary = tables["summary"]
-    assert set(summary["source"]) == {"real", "virtual", "real vs virtual"}
+    assert set(summary["source"]) == {"real", "virtual", "real vs virtual", SHAPE_ONLY}
     level3 = summary[summary["source"] == "real vs virtual"].set_index("metric")
     assert level3.loc["feature_agreement_median_pearson", "value"] == pytest.approx(1.0)
     assert level3.loc["top5_feature_nmae", "value"] == 0.0
     assert tables["agreement"]["rank"].notna().sum() == 5
+    # the real profiles' NSC from shape features alone: none here (all Intensity), so NaN with why
+    shape_only = summary[summary["source"] == SHAPE_ONLY].set_index("metric")
+    assert np.isnan(shape_only.loc["moa_nsc_accuracy_cosine", "value"])
+    assert "no shape feature" in shape_only.loc["moa_nsc_accuracy_cosine", "details"]
+
+
+def test_shape_only_matching_reads_the_shape_features_alone():
+    wells = planted_wells()
+    # the MoA sits in the Intensity features; the AreaShape ones are noise
+    shape = {f"Cells_Intensity_F{i:02d}": f"Cells_AreaShape_F{i:02d}" for i in range(8, 16)}
+    noise = np.random.default_rng(1).normal(size=(len(wells), 8))
+    wells[list(shape)] = noise
+    wells = wells.rename(columns=shape)
+    consensus = consensus_profiles(wells)
+    row = shape_only_matching(consensus).set_index("metric").loc["moa_nsc_accuracy_cosine"]
+    expected = knn_accuracy(nearest_neighbours(consensus, features=list(shape.values())))
+    assert row["value"] == expected and row["n"] == 8 and "8 shape features" in row["details"]
+    # noise alone retrieves the MoA less often than the profiles' Intensity features do
+    assert expected < matching_summary(wells, null_size=100).set_index("metric").loc[
+        "moa_nsc_accuracy_cosine", "value"]
 
 
 # --------------------------------------------------------------------------- BBBC021

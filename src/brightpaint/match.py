@@ -47,6 +47,10 @@ from brightpaint.profiles import (
 )
 
 METRICS = ("cosine", "pearson")
+# feature groups that describe a cell's shape and neighbourhood, which brightfield shows too, unlike
+# its stains' intensities, textures and granularity
+SHAPE_GROUPS = ("AreaShape", "Neighbors")
+SHAPE_ONLY = "real, shape features only"
 CONTROLS = ("negcon", "poscon")
 LABEL_SEPARATOR = "|"
 _COPAIRS_DISTANCE = {"cosine": "cosine", "pearson": "correlation"}
@@ -616,12 +620,31 @@ def matching_summary(wells: pd.DataFrame, consensus: pd.DataFrame | None = None,
     return matching(wells, consensus, label, target, metrics, top_k, null_size, seed)[0]
 
 
+def shape_only_matching(consensus: pd.DataFrame, metric: str = "cosine") -> pd.DataFrame:
+    """MoA NSC 1-NN accuracy of treatment profiles from their shape features alone (SHAPE_GROUPS):
+    about what a perfect reader of brightfield could reach from real-stain profiles, the reference
+    that tells a virtual stain's shortfall in the model from one in the physics (a stain whose
+    signal leaves no trace in brightfield). One row (`matching_summary`'s columns), NaN with the
+    reason where the profiles hold no shape feature."""
+    shape = [c for c in _features(consensus, None) if feature_group(c) in SHAPE_GROUPS]
+    name = f"{MOA.removeprefix('Metadata_')}_nsc_accuracy_{metric}"
+    if not shape:
+        rows = [_row(name, np.nan, 0, "no shape feature (AreaShape, Neighbors) in the profiles")]
+    else:
+        nsc = nearest_neighbours(consensus, MOA, (PERTURBATION,), metric, 1, features=shape)
+        rows = [{**r, "metric": name, "details": f"{r['details']}; {len(shape)} shape features"}
+                for r in _knn_rows(nsc, "nsc", (1,))]
+    return pd.DataFrame(rows, columns=["metric", "value", "n", "details"])
+
+
 def match_profiles(selected: pd.DataFrame, consensus: pd.DataFrame, normalised: pd.DataFrame,
                    settings: Mapping | None = None) -> dict[str, pd.DataFrame]:
     """The matching tables of a plate or the screen (workflow rules match_plate / match_screen):
 
     - summary: `matching_summary` per stain source (column source), plus level-3 rows
-      (feature_agreement_median_pearson, top<n>_feature_nmae) when both sources are present;
+      (feature_agreement_median_pearson, top<n>_feature_nmae) and the real profiles' NSC from
+      shape features alone (`shape_only_matching`, source SHAPE_ONLY) when both sources are
+      present;
     - neighbours: the nearest-neighbour tables (column source);
     - agreement: `feature_agreement` per feature on the normalised (all features) well profiles,
       with the random-forest importance rank and N-MAE of the top features (empty without both
@@ -658,6 +681,9 @@ def match_profiles(selected: pd.DataFrame, consensus: pd.DataFrame, normalised: 
         except ValueError as err:
             rows.append(_row(f"top{s['top_features']}_feature_nmae", np.nan, 0, str(err)))
         summaries.append(pd.DataFrame(rows).assign(source="real vs virtual"))
+        summaries.append(shape_only_matching(consensus[consensus[SOURCE] == "real"]
+                                             if SOURCE in consensus.columns else consensus,
+                                             s["metrics"][0]).assign(source=SHAPE_ONLY))
     return {"summary": pd.concat(summaries, ignore_index=True),
             "neighbours": pd.concat(neighbour_tables, ignore_index=True),
             "agreement": agreement}
