@@ -37,6 +37,7 @@ from brightpaint.stain.data import (
     TrainingSet,
     brightfield_input,
     build_training_set,
+    held_sites,
     plate_split,
     random_crop,
     split_wells,
@@ -423,6 +424,15 @@ def test_metrics_on_known_pairs():
 # ---------------------------------------------------------------------------------------------
 # Bad inputs from the workflow's side
 # ---------------------------------------------------------------------------------------------
+
+
+def test_training_sites_held_are_bounded_by_pixels_too():
+    settings = StainSettings(max_sites=256, max_megapixels=48)
+    assert held_sites(settings, 256 * 256) == 256  # the demo's sites: max_sites decides
+    assert held_sites(settings, 1080 * 1080) == 41 and held_sites(settings, 2160 * 2160) == 10
+    assert held_sites(StainSettings(max_sites=256, max_megapixels=1), 2160 * 2160) == 1
+    with pytest.raises(StainError, match="max_megapixels"):
+        StainSettings(max_megapixels=0).checked()
 
 
 def test_no_training_plates_and_a_target_on_no_plate_are_clear_errors(demo):

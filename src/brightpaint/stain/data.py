@@ -135,12 +135,19 @@ class TrainingSet:
         return out
 
 
+def held_sites(settings: StainSettings, site_pixels: int) -> int:
+    """Training sites held in memory: `max_sites`, and no more than `max_megapixels` of sites of
+    `site_pixels` pixels (at least one), so the training job's memory does not grow with the site
+    size (~90 MB per 1080 px site measured, inputs and targets with their copies)."""
+    return min(settings.max_sites, max(1, int(settings.max_megapixels * 1e6 // max(1, site_pixels))))
+
+
 def build_training_set(sources: Sequence[PlateSource], targets: Sequence[str],
                        settings: StainSettings, well_query: str | None = None,
                        validation_query: str | None = None) -> TrainingSet:
     """Split every training plate's wells (`plate_split`: `validation_query`, or a seeded random
-    draw), sample at most `max_sites` training sites (and a quarter of that for validation) across
-    plates, and load them normalised."""
+    draw), sample at most `held_sites` training sites (and a quarter of that, at least 4, for
+    validation) across plates, and load them normalised."""
     if not sources:
         raise StainError("virtual staining: no training plates (no plate of the screen has role "
                          "train or both, or the filters left none)")
@@ -161,8 +168,9 @@ def build_training_set(sources: Sequence[PlateSource], targets: Sequence[str],
         wells[source.plate] = {"train": train_wells, "validation": val_wells}
         for side, side_wells in (("train", train_wells), ("validation", val_wells)):
             candidates[side] += [(source, w, s) for w, s in source.usable_sites(side_wells)]
-    picked = {"train": sample_items(rng, candidates["train"], settings.max_sites),
-              "validation": sample_items(rng, candidates["validation"], max(4, settings.max_sites // 4))}
+    cap = held_sites(settings, max(int(np.prod(s.layout.shape)) for s in sources))
+    picked = {"train": sample_items(rng, candidates["train"], cap),
+              "validation": sample_items(rng, candidates["validation"], max(4, cap // 4))}
     if not picked["train"] or not picked["validation"]:
         raise StainError("virtual staining: need usable sites in both training and validation wells; "
                          f"got {len(picked['train'])} and {len(picked['validation'])}"

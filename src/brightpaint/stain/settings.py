@@ -41,6 +41,7 @@ class StainSettings:
     patience: int = _model("patience")
     val_fraction: float = _model("val_fraction")
     max_sites: int = _model("max_sites")  # training sites held in memory (sampled across plates, seeded)
+    max_megapixels: float = _model("max_megapixels")  # and at most this many pixels of them
     augment: bool = _model("augment")
     seed: int = _model("seed")
     precision: str = _model("precision")  # inference.PRECISIONS: auto = bf16 where the hardware has it
@@ -79,6 +80,8 @@ class StainSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise StainError(f"stain.{name}: must be an integer >= 1, got {value!r}")
+        if isinstance(self.max_megapixels, bool) or not self.max_megapixels > 0:
+            raise StainError(f"stain.max_megapixels: must be > 0, got {self.max_megapixels!r}")
         if self.half_width < 0:
             raise StainError(f"stain.half_width: must be >= 0, got {self.half_width}")
         if not 0 < self.val_fraction < 1:
