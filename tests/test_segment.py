@@ -23,12 +23,15 @@ from brightpaint.demo.cellpose_weights import (
     simulated_training_data,
     train_shipped_model,
 )
+from brightpaint.demo.site import simulate_site
+from brightpaint.demo.spec import PlateSpec, ScreenSpec
 from brightpaint.labels import label_names, read_labels, write_field_labels
 from brightpaint.provenance import sha256_file
 from brightpaint.segment.cellpose_modules import import_cellpose
 from brightpaint.segment.evaluate import instance_metrics, pooled_ap, summarise_metrics
 from brightpaint.segment.objects import equivalent_diameters, filter_sizes, relate_objects, touching_border
 from brightpaint.segment.run import (
+    Segmenter,
     cellpose_input,
     cellpose_tile,
     estimate_diameter,
@@ -126,6 +129,23 @@ def test_reduced_and_full_networks_load_and_run_through_cellpose(tmp_path):
         labels = run_cellpose(model, np.stack([image, image]), diameter=0, settings=SegmentSettings(),
                               min_size=15)
         assert labels.shape == (2, 96, 120)
+
+
+def test_cellpose_masks_do_not_depend_on_the_tiles_per_pass():
+    spec = ScreenSpec(plates=(PlateSpec("T", "B", "flat", "train"),), wells=384, sites=1, size=256, seed=5)
+    sites = []
+    for well in ("B03", "C05"):
+        site = simulate_site(spec, "T", well, 1)
+        sites.append(tuple(site.images[(channel, 0)].astype(np.float32) for channel in ("DNA", "CYTO")))
+    models = [load_cellpose_model(SHIPPED[kind]) for kind in ("nuclei", "cells")]
+    found = {batch: Segmenter(*models, SegmentSettings.defaults(batch=batch, tile=128), nuclei_diameter=19.0,
+                              cell_diameter=50.0).segment(sites)
+             for batch in ("auto", 8)}
+    for one, eight in zip(found["auto"], found[8], strict=True):
+        assert one.nuclei.max() > 3
+        assert np.array_equal(one.nuclei, eight.nuclei) and np.array_equal(one.cells, eight.cells)
+    with pytest.raises(SegmentError, match="batch must be an integer >= 1 or 'auto'"):
+        SegmentSettings.defaults(batch="eight")
 
 
 def test_shipped_weights_match_their_cards():

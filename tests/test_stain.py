@@ -26,6 +26,7 @@ from brightpaint.inference import (
     predict_tiled,
     resolve_precision,
     tile_starts,
+    tiles_per_pass,
 )
 from brightpaint.ingest import read_plane, read_store_layout
 from brightpaint.layout import PlateFolder
@@ -390,6 +391,17 @@ def test_predict_tiled_handles_sizes_that_are_not_tile_multiples():
     assert np.abs(tiled - whole).max() < 1e-3 * np.abs(whole).max()
     fixed = predict_tiled(generator, image, tile=64, overlap=48, batch=5, balance=False)
     assert np.abs(fixed - whole).max() < 1e-3 * np.abs(whole).max()
+    one_at_a_time = predict_tiled(generator, image, tile=64, overlap=48, batch="auto")
+    assert np.abs(one_at_a_time - tiled).max() < 1e-5 * np.abs(whole).max()
+
+
+def test_tiles_per_pass_is_one_on_a_cpu_unless_asked():
+    assert tiles_per_pass("auto", "cpu") == 1
+    assert tiles_per_pass("auto", torch.device("cuda")) == 8  # only the device's kind is read
+    assert tiles_per_pass(3, "cpu") == 3
+    for bad in (0, -1, 2.5, True, "eight"):
+        with pytest.raises(ValueError, match="tiles per forward pass"):
+            tiles_per_pass(bad, "cpu")
 
 
 @pytest.mark.parametrize("length, tile, overlap, multiple", [(1080, 512, 96, 8), (2048, 512, 96, 8),

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..inference import tiles_per_pass
 from .objects import RelatedObjects, equivalent_diameters, filter_sizes, relate_objects, touching_border
 from .settings import SegmentError, SegmentSettings
 
@@ -57,7 +58,7 @@ def run_cellpose(model, inputs: np.ndarray, *, diameter: float, settings: Segmen
         raise SegmentError(f"Cellpose input must be (sites, 2, Y, X), got {inputs.shape}")
     rescale = model.diam_mean / diameter if diameter > 0 else 1.0
     masks, _, _ = model.eval(inputs, channel_axis=1, z_axis=0, normalize=False, rescale=rescale,
-                             diameter=None, batch_size=settings.batch,
+                             diameter=None, batch_size=tiles_per_pass(settings.batch, model.device),
                              bsize=cellpose_tile(inputs.shape[-2:], rescale, settings.tile),
                              flow_threshold=settings.flow_threshold,
                              cellprob_threshold=settings.cellprob_threshold, min_size=min_size,

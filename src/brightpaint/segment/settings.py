@@ -33,7 +33,7 @@ class SegmentSettings:
     min_cell_area: int = _segment("min_cell_area")
     max_cell_area: int = _segment("max_cell_area")
     exclude_border: bool = _segment("exclude_border")
-    batch: int = _segment("batch")  # tiles per forward pass
+    batch: int | str = _segment("batch")  # tiles per forward pass; auto: 1 on CPU (inference.tiles_per_pass)
     # Cellpose's tile (px). 224 is the size it was trained on; 0 runs each (rescaled, padded) site as
     # one tile: on sites smaller than ~2 tiles Cellpose's overlapping 224-px tiles cover it ~2.7 times
     # (a 256-px site: four tiles), so the network does a third of the work (bench/segment.py).
@@ -60,8 +60,12 @@ class SegmentSettings:
                 raise SegmentError(f"segment settings: {name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.gamma <= 5:
             raise SegmentError(f"segment settings: gamma must be in (0, 5], got {self.gamma}")
-        if self.batch < 1 or self.diameter_sites < 1:
-            raise SegmentError("segment settings: batch and diameter_sites must be >= 1")
+        if self.batch != "auto" and (isinstance(self.batch, bool) or not isinstance(self.batch, int)
+                                     or self.batch < 1):
+            raise SegmentError(f"segment settings: batch must be an integer >= 1 or 'auto', got "
+                               f"{self.batch!r}")
+        if self.diameter_sites < 1:
+            raise SegmentError("segment settings: diameter_sites must be >= 1")
         if self.tile and (self.tile < TILE_MULTIPLE or self.tile % TILE_MULTIPLE):
             raise SegmentError(f"segment settings: tile must be 0 or a multiple of {TILE_MULTIPLE} "
                                f"(>= {TILE_MULTIPLE}), got {self.tile}")

@@ -36,7 +36,7 @@ def check_inputs(card: dict, inputs: np.ndarray, where: str) -> None:
 
 
 def predict_normalised(generator: torch.nn.Module, card: dict, inputs: np.ndarray, *, tile: int = 512,
-                       overlap: int = 96, batch: int = 8, device: torch.device | str = "cpu",
+                       overlap: int = 96, batch: int | str = "auto", device: torch.device | str = "cpu",
                        amp: bool = True) -> np.ndarray:
     """(C, Y, X) prediction in normalised target units for normalised brightfield `inputs`."""
     check_inputs(card, inputs, "predict")
@@ -92,7 +92,8 @@ SITE_COLUMNS = ["well", "site", "status", "reason", "seconds"]
 
 def predict_sites(source: PlateSource, sites: Sequence[tuple[str, int]],
                   models: Sequence[tuple[torch.nn.Module, dict]], out: str | Path, *,
-                  device: torch.device | str = "cpu", tile: int = 512, overlap: int = 96, batch: int = 8,
+                  device: torch.device | str = "cpu", tile: int = 512, overlap: int = 96,
+                  batch: int | str = "auto",
                   augmentations: int = 1, domain: bool = True, io_threads: int = 2) -> pd.DataFrame:
     """Write the virtual channels of `sites` into a shard store at `out` (float32, one plane each, in
     the reference scale). Sites are read and written by `io_threads` workers, so reading the next
