@@ -2,10 +2,12 @@
 512 and 1080 px, on CPU and, where torch sees one, on the GPU.
 
     python bench/segment.py --out bench/results/segment.json [--device auto] [--threads 2] [--sites 4] \
-        [--tiles 224 0]
+        [--tiles 224 0] [--batches auto 8]
 
-With several `--tiles` (Cellpose's tile side, `segment.tile`; 0: the whole site as one tile) each size
-is timed with each, and the masks are compared with the first tile's (objects matched at IoU 0.5).
+With several `--tiles` (Cellpose's tile side, `segment.tile`; 0: the whole site as one tile) or
+`--batches` (tiles per forward pass, `segment.batch`) each size is timed with each, and the masks are
+compared with the first combination's (objects matched at IoU 0.5). CPU seconds are the process's
+user + system time.
 
 Sites are rendered by the demo generator at each size (so object density is realistic) and go
 through `Segmenter.segment` in one batch, as a shard does; the time includes Cellpose's mask
@@ -15,8 +17,10 @@ dynamics on the CPU. Diameters are fixed at the generator's (calibration is once
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
+import resource
 import time
 from pathlib import Path
 
@@ -47,7 +51,7 @@ def sites_at(size: int, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def time_device(device: torch.device, sizes: list[int], n_sites: int, threads: int,
-                tiles: list[int]) -> list[dict]:
+                tiles: list[int], batches: list) -> list[dict]:
     models = tuple(load_cellpose_model(REPO / "resources" / "cellpose" / f"{k}.pth", device)
                    for k in ("nuclei", "cells"))
     rows = []
@@ -55,15 +59,19 @@ def time_device(device: torch.device, sizes: list[int], n_sites: int, threads: i
         for size in sizes:
             sites = sites_at(size, n_sites)
             first = None
-            for tile in tiles:
-                segmenter = Segmenter(*models, SegmentSettings(tile=tile), nuclei_diameter=19.0,
+            for tile, batch in itertools.product(tiles, batches):
+                segmenter = Segmenter(*models, SegmentSettings(tile=tile, batch=batch), nuclei_diameter=19.0,
                                       cell_diameter=50.0)
                 segmenter.segment(sites_at(128, 1))  # warm-up
+                usage = resource.getrusage(resource.RUSAGE_SELF)
                 start = time.perf_counter()
                 results = segmenter.segment(sites)
                 seconds = time.perf_counter() - start
-                row = {"device": str(device), "size": size, "tile": tile, "sites": len(sites),
+                done = resource.getrusage(resource.RUSAGE_SELF)
+                cpu = done.ru_utime + done.ru_stime - usage.ru_utime - usage.ru_stime
+                row = {"device": str(device), "size": size, "tile": tile, "batch": batch, "sites": len(sites),
                        "seconds_per_site": round(seconds / len(sites), 3),
+                       "cpu_s_per_site": round(cpu / len(sites), 3),
                        "objects_per_site": float(np.mean([r.counts["objects"] for r in results]))}
                 if first is None:
                     first = results
@@ -71,7 +79,7 @@ def time_device(device: torch.device, sizes: list[int], n_sites: int, threads: i
                     for objects in ("nuclei", "cells"):
                         ap = [instance_metrics(getattr(a, objects), getattr(b, objects))["ap50"]
                               for a, b in zip(first, results, strict=True)]
-                        row[f"{objects}_ap50_vs_tile_{tiles[0]}"] = round(float(np.mean(ap)), 4)
+                        row[f"{objects}_ap50_vs_first"] = round(float(np.mean(ap)), 4)
                 rows.append(row)
                 print(row, flush=True)
     return rows
@@ -85,13 +93,16 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1080])
     parser.add_argument("--tiles", type=int, nargs="+", default=[SegmentSettings().tile])
+    parser.add_argument("--batches", nargs="+", default=[SegmentSettings().batch],
+                        type=lambda text: text if text == "auto" else int(text),
+                        help="tiles per forward pass (segment.batch), each timed: e.g. auto 8")
     args = parser.parse_args()
     devices = [torch.device("cpu")]
     chosen = resolve_device(args.device, what="segmentation benchmark")
     if chosen.type != "cpu":
         devices.append(chosen)
     rows = [row for device in devices
-            for row in time_device(device, args.sizes, args.sites, args.threads, args.tiles)]
+            for row in time_device(device, args.sizes, args.sites, args.threads, args.tiles, args.batches)]
     result = {"benchmark": "segment", "host": platform.node(), "cpu_threads": args.threads,
               "torch": torch.__version__,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

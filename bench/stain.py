@@ -5,6 +5,10 @@ where torch sees one, on the GPU.
     python bench/stain.py --out bench/results/stain.json [--device auto] [--threads 2] \
         [--arch unet] [--model results/models/stain/all/model.safetensors]
 
+Prediction is timed with the configured tiles per pass (`stain.batch`, resolved for the device) and,
+for the before / after, with 8 tiles per pass and with unbalanced tiles; CPU seconds are this
+process's user + system time (all its threads).
+
 Throughput does not depend on the weights, so without --model a freshly initialised network of the
 configured size (config/config.yaml `stain.model`) is timed. Prediction times the whole path a site
 takes in the workflow (tiling, batching, blending, bf16 autocast on GPU), from a normalised
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import subprocess
 import time
 from pathlib import Path
@@ -32,6 +37,7 @@ from brightpaint.inference import (
     resolve_device,
     resolve_precision,
     tile_starts,
+    tiles_per_pass,
     torch_threads,
 )
 from brightpaint.stain import models
@@ -64,6 +70,7 @@ def time_prediction(generator, device, size: int, tile: int, overlap: int, batch
                   balance=balance)  # warm-up
     synchronise(device)
     utilisation = []
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     for _ in range(repeats):
         predict_tiled(generator, image, tile=tile, overlap=overlap, batch=batch, device=device,
@@ -71,13 +78,16 @@ def time_prediction(generator, device, size: int, tile: int, overlap: int, batch
         utilisation.append(gpu_utilisation())
     synchronise(device)
     seconds = (time.perf_counter() - start) / repeats
+    done = resource.getrusage(resource.RUSAGE_SELF)
+    user, system = ((getattr(done, f) - getattr(usage, f)) / repeats for f in ("ru_utime", "ru_stime"))
     padded = -(-size // generator.multiple) * generator.multiple
     side = balanced_tile(padded, tile, overlap, generator.multiple) if balance else tile
     tiles = len(tile_starts(padded, side, overlap, generator.multiple)) ** 2
     used = [u for u in utilisation if u is not None]
     return {"size": size, "tile": tile, "balanced": balance, "tile_side": side, "overlap": overlap,
-            "batch": batch, "tiles_per_site": tiles,
+            "batch": tiles_per_pass(batch, device), "tiles_per_site": tiles,
             "seconds_per_site": seconds, "sites_per_s": 1 / seconds, "tiles_per_s": tiles / seconds,
+            "cpu_user_s_per_site": round(user, 3), "cpu_system_s_per_site": round(system, 3),
             "gpu_utilisation_percent": float(np.mean(used)) if used else None}
 
 
@@ -130,10 +140,12 @@ def main() -> None:
         if device.type == "cuda":
             generator = generator.to(memory_format=torch.channels_last)
         tile = defaults["tile"] if device.type == "cpu" else 1024
-        # balanced tiles (the workflow's) and, for the before / after, tiles of the configured side
-        prediction = [time_prediction(generator, device, size, tile, defaults["overlap"], defaults["batch"],
+        # balanced tiles and the configured tiles per pass (the workflow's) and, for the before /
+        # after, 8 tiles per pass and tiles of the configured side
+        batches = list(dict.fromkeys([tiles_per_pass(defaults["batch"], device), 8]))
+        prediction = [time_prediction(generator, device, size, tile, defaults["overlap"], batch,
                                       args.repeats, balance) for size in (1080, 2048)
-                      for balance in (True, False)]
+                      for batch, balance in [*((b, True) for b in batches), (batches[0], False)]]
         # both precisions where bf16 has hardware units (what `precision: auto` picks), else fp32 only
         precisions = sorted({"fp32", resolve_precision("auto", device)})
         training = [time_training(settings, device, args.train_steps, p) for p in precisions]
