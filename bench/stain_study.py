@@ -180,7 +180,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="a finished demo run's results folder")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "stain_study.json")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="variants to train and score (none: only the learning curve)")
     parser.add_argument("--epochs", type=int, help="max_epochs (default: the demo's)")
     parser.add_argument("--steps", type=int, help="steps_per_epoch (default: the demo's)")
     parser.add_argument("--curve-epochs", type=int, default=0, help="learning curve of the default: epochs")

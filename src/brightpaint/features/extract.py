@@ -23,8 +23,8 @@ from .tables import read_object_tables, write_concatenated
 from .tiles import TILE_PIXELS, join_parts, tile_area, tile_sites, top_label, untile_cells
 
 # pixels per CellProfiler run in write_features: a job's memory grows with its batch (CellProfiler's
-# buffered measurements, ~28 MB per 1080 px site of ~340 cells: ~24 MB per megapixel), not with its
-# shard, and CellProfiler's start is paid once per batch (docs/performance.md)
+# buffered measurements; a full batch of 64 1080 px site images of ~300 cells peaked at 1.23 GB), not
+# with its shard, and CellProfiler's start is paid once per batch (docs/performance.md)
 BATCH_MEGAPIXELS = 75.0  # 64 site images of 1080 px, 16 of 2160 px (real and virtual stains: two)
 QC_COLUMNS = ["plate", "well", "site", "source", "status", "reason", "cells"]
 

@@ -138,7 +138,8 @@ class TrainingSet:
 def held_sites(settings: StainSettings, site_pixels: int) -> int:
     """Training sites held in memory: `max_sites`, and no more than `max_megapixels` of sites of
     `site_pixels` pixels (at least one), so the training job's memory does not grow with the site
-    size (~90 MB per 1080 px site measured, inputs and targets with their copies)."""
+    size (~28 MB per 1080 px site with 3 planes and 3 targets in float32: 36 sites held took the
+    training job to 1.86 GB, docs/performance.md)."""
     return min(settings.max_sites, max(1, int(settings.max_megapixels * 1e6 // max(1, site_pixels))))
 
 
