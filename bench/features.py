@@ -117,6 +117,11 @@ def main() -> None:
                    "ours_to_stock_cellprofiler_cpu": round(ours_cpu / stock_cpu, 3)})
     print(json.dumps(result), flush=True)
 
+    if not Path(folder.features_cells).is_file():  # a run stopped before the plate's table
+        print(f"no {folder.features_cells}: profiles and matching not timed", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        return
     plate_cells = pd.read_parquet(folder.features_cells)
     sheet = read_screen_sheet(args.screen / "plates.tsv")
     info = sheet[sheet["plate"] == source.plate].iloc[0].to_dict()
