@@ -6,7 +6,7 @@ kernel zero-fills page by page and unmaps again on free. ALLOCATOR_TUNABLES keep
 heap up to 32 MB (glibc's largest threshold), do not hand freed memory back to the kernel at every
 free, and ask for transparent huge pages where the kernel allows them (`madvise`). Measured on the
 2-vCPU development machine (docs/performance.md): CellProfiler on one 2160 px site 95 -> 71 CPU-s
-(1.86 million page faults -> 0.14 million, peak RSS +5 %), a 1080 px site 18.5 either way; the
+(1.62 million page faults -> 0.14 million, peak RSS +5 %), a 1080 px site 18.5 either way; the
 virtual-staining network on a 2160 px site 17.2 -> 13.9 CPU-s. Tunables a glibc does not know are
 ignored, and other C libraries ignore the variable.
 """

@@ -163,9 +163,9 @@ def tiles_per_pass(batch: int | str, device: torch.device | str) -> int:
     """Tiles per forward pass: `batch`, or for "auto" 1 on a CPU and GPU_TILES_PER_PASS on a GPU.
     On a CPU a pass over 8 tiles does the same arithmetic as 8 passes over one, but its activations
     (tens to hundreds of MB a layer) are allocated and freed layer by layer from pages the kernel
-    must zero anew each time: on a 2-vCPU AMD EPYC, virtual staining of a 1080 px site took 5.9
-    CPU-s with 8 tiles a pass and 2.7 with one (user time 2.8 and 2.5 s: the rest is the kernel's),
-    Cellpose 15.6 and 9.1 CPU-s (docs/performance.md). A GPU needs batches to be kept busy."""
+    must zero anew each time: on a 2-vCPU AMD EPYC, virtual staining of a 1080 px site took 5.8
+    CPU-s with 8 tiles a pass and 2.9 with one (user time 2.9 and 2.5 s: the rest is the kernel's),
+    Cellpose 11.1 and 8.3 CPU-s (docs/performance.md). A GPU needs batches to be kept busy."""
     if batch == "auto":
         return 1 if torch.device(device).type == "cpu" else GPU_TILES_PER_PASS
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
@@ -196,8 +196,8 @@ def predict_tiled(model: nn.Module, image: np.ndarray, *, tile: int = 256, overl
                   balance: bool = True) -> np.ndarray:
     """A network applied to a (C, Y, X) float32 image in overlapping tiles, blended with raised-cosine
     ramps: (C_out, Y, X) float32. Tiles of one size go through the network `batch` at a time
-    (`tiles_per_pass`: "auto" is one on a CPU). The
-    model must be in eval mode and on `device`; it is put in channels-last format (`channels_last`).
+    (`tiles_per_pass`: "auto" is one on a CPU). The model must be in eval mode and on `device`; it
+    is put in channels-last format (`channels_last`).
     Its `multiple` attribute (default 1) gives the size divisor. An overlap of at least twice the
     network's receptive radius makes the result equal whole-image inference within float tolerance
     (`blend_ramp`). With `balance`, each axis's tiles are shrunk to the fewest pixels that need no
