@@ -1,9 +1,13 @@
 """Virtual-staining model study on a finished demo run: each model variant trained on the run's
-training plates with the same budget, scored on sites it never saw, against the generator's truth.
+training plates with the same budget, scored on sites it never saw, against the generator's truth;
+and on real paired data (--real), brightfield -> DAPI of two real fields, each model trained on one
+field and scored on the other.
 
     python bench/stain_study.py --run RUN/results --out bench/results/stain_study.json \
         [--variants unet_l1 unext2 ms_ssim_l1 gan stack per_channel] [--epochs 10] [--steps 50] \
         [--curve-epochs 40] [--sites 24]
+    python bench/stain_study.py --real ../shared/data/sephace-bf-zstack-dapi \
+        --out bench/results/stain_study_real.json [--variants ...]
 
 RUN/results is a finished demo run's results folder (the demo's screen under RUN/results/demo/screen,
 with its truth). Every variant starts from the demo's model settings (config/config.yaml under
@@ -28,6 +32,14 @@ is trained once more for that many epochs (patience off) and its validation PCC 
 learning curve (its cosine learning-rate schedule spans the longer run, so each point is not a
 shorter run's end). Profile-level scores (NSC, replicate mAP) need CellProfiler on every site: they
 come from the workflow's own run of the chosen default (the demo report), not from this bench.
+
+Real data (--real, `sephace-bf-zstack-dapi`: two fields at 40x, brightfield at focus -25 / -10 / 0 /
++10 / +25 um and DAPI, halved to ~20x as the virtual-staining test does): two folds, each model
+trained on one field (its left two thirds; early stopping watches the right third) and scored on the
+whole other field: DAPI PCC and SSIM, and Cellpose nuclei on the virtual DAPI against Cellpose nuclei
+on the real DAPI (AP@0.5, F1@0.7; each input's diameter estimated from itself, as the workflow does),
+beside the best hand-made baseline's PCC. `stack` takes all five planes (focus +- 2); per_channel is
+the default here (one stain).
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ import pandas as pd
 import tifffile
 import torch
 import yaml
+from scipy import ndimage
 
 from brightpaint.io import read_platemap, read_screen_sheet
 from brightpaint.labels import read_labels
@@ -54,10 +67,11 @@ from brightpaint.segment.evaluate import instance_metrics, pooled_ap, read_truth
 from brightpaint.segment.run import Segmenter
 from brightpaint.segment.settings import SegmentSettings
 from brightpaint.segment.weights import load_cellpose_model
+from brightpaint.stain.data import StainSite, TrainingSet
 from brightpaint.stain.files import load_stain_model, save_stain_model
-from brightpaint.stain.predict import predict_virtual
+from brightpaint.stain.predict import predict_normalised, predict_virtual
 from brightpaint.stain.settings import StainSettings
-from brightpaint.stain.train import fit_stain_model
+from brightpaint.stain.train import fit_stain_model, train_stain_model
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"unet_l1": {}, "unext2": {"arch": "unext2"}, "ms_ssim_l1": {"loss": "ms_ssim_l1"},
@@ -176,9 +190,80 @@ def pooled(rows: pd.DataFrame, prefix: str) -> float:
                       for row in rows.to_dict("records")])
 
 
+def sephace_field(folder: Path, field: str, half_width: int) -> tuple[np.ndarray, np.ndarray]:
+    """One real field at half resolution: brightfield planes (focus +- 10 um, or with half_width 2
+    also +- 25 um) scaled by the focus plane's mean and SD, and DAPI by its median and 99.5th
+    percentile."""
+    def stage_z(path: Path) -> float:
+        return float(path.stem.split("-Z")[1])
+
+    planes = sorted((folder / "tiff").glob(f"{field}_fine_*.tif"), key=stage_z)
+    if half_width == 2:
+        wide = sorted((folder / "tiff").glob(f"{field}_init_*.tif"), key=stage_z)
+        planes = [wide[0], *planes, wide[-1]]
+    elif half_width != 1:
+        raise ValueError(f"the real fields have focus +- 1 or +- 2 planes, not +- {half_width}")
+    stack = np.stack([tifffile.imread(p).astype(np.float32)[:1024, :1344] for p in planes])
+    focus = stack[half_width]
+    dapi = tifffile.imread(folder / "tiff" / f"{field}_fl.tif").astype(np.float32)[:1024, :1344]
+    median, high = np.quantile(dapi, [0.5, 0.995])
+    # 40x: halve it, so that a 128 px training patch holds whole nuclei (as at 20x)
+    inputs = ndimage.zoom((stack - focus.mean()) / focus.std(), (1, 0.5, 0.5), order=1)
+    return inputs.astype(np.float32), ndimage.zoom((dapi - median) / (high - median), 0.5, order=1)
+
+
+def real_study(folder: Path, variants: list[str], budget: dict, segmenter: Segmenter,
+               threads: int) -> dict:
+    """Each variant trained on one real field and scored on the other (both ways)."""
+    out = {}
+    fields = ("Set1", "Set2")
+    nuclei_real = {}
+    for name in variants:
+        if name == "per_channel":  # one stain: the default
+            continue
+        settings = demo_settings(**budget, **VARIANTS[name])
+        folds = {}
+        for train_field, test_field in (fields, fields[::-1]):
+            inputs, dapi = sephace_field(folder, train_field, settings.half_width)
+            cut = inputs.shape[-1] * 2 // 3 // 8 * 8
+            left, right = (StainSite(train_field, part, 1, inputs[..., columns], dapi[None, :, columns],
+                                     np.ones(1, np.float32))
+                           for part, columns in (("left", slice(None, cut)), ("right", slice(cut, None))))
+            data = TrainingSet([left], [right], {}, {})
+            start = time.perf_counter()
+            generator, history = train_stain_model(data, ["DAPI"], settings, threads=threads)
+            seconds = time.perf_counter() - start
+            test_inputs, real = sephace_field(folder, test_field, settings.half_width)
+            card = {"architecture": generator.config, "inputs": {"half_width": settings.half_width}}
+            virtual = predict_normalised(generator, card, test_inputs, tile=256, overlap=96)[0]
+            metrics = image_metrics(per_field(real), per_field(virtual))
+            if test_field not in nuclei_real:
+                nuclei_real[test_field] = segmenter.calibrate([(real, real)]).segment_nuclei([real])[0]
+            found = segmenter.calibrate([(virtual, virtual)]).segment_nuclei([virtual])[0]
+            objects = instance_metrics(nuclei_real[test_field], found)
+            focus = test_inputs[settings.half_width]
+            baselines = {"brightfield": pearson(real, focus),
+                         "smoothed brightfield": pearson(real, ndimage.gaussian_filter(focus, 3)),
+                         "defocus difference": pearson(real, test_inputs[-1] - test_inputs[0]),
+                         "local contrast": pearson(real, ndimage.gaussian_filter(np.abs(focus), 3))}
+            folds[f"{train_field}->{test_field}"] = {
+                "training_seconds": round(seconds, 1), "epochs": int(history["epoch"].max()),
+                "best_epoch": int(history.loc[history["best"], "epoch"].iloc[0]),
+                "pcc": round(metrics["pcc"], 4), "ssim": round(metrics["ssim"], 4),
+                "best_baseline_pcc": round(max(abs(v) for v in baselines.values()), 4),
+                **{f"nuclei_{k}": (round(v, 4) if isinstance(v, float) else v) for k, v in objects.items()}}
+        out[name] = {"settings": {k: v for k, v in settings.__dict__.items() if not k.startswith("gan_")},
+                     "folds": folds,
+                     **{f"mean_{k}": round(float(np.mean([f[k] for f in folds.values()])), 4)
+                        for k in ("pcc", "ssim", "nuclei_ap50", "nuclei_f1_70")}}
+        print(json.dumps({name: out[name]}), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="a finished demo run's results folder")
+    parser.add_argument("--run", type=Path, help="a finished demo run's results folder")
+    parser.add_argument("--real", type=Path, help="the real paired data (sephace-bf-zstack-dapi) instead")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "stain_study.json")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
                         help="variants to train and score (none: only the learning curve)")
@@ -189,6 +274,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if (args.run is None) == (args.real is None):
+        parser.error("give one of --run (the demo) or --real (the real paired data)")
+    budget = {k: v for k, v in (("max_epochs", args.epochs), ("steps_per_epoch", args.steps)) if v}
+    device = torch.device("cpu")
+    cellpose = [load_cellpose_model(REPO / "resources" / "cellpose" / f"{k}.pth", device)
+                for k in ("nuclei", "cells")]
+    if args.real:
+        # the cell diameter is never used (nuclei only); fixing it skips its estimate
+        segmenter = Segmenter(*cellpose, SegmentSettings.defaults(cell_diameter=30.0))
+        result = {"benchmark": "stain_study", "host": platform.node(), "real": str(args.real),
+                  "threads": args.threads,
+                  "variants": real_study(args.real, args.variants, budget, segmenter, args.threads)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        return
 
     screen = args.run / "demo" / "screen"
     sheet = read_screen_sheet(screen / "plates.tsv")
@@ -204,11 +304,6 @@ def main() -> None:
         plates[plate] = {k: str(v) for k, v in row.items()}
     training = [p for p, row in plates.items() if row["role"] in ("train", "both")]
     apply_plates = [p for p, row in plates.items() if row["role"] == "apply"]
-    budget = {k: v for k, v in (("max_epochs", args.epochs), ("steps_per_epoch", args.steps)) if v}
-
-    device = torch.device("cpu")
-    cellpose = [load_cellpose_model(REPO / "resources" / "cellpose" / f"{k}.pth", device)
-                for k in ("nuclei", "cells")]
     segmenters = {}
     for plate in plates:
         found = json.loads((args.run / "plates" / plate / "segment" / "diameters.json").read_text())
