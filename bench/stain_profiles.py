@@ -74,10 +74,12 @@ def scores(results: Path) -> dict:
     return out
 
 
-def rerun(run: Path, overlay: dict, cores: int, scratch: Path) -> float:
-    """The demo run again with `overlay` over config/demo.yaml's stain section; returns its seconds."""
+def rerun(run: Path, overlay: dict, cores: int, scratch: Path, commit: str) -> float:
+    """The demo run again at `commit` with `overlay` over config/demo.yaml's stain section; returns
+    its seconds."""
     work = scratch / "repo"
     subprocess.run(["git", "clone", "-q", str(REPO), str(work)], check=True)
+    subprocess.run(["git", "checkout", "-q", commit], cwd=work, check=True)
     for env in (".venv", ".venv-cellprofiler"):
         (work / env).symlink_to(REPO / env)
     for folder in ("results", ".snakemake"):
@@ -105,15 +107,19 @@ def main() -> None:
                         choices=list(VARIANTS))
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="keep each variant's run under this folder")
+    parser.add_argument("--commit", default="HEAD", help="the repository's revision every variant runs")
     args = parser.parse_args()
+    # one revision for every variant, however the checkout moves on meanwhile
+    commit = subprocess.run(["git", "rev-parse", args.commit], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.strip()
     result = {"benchmark": "stain_profiles", "host": platform.node(), "run": str(args.run),
-              "cores": args.cores, "variants": {}}
+              "commit": commit, "cores": args.cores, "variants": {}}
     for name in args.variants:
         if VARIANTS[name] is None:
             result["variants"][name] = {"overlay": {}, **scores(args.run / "results")}
         else:
             with tempfile.TemporaryDirectory(prefix=f"stain-{name}-") as scratch:
-                seconds = rerun(args.run, VARIANTS[name], args.cores, Path(scratch))
+                seconds = rerun(args.run, VARIANTS[name], args.cores, Path(scratch), commit)
                 result["variants"][name] = {"overlay": VARIANTS[name], "rerun_seconds": round(seconds, 1),
                                             **scores(Path(scratch) / "repo" / "results")}
                 if args.keep:
