@@ -63,3 +63,9 @@ def test_a_missing_defaults_file_or_section_is_named(tmp_path):
     missing.write_text("stain: {device: auto}\n")
     with pytest.raises(DefaultsError, match="no `stain: model`"):
         config_defaults("stain", "model", path=missing)
+
+
+def test_match_defaults_are_config_yaml_match():
+    from brightpaint.match import MATCH_DEFAULTS
+
+    assert MATCH_DEFAULTS == CONFIG["match"]

@@ -29,6 +29,8 @@ from brightpaint.match import (
     target_matching,
     top_feature_nmae,
     top_k_hit_rate,
+    trusted_virtual_features,
+    virtual_feature_agreement,
 )
 from brightpaint.profiles import (
     consensus_profiles,
@@ -469,3 +471,53 @@ def test_bbbc021_screen_defaults_beat_the_published_accuracy(bbbc021):  # noqa: 
             accuracy[scale_by[0]] = knn_accuracy(nearest_neighbours(tables["consensus"]))
     print(f"BBBC021 NSC accuracy, screen defaults: {accuracy}")
     assert accuracy["cell_type"] >= 0.85 and accuracy["plate"] < accuracy["cell_type"] - 0.05
+
+
+def test_virtual_profiles_are_matched_on_the_features_that_follow_the_real_ones():
+    """Virtual features 0-7 follow the real ones from well to well; 8-15 are a stain brightfield
+    does not show (noise). Matched on the trusted ones, the virtual profiles retrieve MoA and
+    replicates as those features do; on all, the noise drags them down."""
+    real = planted_wells()
+    virtual = real.copy()
+    noise = np.random.default_rng(3).normal(scale=4, size=(len(real), 8))
+    virtual[FEATURES[8:]] = noise
+    virtual[FEATURES[:8]] += np.random.default_rng(4).normal(scale=0.2, size=(len(real), 8))
+    both = pd.concat([real.assign(Metadata_Source="real"), virtual.assign(Metadata_Source="virtual")],
+                     ignore_index=True)
+    agreement = virtual_feature_agreement(both)
+    assert set(agreement.loc[agreement["pearson"] > 0.9, "feature"]) == set(FEATURES[:8])
+    assert agreement.set_index("feature").loc[FEATURES[8:], "pearson"].abs().max() < 0.5
+    assert trusted_virtual_features(agreement, 0.5) == FEATURES[:8]
+    assert trusted_virtual_features(agreement, 0) is None
+    assert trusted_virtual_features(virtual_feature_agreement(real), 0.5) is None  # no pairs
+
+    settings = {"null_size": 100, "top_features": 5}
+    consensus = consensus_profiles(both)
+    summary = match_profiles(both, consensus, both, settings, agreement)["summary"]
+    got = summary[summary["source"] == "virtual"].set_index("metric")
+    expected = matching_summary(virtual[[c for c in virtual.columns if c not in FEATURES[8:]]],
+                                null_size=100).set_index("metric")
+    for metric in ("moa_nsc_accuracy_cosine", "replicate_mAP", "percent_replicating"):
+        assert got.loc[metric, "value"] == pytest.approx(expected.loc[metric, "value"]), metric
+    assert (got.loc["virtual_features_trusted", "value"], got.loc["virtual_features_trusted", "n"]) == (8, 16)
+    everything = match_profiles(both, consensus, both, {**settings, "virtual_feature_min_r": 0},
+                                agreement)["summary"]
+    everything = everything[everything["source"] == "virtual"].set_index("metric")
+    assert "virtual_feature_min_r is off" in everything.loc["virtual_features_trusted", "details"]
+    assert everything.loc["replicate_mAP", "value"] < got.loc["replicate_mAP", "value"]
+    # the real profiles are matched on every feature either way
+    real_rows = summary[summary["source"] == "real"].set_index("metric")
+    assert real_rows.loc["replicate_mAP", "value"] == pytest.approx(
+        matching_summary(real, null_size=100).set_index("metric").loc["replicate_mAP", "value"])
+
+
+def test_shape_only_replicate_map_reads_the_shape_features_alone():
+    wells = planted_wells()
+    shape = {f"Cells_Intensity_F{i:02d}": f"Cells_AreaShape_F{i:02d}" for i in range(8)}
+    wells = wells.rename(columns=shape)
+    table = shape_only_matching(consensus_profiles(wells), wells=wells, null_size=100).set_index("metric")
+    expected = replicate_map(wells, null_size=100, features=list(shape.values()))["mAP"].mean()
+    assert table.loc["replicate_mAP", "value"] == pytest.approx(expected)
+    assert "8 shape features" in table.loc["replicate_mAP", "details"]
+    no_shape = shape_only_matching(consensus_profiles(planted_wells()), wells=planted_wells(), null_size=100)
+    assert no_shape["value"].isna().all() and len(no_shape) == 2

@@ -55,7 +55,7 @@ CONTROLS = ("negcon", "poscon")
 LABEL_SEPARATOR = "|"
 _COPAIRS_DISTANCE = {"cosine": "cosine", "pearson": "correlation"}
 MATCH_DEFAULTS = {"metrics": list(METRICS), "top_k": [1, 3, 5], "null_size": 1000,
-                  "top_features": 20, "seed": 0}
+                  "top_features": 20, "seed": 0, "virtual_feature_min_r": 0.5}
 
 
 # --------------------------------------------------------------------------- similarity
@@ -620,25 +620,65 @@ def matching_summary(wells: pd.DataFrame, consensus: pd.DataFrame | None = None,
     return matching(wells, consensus, label, target, metrics, top_k, null_size, seed)[0]
 
 
-def shape_only_matching(consensus: pd.DataFrame, metric: str = "cosine") -> pd.DataFrame:
-    """MoA NSC 1-NN accuracy of treatment profiles from their shape features alone (SHAPE_GROUPS):
-    about what a perfect reader of brightfield could reach from real-stain profiles, the reference
-    that tells a virtual stain's shortfall in the model from one in the physics (a stain whose
-    signal leaves no trace in brightfield). One row (`matching_summary`'s columns), NaN with the
-    reason where the profiles hold no shape feature."""
+def shape_only_matching(consensus: pd.DataFrame, metric: str = "cosine", wells: pd.DataFrame | None = None,
+                        null_size: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """MoA NSC 1-NN accuracy of treatment profiles from their shape features alone (SHAPE_GROUPS),
+    and, given the well profiles, their replicate mAP (`replicate_map`): about what a perfect reader
+    of brightfield could reach from real-stain profiles, the reference that tells a virtual stain's
+    shortfall in the model from one in the physics (a stain whose signal leaves no trace in
+    brightfield). `matching_summary`'s columns, NaN with the reason where the profiles hold no
+    shape feature."""
     shape = [c for c in _features(consensus, None) if feature_group(c) in SHAPE_GROUPS]
     name = f"{MOA.removeprefix('Metadata_')}_nsc_accuracy_{metric}"
+    none = "no shape feature (AreaShape, Neighbors) in the profiles"
     if not shape:
-        rows = [_row(name, np.nan, 0, "no shape feature (AreaShape, Neighbors) in the profiles")]
+        rows = [_row(name, np.nan, 0, none)]
     else:
         nsc = nearest_neighbours(consensus, MOA, (PERTURBATION,), metric, 1, features=shape)
         rows = [{**r, "metric": name, "details": f"{r['details']}; {len(shape)} shape features"}
                 for r in _knn_rows(nsc, "nsc", (1,))]
+    if wells is not None:
+        try:
+            if not shape:
+                raise ValueError(none)
+            rep = replicate_map(wells, null_size=null_size, seed=seed, features=shape)
+            rows.append(_row("replicate_mAP", rep["mAP"].mean(), len(rep),
+                             f"copairs, cosine, {len(shape)} shape features"))
+        except ValueError as err:
+            rows.append(_row("replicate_mAP", np.nan, 0, str(err)))
     return pd.DataFrame(rows, columns=["metric", "value", "n", "details"])
 
 
+def virtual_feature_agreement(normalised: pd.DataFrame) -> pd.DataFrame:
+    """`feature_agreement` of the real and virtual well profiles in `normalised` (plates with both
+    stain sources), every feature (empty, with its columns, where no well has both)."""
+    empty = pd.DataFrame(columns=["feature", "compartment", "group", "pearson", "n_wells"])
+    if SOURCE not in normalised.columns or not {"real", "virtual"} <= set(normalised[SOURCE]):
+        return empty
+    real = normalised[normalised[SOURCE] == "real"]
+    virtual = normalised[normalised[SOURCE] == "virtual"]
+    if real[[PLATE, WELL]].merge(virtual[[PLATE, WELL]], on=[PLATE, WELL]).empty:
+        return empty
+    return feature_agreement(real, virtual)
+
+
+def trusted_virtual_features(agreement: pd.DataFrame, min_r: float | None) -> list[str] | None:
+    """Features of the virtual stains whose real-vs-virtual Pearson r over the wells of the plates
+    with both sources is at least `min_r`: those a virtual profile can be read by. None (every
+    feature) when `min_r` is None or 0, or when no feature was compared."""
+    if not min_r or agreement is None or agreement["pearson"].notna().sum() == 0:
+        return None
+    return sorted(agreement.loc[agreement["pearson"] >= min_r, "feature"])
+
+
+def _restrict_features(profiles: pd.DataFrame, keep: Sequence[str]) -> pd.DataFrame:
+    kept = set(keep)
+    return profiles.drop(columns=[c for c in feature_columns(profiles) if c not in kept])
+
+
 def match_profiles(selected: pd.DataFrame, consensus: pd.DataFrame, normalised: pd.DataFrame,
-                   settings: Mapping | None = None) -> dict[str, pd.DataFrame]:
+                   settings: Mapping | None = None, virtual_agreement: pd.DataFrame | None = None
+                   ) -> dict[str, pd.DataFrame]:
     """The matching tables of a plate or the screen (workflow rules match_plate / match_screen):
 
     - summary: `matching_summary` per stain source (column source), plus level-3 rows
@@ -650,9 +690,15 @@ def match_profiles(selected: pd.DataFrame, consensus: pd.DataFrame, normalised: 
       with the random-forest importance rank and N-MAE of the top features (empty without both
       sources).
 
-    `settings` is config `match:` (metrics, top_k, null_size, top_features, seed).
+    `settings` is config `match:` (metrics, top_k, null_size, top_features, seed,
+    virtual_feature_min_r). `virtual_agreement` (`virtual_feature_agreement` of the plates with
+    both sources, the screen's training plates in the workflow): the virtual profiles are matched
+    on the features it trusts (`trusted_virtual_features`; a virtual feature that does not follow
+    its real counterpart from well to well adds noise, not biology), with a summary row
+    virtual_features_trusted saying how many of how many.
     """
     s = {**MATCH_DEFAULTS, **(settings or {})}
+    trusted = trusted_virtual_features(virtual_agreement, s["virtual_feature_min_r"])
     sources = (sorted(selected[SOURCE].dropna().unique()) if SOURCE in selected.columns
                else [None])
     summaries, neighbour_tables = [], []
@@ -660,8 +706,28 @@ def match_profiles(selected: pd.DataFrame, consensus: pd.DataFrame, normalised: 
         wells = selected if source is None else selected[selected[SOURCE] == source]
         cons = consensus if source is None or SOURCE not in consensus.columns else \
             consensus[consensus[SOURCE] == source]
+        note = None
+        if source == "virtual" and virtual_agreement is not None:
+            candidates = feature_columns(wells)
+            keep = [f for f in candidates if trusted is None or f in set(trusted)]
+            if trusted is None:
+                why = ("virtual_feature_min_r is off" if not s["virtual_feature_min_r"]
+                       else "no plate with both stain sources to compare them on")
+                note = _row("virtual_features_trusted", len(keep), len(candidates), f"every feature: {why}")
+            elif not keep:
+                note = _row("virtual_features_trusted", 0, len(candidates),
+                            f"no selected feature has real-vs-virtual r >= {s['virtual_feature_min_r']}: "
+                            "every feature kept")
+                keep = candidates
+            else:
+                note = _row("virtual_features_trusted", len(keep), len(candidates),
+                            f"selected features with real-vs-virtual r >= {s['virtual_feature_min_r']} "
+                            "over the wells of the plates with both sources")
+            wells, cons = _restrict_features(wells, keep), _restrict_features(cons, keep)
         summary, neighbours = matching(wells, cons, metrics=s["metrics"], top_k=s["top_k"],
                                        null_size=s["null_size"], seed=s["seed"])
+        if note is not None:
+            summary = pd.concat([summary, pd.DataFrame([note])], ignore_index=True)
         summaries.append(summary.assign(source=source))
         neighbour_tables.append(neighbours.assign(source=source))
     agreement = pd.DataFrame(columns=["feature", "compartment", "group", "pearson", "n_wells",
@@ -683,7 +749,8 @@ def match_profiles(selected: pd.DataFrame, consensus: pd.DataFrame, normalised: 
         summaries.append(pd.DataFrame(rows).assign(source="real vs virtual"))
         summaries.append(shape_only_matching(consensus[consensus[SOURCE] == "real"]
                                              if SOURCE in consensus.columns else consensus,
-                                             s["metrics"][0]).assign(source=SHAPE_ONLY))
+                                             s["metrics"][0], selected[selected[SOURCE] == "real"],
+                                             s["null_size"], s["seed"]).assign(source=SHAPE_ONLY))
     return {"summary": pd.concat(summaries, ignore_index=True),
             "neighbours": pd.concat(neighbour_tables, ignore_index=True),
             "agreement": agreement}
