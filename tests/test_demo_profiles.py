@@ -24,6 +24,12 @@ FEATURE_NAME = re.compile(r"^(Nuclei|Cells|Cytoplasm)_(AreaShape|Intensity|Textu
 # (16 = 4 MoAs x 2 compounds x 2 doses), 2 of them share its MoA
 NSC_CHANCE = 2 / 14
 NSC_FLOOR = 0.5  # real stains, cosine; measured 1.00 on the screen (docs/features.md)
+# issue 23's profile floors for virtual stains. The replicate mAP one is against the real stains'. The
+# NSC one is against what brightfield can show, the real profiles' shape features alone: the demo
+# draws each MoA's DNA intensity and texture, CYTO intensity and DAMAGE foci into the stains only
+# (docs/virtual-staining.md), so 0.9 x the real NSC is out of reach for any brightfield model here
+VIRTUAL_MAP_RATIO = 0.8
+VIRTUAL_NSC_RATIO = 0.9
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +133,25 @@ def test_screen_moa_matching_from_real_stains_is_well_above_chance(demo):
     assert np.isfinite(summary_value(summary, "real vs virtual", "top20_feature_nmae"))
     neighbours = pd.read_parquet(demo / "screen" / "match" / "neighbours.parquet")
     assert {"real", "virtual"} <= set(neighbours["source"])
+
+
+def test_screen_profiles_from_virtual_stains_carry_what_brightfield_shows(demo):
+    summary = pd.read_parquet(demo / "screen" / "match" / "summary.parquet")
+    real_map = summary_value(summary, "real", "replicate_mAP")
+    virtual_map = summary_value(summary, "virtual", "replicate_mAP")
+    virtual_nsc = summary_value(summary, "virtual", "moa_nsc_accuracy_cosine")
+    shape_nsc = summary_value(summary, SHAPE_ONLY, "moa_nsc_accuracy_cosine")
+    print(f"virtual stains: replicate mAP {virtual_map:.3f} ({virtual_map / real_map:.2f} x real), "
+          f"MoA NSC {virtual_nsc:.3f} ({virtual_nsc / shape_nsc:.2f} x real shape features only)")
+    assert virtual_map >= VIRTUAL_MAP_RATIO * real_map
+    assert virtual_nsc >= VIRTUAL_NSC_RATIO * shape_nsc > 3 * NSC_CHANCE
+    # matched on the virtual features that follow their real counterparts over the training plates'
+    # wells: some, not all (DAMAGE foci, for one, leave no trace in brightfield)
+    trusted = summary[(summary["source"] == "virtual") & (summary["metric"] == "virtual_features_trusted")]
+    assert len(trusted) == 1 and 0 < trusted["value"].iloc[0] < trusted["n"].iloc[0]
+    agreement = pd.read_parquet(demo / "screen" / "match" / "virtual_features.parquet")
+    follows = set(agreement.loc[agreement["pearson"] >= 0.5, "feature"])
+    selected = pd.read_parquet(demo / "screen" / "profiles" / "selected.parquet")
+    candidates = feature_columns(selected[selected["Metadata_Source"] == "virtual"])
+    assert trusted["n"].iloc[0] == len(candidates)
+    assert trusted["value"].iloc[0] == len(follows & set(candidates))

@@ -63,13 +63,17 @@ def demo(demo_run) -> Path:
     return demo_run / "results"
 
 
+# issue 23's pixel floor, on the wells no model trained on and on the plate no model saw
+DNA_PCC_FLOOR = 0.9
+
+
 def test_default_model_meets_the_accuracy_bar_on_held_out_wells(demo):
     metrics = pd.concat([pd.read_parquet(p) for p in sorted(demo.glob("plates/*/stain/metrics.parquet"))])
     held = metrics[metrics["split"].isin(HELD_OUT)]
     assert len(held["plate"].unique()) == 3  # every plate with real stains has validation wells
     dna = held[held["channel"] == "DNA"]
     assert len(dna) >= 12
-    assert dna["pcc"].mean() >= 0.85, dna.groupby("plate")["pcc"].mean()
+    assert dna["pcc"].mean() >= DNA_PCC_FLOOR, dna.groupby("plate")["pcc"].mean()
     assert dna["ssim"].mean() >= 0.7, dna.groupby("plate")["ssim"].mean()
     card = load_card(demo / "models" / "stain" / "all" / "model.safetensors")
     assert card["metrics"]["val_pcc_DNA"] >= 0.85
@@ -91,7 +95,7 @@ def test_virtual_dna_on_the_apply_plate_matches_the_generators_truth(demo):
         virtual = read_plane(store, row.well, row.site, layout.channels.index("VS_DNA"), 0)
         clean = tifffile.imread(truth / "clean" / f"{row.well}_s{row.site}_DNA.tif")
         pccs.append(pearson(clean, virtual))
-    assert np.mean(pccs) >= 0.8, np.mean(pccs)
+    assert np.mean(pccs) >= DNA_PCC_FLOOR, np.mean(pccs)
 
 
 def test_metrics_table_equals_metrics_recomputed_from_the_stores(demo):

@@ -154,8 +154,9 @@ def virtual_stain_evidence(stain_metrics: pd.DataFrame | None, segment_metrics: 
     against truth masks (x 1 without truth masks); profiles, the MoA NSC 1-NN accuracy (cosine) and
     the replicate mAP from virtual stains >= nsc_ratio and replicate_map_ratio x those from real
     stains. A table without the columns it needs counts as not measured. Shown without a floor: the
-    other stains' PCC, percent replicating, the level-3 agreement, and the real profiles' NSC from
-    shape features alone (`brightpaint.match.shape_only_matching`) beside the virtual one."""
+    other stains' PCC, percent replicating, the level-3 agreement, and the real profiles' NSC and
+    replicate mAP from shape features alone (`brightpaint.match.shape_only_matching`) beside the
+    virtual ones."""
     floors = {**config_default("report", "virtual_fit"), **(floors or {})}
     nan = float("nan")
     rows = []
@@ -199,10 +200,12 @@ def virtual_stain_evidence(stain_metrics: pd.DataFrame | None, segment_metrics: 
         add("profiles", measure, real, virtual, virtual / real if real > 0 else nan, floor)
     # the real stains' shape features alone: about what brightfield can carry, so a virtual NSC near
     # it and far below the real one points at the stains' physics, not the model
-    shape = _summary_value(summary, "moa_nsc_accuracy_cosine", SHAPE_ONLY)
-    virtual = _summary_value(summary, "moa_nsc_accuracy_cosine", "virtual")
-    add("profiles", "MoA NSC 1-NN accuracy; real: from shape features only (about what brightfield shows)",
-        shape, virtual, virtual / shape if shape > 0 else nan, None)
+    for metric, measure in (("moa_nsc_accuracy_cosine", "MoA NSC 1-NN accuracy"),
+                            ("replicate_mAP", "replicate mAP")):
+        shape = _summary_value(summary, metric, SHAPE_ONLY)
+        virtual = _summary_value(summary, metric, "virtual")
+        add("profiles", f"{measure}; real: from shape features only (about what brightfield shows)",
+            shape, virtual, virtual / shape if shape > 0 else nan, None)
     for metric, measure in (
             ("feature_agreement_median_pearson", "median per-feature Pearson r, real vs virtual"),
             ("top20_feature_nmae", "top-20 MoA features' N-MAE, real vs virtual")):
