@@ -1,12 +1,15 @@
 # Matching: kNN MoA / target matching (NSC, NSCB, top-k), replicate and MoA mAP (copairs), percent
 # replicating, and the level-3 comparison of real and virtual features; per plate and for the screen.
 # The virtual profiles are matched on the features that follow their real counterparts on the plates
-# that have both stain sources (rule match_virtual_features, once for the screen).
+# that have both stain sources (rule match_virtual_features, once for the screen; kept like a model
+# when one of those plates is rerun).
 
 
 rule match_virtual_features:
     input:
-        normalised=[plate_folder(p).profile("normalised") for p in PLATES_WITH_BOTH_SOURCES],
+        normalised=[
+            kept_model_input(plate_folder(p).profile("normalised")) for p in PLATES_WITH_BOTH_SOURCES
+        ],
     output:
         agreement=SCREEN_FOLDER.path("match/virtual_features.parquet"),
     params:
