@@ -145,11 +145,11 @@ def test_screen_profiles_from_virtual_stains_carry_what_brightfield_shows(demo):
           f"MoA NSC {virtual_nsc:.3f} ({virtual_nsc / shape_nsc:.2f} x real shape features only)")
     assert virtual_map >= VIRTUAL_MAP_RATIO * real_map
     assert virtual_nsc >= VIRTUAL_NSC_RATIO * shape_nsc > 3 * NSC_CHANCE
-    # matched on the virtual features that follow their real counterparts over the training plates'
-    # wells: some, not all (DAMAGE foci, for one, leave no trace in brightfield)
+    # matched on the virtual features that follow their real counterparts over the wells with both
+    # sources: some, not all (DAMAGE foci, for one, leave no trace in brightfield)
     trusted = summary[(summary["source"] == "virtual") & (summary["metric"] == "virtual_features_trusted")]
     assert len(trusted) == 1 and 0 < trusted["value"].iloc[0] < trusted["n"].iloc[0]
-    agreement = pd.read_parquet(demo / "screen" / "match" / "virtual_features.parquet")
+    agreement = pd.read_parquet(demo / "screen" / "match" / "agreement.parquet")
     follows = set(agreement.loc[agreement["pearson"] >= 0.5, "feature"])
     selected = pd.read_parquet(demo / "screen" / "profiles" / "selected.parquet")
     candidates = feature_columns(selected[selected["Metadata_Source"] == "virtual"])

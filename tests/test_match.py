@@ -493,18 +493,25 @@ def test_virtual_profiles_are_matched_on_the_features_that_follow_the_real_ones(
 
     settings = {"null_size": 100, "top_features": 5}
     consensus = consensus_profiles(both)
-    summary = match_profiles(both, consensus, both, settings, agreement)["summary"]
+    tables = match_profiles(both, consensus, both, settings)
+    summary = tables["summary"]
+    assert tables["agreement"]["pearson"].tolist() == agreement["pearson"].tolist()
     got = summary[summary["source"] == "virtual"].set_index("metric")
     expected = matching_summary(virtual[[c for c in virtual.columns if c not in FEATURES[8:]]],
                                 null_size=100).set_index("metric")
     for metric in ("moa_nsc_accuracy_cosine", "replicate_mAP", "percent_replicating"):
         assert got.loc[metric, "value"] == pytest.approx(expected.loc[metric, "value"]), metric
     assert (got.loc["virtual_features_trusted", "value"], got.loc["virtual_features_trusted", "n"]) == (8, 16)
-    everything = match_profiles(both, consensus, both, {**settings, "virtual_feature_min_r": 0},
-                                agreement)["summary"]
+    everything = match_profiles(both, consensus, both, {**settings, "virtual_feature_min_r": 0})["summary"]
     everything = everything[everything["source"] == "virtual"].set_index("metric")
     assert "virtual_feature_min_r is off" in everything.loc["virtual_features_trusted", "details"]
     assert everything.loc["replicate_mAP", "value"] < got.loc["replicate_mAP", "value"]
+    # virtual profiles alone (an apply-only plate): every feature, and the row says why
+    alone = match_profiles(both[both["Metadata_Source"] == "virtual"], consensus[consensus["Metadata_Source"]
+                           == "virtual"], both[both["Metadata_Source"] == "virtual"], settings)["summary"]
+    alone = alone.set_index("metric")
+    assert alone.loc["virtual_features_trusted", "value"] == 16
+    assert "no well measured on both" in alone.loc["virtual_features_trusted", "details"]
     # the real profiles are matched on every feature either way
     real_rows = summary[summary["source"] == "real"].set_index("metric")
     assert real_rows.loc["replicate_mAP", "value"] == pytest.approx(

@@ -650,8 +650,8 @@ def shape_only_matching(consensus: pd.DataFrame, metric: str = "cosine", wells: 
 
 
 def virtual_feature_agreement(normalised: pd.DataFrame) -> pd.DataFrame:
-    """`feature_agreement` of the real and virtual well profiles in `normalised` (plates with both
-    stain sources), every feature (empty, with its columns, where no well has both)."""
+    """`feature_agreement` of the real and virtual well profiles in `normalised`, every feature
+    (empty, with its columns, where no well has both sources)."""
     empty = pd.DataFrame(columns=["feature", "compartment", "group", "pearson", "n_wells"])
     if SOURCE not in normalised.columns or not {"real", "virtual"} <= set(normalised[SOURCE]):
         return empty
@@ -663,9 +663,9 @@ def virtual_feature_agreement(normalised: pd.DataFrame) -> pd.DataFrame:
 
 
 def trusted_virtual_features(agreement: pd.DataFrame, min_r: float | None) -> list[str] | None:
-    """Features of the virtual stains whose real-vs-virtual Pearson r over the wells of the plates
-    with both sources is at least `min_r`: those a virtual profile can be read by. None (every
-    feature) when `min_r` is None or 0, or when no feature was compared."""
+    """Features of the virtual stains whose real-vs-virtual Pearson r over the wells measured on both
+    sources (`virtual_feature_agreement`) is at least `min_r`: those a virtual profile can be read
+    by. None (every feature) when `min_r` is None or 0, or when no feature was compared."""
     if not min_r or agreement is None or agreement["pearson"].notna().sum() == 0:
         return None
     return sorted(agreement.loc[agreement["pearson"] >= min_r, "feature"])
@@ -677,8 +677,7 @@ def _restrict_features(profiles: pd.DataFrame, keep: Sequence[str]) -> pd.DataFr
 
 
 def match_profiles(selected: pd.DataFrame, consensus: pd.DataFrame, normalised: pd.DataFrame,
-                   settings: Mapping | None = None, virtual_agreement: pd.DataFrame | None = None
-                   ) -> dict[str, pd.DataFrame]:
+                   settings: Mapping | None = None) -> dict[str, pd.DataFrame]:
     """The matching tables of a plate or the screen (workflow rules match_plate / match_screen):
 
     - summary: `matching_summary` per stain source (column source), plus level-3 rows
@@ -691,13 +690,14 @@ def match_profiles(selected: pd.DataFrame, consensus: pd.DataFrame, normalised: 
       sources).
 
     `settings` is config `match:` (metrics, top_k, null_size, top_features, seed,
-    virtual_feature_min_r). `virtual_agreement` (`virtual_feature_agreement` of the plates with
-    both sources, the screen's training plates in the workflow): the virtual profiles are matched
-    on the features it trusts (`trusted_virtual_features`; a virtual feature that does not follow
-    its real counterpart from well to well adds noise, not biology), with a summary row
-    virtual_features_trusted saying how many of how many.
+    virtual_feature_min_r). The virtual profiles are matched on the selected features that follow
+    their real counterparts over the wells measured on both sources here (`trusted_virtual_features`
+    of that agreement table; a virtual feature that does not follow its real one from well to well
+    adds noise, not biology), with a summary row virtual_features_trusted saying how many of how
+    many; where no well has both sources (an apply-only plate), on every feature.
     """
     s = {**MATCH_DEFAULTS, **(settings or {})}
+    virtual_agreement = virtual_feature_agreement(normalised)
     trusted = trusted_virtual_features(virtual_agreement, s["virtual_feature_min_r"])
     sources = (sorted(selected[SOURCE].dropna().unique()) if SOURCE in selected.columns
                else [None])
@@ -707,12 +707,12 @@ def match_profiles(selected: pd.DataFrame, consensus: pd.DataFrame, normalised: 
         cons = consensus if source is None or SOURCE not in consensus.columns else \
             consensus[consensus[SOURCE] == source]
         note = None
-        if source == "virtual" and virtual_agreement is not None:
+        if source == "virtual":
             candidates = feature_columns(wells)
             keep = [f for f in candidates if trusted is None or f in set(trusted)]
             if trusted is None:
                 why = ("virtual_feature_min_r is off" if not s["virtual_feature_min_r"]
-                       else "no plate with both stain sources to compare them on")
+                       else "no well measured on both stain sources here to compare them on")
                 note = _row("virtual_features_trusted", len(keep), len(candidates), f"every feature: {why}")
             elif not keep:
                 note = _row("virtual_features_trusted", 0, len(candidates),
@@ -722,7 +722,7 @@ def match_profiles(selected: pd.DataFrame, consensus: pd.DataFrame, normalised: 
             else:
                 note = _row("virtual_features_trusted", len(keep), len(candidates),
                             f"selected features with real-vs-virtual r >= {s['virtual_feature_min_r']} "
-                            "over the wells of the plates with both sources")
+                            "over the wells measured on both sources")
             wells, cons = _restrict_features(wells, keep), _restrict_features(cons, keep)
         summary, neighbours = matching(wells, cons, metrics=s["metrics"], top_k=s["top_k"],
                                        null_size=s["null_size"], seed=s["seed"])
@@ -735,7 +735,7 @@ def match_profiles(selected: pd.DataFrame, consensus: pd.DataFrame, normalised: 
     if SOURCE in normalised.columns and {"real", "virtual"} <= set(normalised[SOURCE]):
         real = normalised[normalised[SOURCE] == "real"]
         virtual = normalised[normalised[SOURCE] == "virtual"]
-        agreement = feature_agreement(real, virtual)
+        agreement = virtual_agreement
         rows = [_row("feature_agreement_median_pearson", agreement["pearson"].median(),
                      int(agreement["pearson"].notna().sum()),
                      "per-feature Pearson r real vs virtual over wells")]

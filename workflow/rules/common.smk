@@ -337,11 +337,6 @@ def feature_sources(plate):
     return [s for s in FEATURES["sources"] if s == "virtual" or SCREEN.has_real_stains(plate)]
 
 
-# plates measured on real and on virtual stains: where a virtual feature can be checked against its
-# real counterpart (rule match_virtual_features)
-PLATES_WITH_BOTH_SOURCES = [p for p in SCREEN.plate_ids() if set(feature_sources(p)) >= {"real", "virtual"}]
-
-
 def features_inputs(wildcards):
     """What feature extraction reads of a plate: its sources as named inputs (plate access needs the
     brightfield's; the real stains' illumination functions and denoised store where it measures

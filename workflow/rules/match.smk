@@ -1,28 +1,7 @@
 # Matching: kNN MoA / target matching (NSC, NSCB, top-k), replicate and MoA mAP (copairs), percent
 # replicating, and the level-3 comparison of real and virtual features; per plate and for the screen.
-# The virtual profiles are matched on the features that follow their real counterparts on the plates
-# that have both stain sources (rule match_virtual_features, once for the screen; kept like a model
-# when one of those plates is rerun).
-
-
-rule match_virtual_features:
-    input:
-        normalised=[
-            kept_model_input(plate_folder(p).profile("normalised")) for p in PLATES_WITH_BOTH_SOURCES
-        ],
-    output:
-        agreement=SCREEN_FOLDER.path("match/virtual_features.parquet"),
-    params:
-        **code_params("match_virtual_features.py"),
-    threads: 1
-    conda:
-        MAIN_ENV
-    log:
-        f"{RESULTS}/logs/screen/match_virtual_features.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/screen/match_virtual_features.tsv"
-    script:
-        "../scripts/match_virtual_features.py"
+# The virtual profiles are matched on the features that follow the real ones over the wells measured
+# on both stain sources (brightpaint.match.match_profiles).
 
 
 rule match_plate:
@@ -30,7 +9,6 @@ rule match_plate:
         selected=PLATE.profile("selected"),
         consensus=PLATE.profile("consensus"),
         normalised=[PLATE.profile("normalised")],
-        virtual_agreement=SCREEN_FOLDER.path("match/virtual_features.parquet"),
     output:
         **PLATE.matches,
     params:
@@ -52,7 +30,6 @@ rule match_screen:
         selected=SCREEN_FOLDER.profile("selected"),
         consensus=SCREEN_FOLDER.profile("consensus"),
         normalised=[SCREEN_FOLDER.profile("normalised")],
-        virtual_agreement=SCREEN_FOLDER.path("match/virtual_features.parquet"),
     output:
         **SCREEN_FOLDER.matches,
     params:

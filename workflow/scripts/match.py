@@ -1,6 +1,5 @@
 """Matching tables of a plate or of the screen: kNN MoA / target matching, mAP, percent replicating
-and the level-3 real-vs-virtual feature agreement (rules match_plate, match_screen); the virtual
-profiles on the features rule match_virtual_features trusts."""
+and the level-3 real-vs-virtual feature agreement (rules match_plate, match_screen)."""
 
 import pandas as pd
 
@@ -12,7 +11,7 @@ log = log_to_rule(snakemake)  # noqa: F821
 inp, out, params = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
 normalised = pd.concat([pd.read_parquet(path) for path in inp.normalised], ignore_index=True)
 tables = match_profiles(pd.read_parquet(inp.selected), pd.read_parquet(inp.consensus), normalised,
-                        params.settings, pd.read_parquet(inp.virtual_agreement))
+                        params.settings)
 for name, table in tables.items():
     with atomic_path(out[name]) as tmp:
         table.to_parquet(tmp, index=False)
