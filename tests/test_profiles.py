@@ -23,6 +23,8 @@ from brightpaint.profiles import (
     normalise_profiles,
     plate_profiles,
     select_features,
+    select_features_by_source,
+    source_profiles,
     treatment_name,
 )
 
@@ -282,6 +284,34 @@ def test_select_features_drops_planted_features():
         assert dropped not in kept
     loose = select_features(df, ["correlation_threshold"], corr_threshold=0.9999)
     assert {"Cells_Intensity_F0", "Cells_Intensity_Copy"} <= set(feature_columns(loose))
+
+
+def test_each_stain_source_keeps_its_own_features():
+    """The real profiles' selection does not move with the virtual ones: a virtual copy of a real
+    feature, or a virtual feature gone constant, changes only the virtual rows' kept features."""
+    rng = np.random.default_rng(5)
+    n = 60
+    real = pd.DataFrame(rng.normal(size=(n, 4)), columns=[f"Cells_Intensity_F{i}" for i in range(4)])
+    real.insert(0, "Metadata_Well", [f"W{i}" for i in range(n)])
+    virtual = real.copy()
+    virtual["Cells_Intensity_F1"] = 2 * virtual["Cells_Intensity_F0"]  # correlated: one goes
+    virtual["Cells_Intensity_F3"] = 0.5  # no spread: dropped
+    both = pd.concat([real.assign(Metadata_Source="real"), virtual.assign(Metadata_Source="virtual")],
+                     ignore_index=True)
+    selected = select_features_by_source(both)
+    assert selected["Metadata_Source"].tolist() == both["Metadata_Source"].tolist()
+    assert feature_columns(source_profiles(selected, "real")) == feature_columns(select_features(real))
+    assert feature_columns(source_profiles(selected, "real")) == [f"Cells_Intensity_F{i}" for i in range(4)]
+    kept_virtual = feature_columns(source_profiles(selected, "virtual"))
+    assert kept_virtual == feature_columns(select_features(virtual))
+    assert "Cells_Intensity_F3" not in kept_virtual and len(kept_virtual) == 2
+    # a source's rows are NaN only for the features kept for the other source alone
+    assert selected.loc[selected["Metadata_Source"] == "virtual", "Cells_Intensity_F3"].isna().all()
+    pd.testing.assert_frame_equal(source_profiles(selected, "real").reset_index(drop=True),
+                                  select_features(real.assign(Metadata_Source="real")).reset_index(drop=True),
+                                  check_like=True)
+    # one source: plain select_features
+    pd.testing.assert_frame_equal(select_features_by_source(real), select_features(real))
 
 
 def _profiles_for_consensus():

@@ -44,6 +44,7 @@ from brightpaint.profiles import (
     WELL,
     consensus_profiles,
     feature_columns,
+    source_profiles,
 )
 
 METRICS = ("cosine", "pearson")
@@ -703,9 +704,9 @@ def match_profiles(selected: pd.DataFrame, consensus: pd.DataFrame, normalised: 
                else [None])
     summaries, neighbour_tables = [], []
     for source in sources:
-        wells = selected if source is None else selected[selected[SOURCE] == source]
-        cons = consensus if source is None or SOURCE not in consensus.columns else \
-            consensus[consensus[SOURCE] == source]
+        # each source on the features its own selection kept (select_features_by_source)
+        wells = source_profiles(selected, source)
+        cons = source_profiles(consensus, source)
         note = None
         if source == "virtual":
             candidates = feature_columns(wells)
@@ -747,10 +748,9 @@ def match_profiles(selected: pd.DataFrame, consensus: pd.DataFrame, normalised: 
         except ValueError as err:
             rows.append(_row(f"top{s['top_features']}_feature_nmae", np.nan, 0, str(err)))
         summaries.append(pd.DataFrame(rows).assign(source="real vs virtual"))
-        summaries.append(shape_only_matching(consensus[consensus[SOURCE] == "real"]
-                                             if SOURCE in consensus.columns else consensus,
-                                             s["metrics"][0], selected[selected[SOURCE] == "real"],
-                                             s["null_size"], s["seed"]).assign(source=SHAPE_ONLY))
+        summaries.append(shape_only_matching(source_profiles(consensus, "real"), s["metrics"][0],
+                                             source_profiles(selected, "real"), s["null_size"],
+                                             s["seed"]).assign(source=SHAPE_ONLY))
     return {"summary": pd.concat(summaries, ignore_index=True),
             "neighbours": pd.concat(neighbour_tables, ignore_index=True),
             "agreement": agreement}

@@ -498,6 +498,32 @@ def select_features(profiles: pd.DataFrame, operations: Sequence[str] = DEFAULT_
     return selected
 
 
+def select_features_by_source(profiles: pd.DataFrame, operations: Sequence[str] = DEFAULT_SELECTION,
+                              samples: str = "all", **thresholds) -> pd.DataFrame:
+    """`select_features` for each stain source (Metadata_Source) apart, so that one source's
+    profiles never decide which features another's keep: otherwise the real profiles' features,
+    and every score of them, would move with the virtual-staining model. Returns the rows in their
+    order with the union of the kept features, NaN in a source's rows for a feature kept only for
+    another (`source_profiles` takes a source's rows and its own features)."""
+    if SOURCE not in profiles.columns or profiles[SOURCE].nunique() < 2:
+        return select_features(profiles, operations, samples, **thresholds)
+    parts = [select_features(group, operations, samples, **thresholds)
+             for _, group in profiles.groupby(SOURCE, sort=True)]
+    kept = set().union(*(feature_columns(part) for part in parts))
+    columns = metadata_columns(profiles) + [c for c in feature_columns(profiles) if c in kept]
+    return pd.concat(parts).reindex(index=profiles.index, columns=columns)
+
+
+def source_profiles(profiles: pd.DataFrame, source: str | None) -> pd.DataFrame:
+    """The rows of one stain source (every row for None) without the feature columns that are
+    empty in them (those `select_features_by_source` kept for another source only)."""
+    rows = profiles
+    if source is not None and SOURCE in profiles.columns:
+        rows = profiles[profiles[SOURCE] == source]
+    empty = [c for c in feature_columns(rows) if rows[c].isna().all()]
+    return rows.drop(columns=empty)
+
+
 def selection_thresholds(settings: Mapping) -> dict:
     """pycytominer.feature_select keyword arguments from the config `profiles:` settings."""
     return {_SELECT_KEYWORDS[k]: v for k, v in settings.items() if k in _SELECT_KEYWORDS}
@@ -580,7 +606,7 @@ def profiles_from_wells(wells: pd.DataFrame, platemap: pd.DataFrame, plate_info:
                          "features/sites.csv for each site's status): no profiles can be made")
     wells = annotate_wells(wells, platemap, plate_info, replicate_by=s["replicate_by"])
     normalised = normalise_profiles(wells, s["normalise"], s["normalise_samples"])
-    selected = select_features(normalised, s["feature_select"], **selection_thresholds(s))
+    selected = select_features_by_source(normalised, s["feature_select"], **selection_thresholds(s))
     consensus = consensus_profiles(selected, operation=s["consensus"])
     return {"wells": wells, "normalised": normalised, "selected": selected, "consensus": consensus}
 
@@ -614,6 +640,6 @@ def screen_profiles(wells: Sequence[pd.DataFrame], settings: Mapping | None = No
     table = _metadata_first(pd.concat(list(wells), ignore_index=True))
     normalised = normalise_profiles(table, s["normalise"], s["normalise_samples"],
                                     scale_by=screen_scale_columns(s["scale_by"]))
-    selected = select_features(normalised, s["feature_select"], **selection_thresholds(s))
+    selected = select_features_by_source(normalised, s["feature_select"], **selection_thresholds(s))
     consensus = consensus_profiles(selected, operation=s["consensus"])
     return {"normalised": normalised, "selected": selected, "consensus": consensus}
