@@ -15,7 +15,7 @@ from brightpaint.labels import read_labels
 from brightpaint.layout import PlateFolder
 from brightpaint.match import SHAPE_ONLY
 from brightpaint.plate import fluorescence_plane, open_plate_source
-from brightpaint.profiles import feature_columns
+from brightpaint.profiles import feature_columns, source_profiles
 
 PLATES = ("P1", "P2", "P3", "P4")
 FEATURE_NAME = re.compile(r"^(Nuclei|Cells|Cytoplasm)_(AreaShape|Intensity|Texture|Granularity|"
@@ -152,6 +152,6 @@ def test_screen_profiles_from_virtual_stains_carry_what_brightfield_shows(demo):
     agreement = pd.read_parquet(demo / "screen" / "match" / "agreement.parquet")
     follows = set(agreement.loc[agreement["pearson"] >= 0.5, "feature"])
     selected = pd.read_parquet(demo / "screen" / "profiles" / "selected.parquet")
-    candidates = feature_columns(selected[selected["Metadata_Source"] == "virtual"])
+    candidates = feature_columns(source_profiles(selected, "virtual"))  # its own selection's
     assert trusted["n"].iloc[0] == len(candidates)
     assert trusted["value"].iloc[0] == len(follows & set(candidates))
