@@ -87,9 +87,11 @@ def rerun(run: Path, overlay: dict, cores: int, scratch: Path, commit: str) -> f
                         ignore=shutil.ignore_patterns("locks", "incomplete", "shadow"))
     (work / "variant.yaml").write_text(yaml.safe_dump({"stain": overlay}))
     plates = sorted(p.name for p in (work / "results" / "plates").iterdir())
+    # the pixel evaluation too: nothing downstream of it asks for it
     targets = ["results/screen/match/summary.parquet",
                *[f"results/plates/{p}/{part}" for p in plates
-                 for part in ("match/summary.parquet", "segment/metrics.parquet")]]
+                 for part in ("match/summary.parquet", "segment/metrics.parquet", "stain/metrics.parquet")
+                 if part != "stain/metrics.parquet" or (run / "results" / "plates" / p / part).is_file()]]
     # the clone's own package, not the editable install's checkout (which may change meanwhile)
     env = {**os.environ, "PYTHONPATH": str(work / "src")}
     start = time.perf_counter()
