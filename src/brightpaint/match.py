@@ -682,9 +682,9 @@ def match_profiles(selected: pd.DataFrame, consensus: pd.DataFrame, normalised: 
     """The matching tables of a plate or the screen (workflow rules match_plate / match_screen):
 
     - summary: `matching_summary` per stain source (column source), plus level-3 rows
-      (feature_agreement_median_pearson, top<n>_feature_nmae) and the real profiles' NSC from
-      shape features alone (`shape_only_matching`, source SHAPE_ONLY) when both sources are
-      present;
+      (feature_agreement_median_pearson, top<n>_feature_nmae) and the real profiles' NSC and
+      replicate mAP from shape features alone (`shape_only_matching`, source SHAPE_ONLY) when both
+      sources are present;
     - neighbours: the nearest-neighbour tables (column source);
     - agreement: `feature_agreement` per feature on the normalised (all features) well profiles,
       with the random-forest importance rank and N-MAE of the top features (empty without both
