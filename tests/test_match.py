@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 from scipy.linalg import hadamard
 from test_profiles import BBBC021_OPERATIONS, bbbc021  # noqa: F401  (fixture)
 
@@ -16,6 +17,7 @@ from brightpaint.io import read_platemap
 from brightpaint.match import (
     SHAPE_ONLY,
     agreement_summary,
+    chance_correlation,
     consistency_map,
     feature_agreement,
     knn_accuracy,
@@ -528,3 +530,16 @@ def test_shape_only_replicate_map_reads_the_shape_features_alone():
     assert "8 shape features" in table.loc["replicate_mAP", "details"]
     no_shape = shape_only_matching(consensus_profiles(planted_wells()), wells=planted_wells(), null_size=100)
     assert no_shape["value"].isna().all() and len(no_shape) == 2
+
+
+def test_few_wells_cannot_make_a_virtual_feature_trusted():
+    """r 0.6 passes the 0.5 threshold over 24 wells, not over 8 (chance reaches 0.79 there)."""
+    assert chance_correlation(24) == pytest.approx(0.4716, abs=1e-3)
+    assert chance_correlation(8) > 0.75 and chance_correlation(2) == 1.0
+    # r's own t statistic over n wells has one-sided p 0.01
+    for n in (8, 24, 72):
+        r = float(chance_correlation(n))
+        assert stats.t.sf(r * np.sqrt((n - 2) / (1 - r * r)), n - 2) == pytest.approx(0.01, rel=1e-6)
+    agreement = pd.DataFrame({"feature": ["many", "few", "weak"], "pearson": [0.6, 0.6, 0.4],
+                              "n_wells": [24, 8, 200]})
+    assert trusted_virtual_features(agreement, 0.5) == ["many"]
