@@ -42,6 +42,7 @@ VARIANTS = {
     "ms_ssim_l1": {"model": {"loss": "ms_ssim_l1"}},
     "unext2": {"model": {"arch": "unext2"}},
     "stack": {"model": {"half_width": 2}},
+    "stem3d": {"model": {"half_width": 2, "stem": "3d"}},
     "epochs20": {"model": {"max_epochs": 20}},
 }
 METRICS = ("moa_nsc_accuracy_cosine", "replicate_mAP", "percent_replicating")

@@ -4,7 +4,7 @@ and on real paired data (--real), brightfield -> DAPI of two real fields, each m
 field and scored on the other.
 
     python bench/stain_study.py --run RUN/results --out bench/results/stain_study.json \
-        [--variants unet_l1 unext2 ms_ssim_l1 gan stack per_channel] [--epochs 10] [--steps 50] \
+        [--variants unet_l1 unext2 ms_ssim_l1 gan stack stem3d per_channel] [--epochs 10] [--steps 50] \
         [--curve-epochs 40] [--sites 24]
     python bench/stain_study.py --real ../shared/data/sephace-bf-zstack-dapi \
         --out bench/results/stain_study_real.json [--variants ...]
@@ -15,8 +15,9 @@ config/demo.yaml, `stain.model`) and changes one thing:
 
 - unet_l1: the default (U-Net, L1 loss, the focus plane +- 1 as input, one model for all stains);
 - unext2: the UNeXt2-style network; ms_ssim_l1: 0.5 L1 + 0.5 MS-SSIM; gan: a conditional WGAN-GP on
-  top of L1; stack: the whole z-stack as input (focus +- 2 of the demo's 5 planes); per_channel: one
-  model per stain.
+  top of L1; stack: the whole z-stack as input (focus +- 2 of the demo's 5 planes), its planes as
+  channels (2.5-D); stem3d: the same five planes through a 3-D convolution along z first (3-D stem,
+  weights shared between depths); per_channel: one model per stain.
 
 Held-out sites: the validation wells of the training plates (`validation`: the wells each model's
 early stop watched, never trained on) and every well of the apply-only plates (`apply`: plates no
@@ -38,8 +39,8 @@ Real data (--real, `sephace-bf-zstack-dapi`: two fields at 40x, brightfield at f
 trained on one field (its left two thirds; early stopping watches the right third) and scored on the
 whole other field: DAPI PCC and SSIM, and Cellpose nuclei on the virtual DAPI against Cellpose nuclei
 on the real DAPI (AP@0.5, F1@0.7; each input's diameter estimated from itself, as the workflow does),
-beside the best hand-made baseline's PCC. `stack` takes all five planes (focus +- 2); per_channel is
-the default here (one stain).
+beside the best hand-made baseline's PCC. `stack` and `stem3d` take all five planes (focus +- 2);
+per_channel is the default here (one stain).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ from brightpaint.stain.train import fit_stain_model, train_stain_model
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"unet_l1": {}, "unext2": {"arch": "unext2"}, "ms_ssim_l1": {"loss": "ms_ssim_l1"},
-            "gan": {"gan": True}, "stack": {"half_width": 2}, "per_channel": {}}
+            "gan": {"gan": True}, "stack": {"half_width": 2}, "stem3d": {"half_width": 2, "stem": "3d"},
+            "per_channel": {}}
 NUCLEI, CELLS = "DNA", "CYTO"  # the demo's stains that Cellpose segments
 
 

@@ -205,7 +205,7 @@ SMALL = StainSettings(width=8, depth=2, patch=32, batch=4, steps_per_epoch=4, ma
 
 
 @pytest.mark.parametrize("options", [{}, {"arch": "unext2"}, {"loss": "ms_ssim_l1", "patch": 64},
-                                     {"gan": True}])
+                                     {"gan": True}, {"stem": "3d"}])
 def test_every_architecture_and_loss_trains_and_records_its_history(blob_data, options):
     settings = StainSettings(**{**SMALL.__dict__, **options}).checked()
     generator, history = train_stain_model(blob_data, ["A", "B"], settings, threads=1)
@@ -213,6 +213,7 @@ def test_every_architecture_and_loss_trains_and_records_its_history(blob_data, o
     assert np.isfinite(history["train_loss"]).all() and np.isfinite(history["val_l1"]).all()
     assert history["best"].sum() == 1
     assert generator.config["arch"] == settings.arch and not generator.training
+    assert generator.config["stem"] == settings.stem
 
 
 def test_training_is_seeded(blob_data):
@@ -245,6 +246,14 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_bf16_units():
         resolve_precision("fp16", cpu)
     with pytest.raises(StainError, match="stain.precision: 'half'"):
         StainSettings(precision="half").checked()
+
+
+def test_a_3d_stem_needs_the_planes_it_spans():
+    assert StainSettings(stem="3d", half_width=1).checked().stem == "3d"
+    with pytest.raises(StainError, match="stain.stem: 3d spans 3 planes; half_width 0 gives 1"):
+        StainSettings(stem="3d", half_width=0).checked()
+    with pytest.raises(StainError, match="stain.stem: '2.5d' is not one of"):
+        StainSettings(stem="2.5d").checked()
 
 
 def test_training_learns_and_keeps_the_best_epoch(blob_data):

@@ -19,6 +19,7 @@ from torch import nn
 from brightpaint.stain.models import (
     ARCHITECTURES,
     LOSSES,
+    STEM_3D_PLANES,
     adaptive_adversarial_weight,
     build_critic,
     build_generator,
@@ -92,10 +93,53 @@ def test_output_is_linear_in_last_layer(arch):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_config_rebuilds_the_model(arch):
     model = build_generator(arch, 2, 3, width=4, depth=2, seed=5)
-    assert model.config == {"arch": arch, "in_channels": 2, "out_channels": 3, "width": 4, "depth": 2}
+    assert model.config == {"arch": arch, "in_channels": 2, "out_channels": 3, "width": 4, "depth": 2,
+                            "stem": "2d"}
     rebuilt = build_generator(**json.loads(json.dumps(model.config)), seed=5)
     for (name, a), (_, b) in zip(model.state_dict().items(), rebuilt.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+    # a config written before `stem` existed rebuilds the same (2-D) model
+    older = {k: v for k, v in model.config.items() if k != "stem"}
+    assert build_generator(**older, seed=5).state_dict().keys() == model.state_dict().keys()
+
+
+# ---------------------------------------------------------------------------------------------
+# The 3-D stem
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_3d_stem_generator_shape_and_rebuild(arch):
+    model = build_generator(arch, 5, 2, width=8, depth=2, stem="3d", seed=0)
+    assert model.config["stem"] == "3d" and model.multiple == build_generator(arch, 5, 2, depth=2).multiple
+    rebuilt = build_generator(**json.loads(json.dumps(model.config)), seed=0)
+    for (name, a), b in zip(model.state_dict().items(), rebuilt.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert model(noise(2, 5, 16, 24)).shape == (2, 2, 16, 24)
+    # 5 planes leave 3 depths of the 3-plane kernel; 8 channels in all, at least 4 per depth
+    assert model.z_stem.out_channels == 3 * 4
+    with pytest.raises(ValueError, match="input must be"):
+        model(noise(1, 3, 16, 16))
+
+
+def test_3d_stem_shares_its_weights_along_z():
+    """The same planes one depth further down give the same stem features one depth further down:
+    the stem is a convolution along z, not a per-plane weighting as the 2-D stem is."""
+    model = build_generator("unet", 5, 1, width=8, depth=2, stem="3d", seed=0).eval()
+    randomise_normalisation(model)
+    x = noise(1, 6, 16, 16, seed=2)
+    with torch.no_grad():
+        # channels are folded channel-major: (N, channels x depths, H, W) -> (N, channels, depths, ...)
+        upper, lower = (model.z_stem(planes).unflatten(1, (-1, 3)) for planes in (x[:, :5], x[:, 1:]))
+    torch.testing.assert_close(lower[:, :, :2], upper[:, :, 1:], atol=1e-5, rtol=0)
+    assert (lower[:, :, 0] - upper[:, :, 0]).abs().max() > 1e-2  # and the depths do differ
+
+
+def test_3d_stem_needs_the_planes_its_kernel_spans():
+    with pytest.raises(ValueError, match=f"at least {STEM_3D_PLANES} brightfield planes"):
+        build_generator("unet", STEM_3D_PLANES - 1, 1, stem="3d")
+    with pytest.raises(ValueError, match="stem must be one of"):
+        build_generator("unet", 3, 1, stem="4d")
 
 
 def test_default_parameter_counts():
@@ -137,21 +181,22 @@ def randomise_normalisation(model: nn.Module) -> None:
             if name.endswith(("gamma", "beta")):
                 tensor.copy_(torch.randn(tensor.shape, generator=generator))
         for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
+            if isinstance(module, nn.BatchNorm2d | nn.BatchNorm3d):
                 module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator))
                 module.running_var.uniform_(0.5, 2.0, generator=generator)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_eval_tiles_equal_whole_image(arch):
+@pytest.mark.parametrize(("arch", "stem"), [(arch, "2d") for arch in ARCHITECTURES] + [("unet", "3d")])
+def test_eval_tiles_equal_whole_image(arch, stem):
     """A crop's output equals the whole image's wherever the crop covers the receptive field: no layer
     uses a statistic of the whole input (as the original ConvNeXt-v2 GRN does)."""
-    margin = TILING_MARGIN[arch]
-    model = build_generator(arch, 2, 2, width=4, seed=0).eval()
+    margin = TILING_MARGIN[arch]  # the 3-D stem's 3x3 kernel adds 1 px: 47 for unet, still inside
+    planes = 3 if stem == "3d" else 2
+    model = build_generator(arch, planes, 2, width=4, stem=stem, seed=0).eval()
     randomise_normalisation(model)
     offset = 4 * model.multiple  # keeps the crop on the pooling grid
     crop = 2 * margin + 64
-    image = noise(1, 2, crop + 2 * offset, crop + 2 * offset, seed=1)
+    image = noise(1, planes, crop + 2 * offset, crop + 2 * offset, seed=1)
     with torch.no_grad():
         whole = model(image)[..., offset:offset + crop, offset:offset + crop]
         tile = model(image[..., offset:offset + crop, offset:offset + crop])

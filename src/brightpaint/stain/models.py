@@ -8,6 +8,12 @@ output; H and W must be multiples of the generator's `multiple`.
 - "unext2": a UNeXt2-style network (after VisCy's UNeXt2): a stride-2 patchify stem, stages of
   ConvNeXt-v2 blocks, a light decoder and a PixelShuffle head back to full resolution.
 
+The input channels are brightfield planes. With stem "2d" (2.5-D) they enter the first 2-D
+convolution as channels, each plane with its own weights. With stem "3d" a 3-D convolution spanning
+`STEM_3D_PLANES` planes runs along z first, the same weights at every depth (a defocus pattern means
+the same one plane up or down), and the depths it leaves are folded into channels for the 2-D network
+(VisCy's UNeXt2 stem does the same).
+
 Tiled inference must agree with whole-image inference, so in eval mode every layer is translation
 equivariant away from the borders: BatchNorm is a fixed affine map in eval mode (no instance or group
 norm, whose statistics depend on the tile), LayerNorm works per pixel, and the ConvNeXt-v2 GRN uses a
@@ -34,6 +40,8 @@ from pytorch_msssim import ms_ssim
 from torch import Tensor, nn
 
 ARCHITECTURES = ("unet", "unext2")
+STEMS = ("2d", "3d")
+STEM_3D_PLANES = 3  # planes one kernel of the 3-D stem spans
 LOSSES = ("l1", "ms_ssim_l1")
 
 CONVNEXT_EXPANSION = 4  # pointwise expansion of a ConvNeXt block
@@ -269,17 +277,62 @@ class _UNeXt2(_Generator):
 _GENERATORS: dict[str, type[_Generator]] = {"unet": _UNet, "unext2": _UNeXt2}
 
 
+class _ZStem(nn.Module):
+    """A 3-D convolution over (plane, y, x), its weights shared along z, then BatchNorm and ReLU;
+    (N, planes, H, W) in, (N, out_channels, H, W) out with the depths it leaves folded into channels.
+    It gives `width` channels in all (at least 4 per depth), so the 2-D network above it is as wide as
+    the 2.5-D model's."""
+
+    def __init__(self, planes: int, width: int) -> None:
+        super().__init__()
+        if planes < STEM_3D_PLANES:
+            raise ValueError(f"a 3d stem needs at least {STEM_3D_PLANES} brightfield planes (half_width "
+                             f">= 1), got {planes}")
+        depths = planes - STEM_3D_PLANES + 1
+        per_depth = max(width // depths, 4)
+        # no padding along z: a depth is only where the kernel has all its planes
+        self.conv = nn.Conv3d(1, per_depth, (STEM_3D_PLANES, 3, 3), padding=(0, 1, 1), bias=False)
+        self.norm = nn.BatchNorm3d(per_depth)
+        self.out_channels = per_depth * depths
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.norm(self.conv(x.unsqueeze(1)))).flatten(1, 2)
+
+
+class _ZStemGenerator(_Generator):
+    """`_ZStem`, then a 2-D generator on its channels."""
+
+    def __init__(self, config: dict) -> None:
+        z_stem = _ZStem(config["in_channels"], config["width"])
+        body = _GENERATORS[config["arch"]]({**config, "in_channels": z_stem.out_channels, "stem": "2d"})
+        super().__init__(config, multiple=body.multiple)  # before any submodule is assigned
+        self.z_stem, self.body = z_stem, body
+
+    @property
+    def last_layer(self) -> nn.Parameter:
+        return self.body.last_layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return self.body(self.z_stem(x))
+
+
 def build_generator(arch: str, in_channels: int, out_channels: int, *, width: int = 32, depth: int = 3,
-                    seed: int | None = None) -> nn.Module:
-    """A generator (see the module docstring); `build_generator(**model.config)` rebuilds it."""
+                    stem: str = "2d", seed: int | None = None) -> nn.Module:
+    """A generator (see the module docstring); `build_generator(**model.config)` rebuilds it (a
+    config without `stem`, from a model file written before it existed, is a 2-D stem)."""
     if arch not in _GENERATORS:
         raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
     config = {"arch": arch,
               "in_channels": _positive_int("in_channels", in_channels),
               "out_channels": _positive_int("out_channels", out_channels),
               "width": _positive_int("width", width),
-              "depth": _positive_int("depth", depth)}
-    return _seeded(lambda: _GENERATORS[arch](config), seed)
+              "depth": _positive_int("depth", depth),
+              "stem": stem}
+    build = _ZStemGenerator if stem == "3d" else _GENERATORS[arch]
+    return _seeded(lambda: build(config), seed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ class StainSettings:
 
     # Defaults: config/config.yaml `stain: model:` (the one place they are stated; see `defaults`).
     arch: str = _model("arch")  # models.ARCHITECTURES
+    stem: str = _model("stem")  # models.STEMS: planes as channels (2d) or a 3-D convolution over them
     width: int = _model("width")
     depth: int = _model("depth")
     loss: str = _model("loss")  # models.LOSSES
@@ -69,6 +70,8 @@ class StainSettings:
     def checked(self) -> StainSettings:
         if self.arch not in models.ARCHITECTURES:
             raise StainError(f"stain.arch: {self.arch!r} is not one of {models.ARCHITECTURES}")
+        if self.stem not in models.STEMS:
+            raise StainError(f"stain.stem: {self.stem!r} is not one of {models.STEMS}")
         if self.loss not in models.LOSSES:
             raise StainError(f"stain.loss: {self.loss!r} is not one of {models.LOSSES}")
         if self.precision not in PRECISIONS:
@@ -84,6 +87,9 @@ class StainSettings:
             raise StainError(f"stain.max_megapixels: must be > 0, got {self.max_megapixels!r}")
         if self.half_width < 0:
             raise StainError(f"stain.half_width: must be >= 0, got {self.half_width}")
+        if self.stem == "3d" and 2 * self.half_width + 1 < models.STEM_3D_PLANES:
+            raise StainError(f"stain.stem: 3d spans {models.STEM_3D_PLANES} planes; half_width "
+                             f"{self.half_width} gives {2 * self.half_width + 1}")
         if not 0 < self.val_fraction < 1:
             raise StainError(f"stain.val_fraction: must be in (0, 1), got {self.val_fraction}")
         if self.lr <= 0:

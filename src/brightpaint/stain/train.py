@@ -85,7 +85,8 @@ def train_stain_model(data: TrainingSet, targets: Sequence[str], settings: Stain
     with torch_threads(threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         generator = models.build_generator(settings.arch, n_inputs, n_outputs, width=settings.width,
-                                                 depth=settings.depth, seed=settings.seed).to(target)
+                                           depth=settings.depth, stem=settings.stem,
+                                           seed=settings.seed).to(target)
         channels_last(generator)
         patch = training_patch(settings, generator.multiple, data)
         betas = (0.5, 0.9) if settings.gan else (0.9, 0.999)
