@@ -240,9 +240,11 @@ def real_study(folder: Path, variants: list[str], budget: dict, segmenter: Segme
             virtual = predict_normalised(generator, card, test_inputs, tile=256, overlap=96)[0]
             metrics = image_metrics(per_field(real), per_field(virtual))
             if test_field not in nuclei_real:
-                nuclei_real[test_field] = segmenter.calibrate([(real, real)]).segment_nuclei([real])[0]
-            found = segmenter.calibrate([(virtual, virtual)]).segment_nuclei([virtual])[0]
-            objects = instance_metrics(nuclei_real[test_field], found)
+                calibrated = segmenter.calibrate([(real, real)])
+                nuclei_real[test_field] = (calibrated.segment_nuclei([real])[0], calibrated.nuclei_diameter)
+            calibrated = segmenter.calibrate([(virtual, virtual)])
+            found = calibrated.segment_nuclei([virtual])[0]
+            objects = instance_metrics(nuclei_real[test_field][0], found)
             focus = test_inputs[settings.half_width]
             baselines = {"brightfield": pearson(real, focus),
                          "smoothed brightfield": pearson(real, ndimage.gaussian_filter(focus, 3)),
@@ -253,6 +255,8 @@ def real_study(folder: Path, variants: list[str], budget: dict, segmenter: Segme
                 "best_epoch": int(history.loc[history["best"], "epoch"].iloc[0]),
                 "pcc": round(metrics["pcc"], 4), "ssim": round(metrics["ssim"], 4),
                 "best_baseline_pcc": round(max(abs(v) for v in baselines.values()), 4),
+                "nuclei_diameter_real": round(nuclei_real[test_field][1], 1),
+                "nuclei_diameter_virtual": round(calibrated.nuclei_diameter, 1),
                 **{f"nuclei_{k}": (round(v, 4) if isinstance(v, float) else v) for k, v in objects.items()}}
         out[name] = {"settings": {k: v for k, v in settings.__dict__.items() if not k.startswith("gan_")},
                      "folds": folds,
