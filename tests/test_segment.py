@@ -206,8 +206,8 @@ def test_foreground_dice_scores_how_objects_cover_the_foreground():
 
 def test_diameter_estimate_on_real_40x_dapi_sees_whole_nuclei(nuclei_model):
     """Real DAPI at 40x halved (sephace Set 2, as the virtual-staining study reads it): isolated nuclei
-    of ~45 px on a dark background, textured (nucleoli, chromatin). Before the foreground check the
-    estimate was 16 px (fragments of that size at every scale). The reference is the field's
+    of ~46 px on a dark background, textured (nucleoli, chromatin). The earlier estimate, a walk from
+    the network's own scale, gave 16 px (fragments of about that size). The reference is the field's
     thresholded objects (Otsu; well separated here, so each is one nucleus), those above 20 px across
     (the smaller ones are debris specks)."""
     folder = shared_data("sephace-bf-zstack-dapi") / "tiff"
