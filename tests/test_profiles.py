@@ -17,10 +17,12 @@ from brightpaint.profiles import (
     aggregate_parquet_wells,
     aggregate_wells,
     annotate_wells,
+    clip_outliers,
     consensus_profiles,
     feature_columns,
     metadata_columns,
     normalise_profiles,
+    outlier_summary,
     plate_profiles,
     select_features,
     select_features_by_source,
@@ -261,6 +263,41 @@ def test_normalise_zero_spread_feature_becomes_nan():
     assert kept["Cells_Children_Count"].abs().max() > 1e17  # pycytominer's epsilon division
     selected = select_features(out)
     assert "Cells_Children_Count" not in selected
+
+
+def test_clip_outliers_drops_heavy_tailed_features_per_source_and_clips_the_rest():
+    """A feature with no spread in the controls but for one well normalises to |z| ~ 1e4: it goes
+    (NaN) in the source where that happens, not in the other; a lone value just over the limit
+    is clipped to it; metadata, other values and the input table are untouched."""
+    wells = _plates()
+    features = feature_columns(wells)
+    wells = pd.concat([wells.assign(Metadata_Source="real"), wells.assign(Metadata_Source="virtual")],
+                      ignore_index=True)
+    normalised = normalise_profiles(wells)
+    virtual = np.flatnonzero(normalised["Metadata_Source"] == "virtual")
+    blown, edged = features[0], features[1]
+    normalised.loc[virtual[:3], blown] = [1e4, -2e4, 5e3]  # 3 of the rows: beyond the 99th percentile
+    normalised.loc[virtual[-1], edged] = 110.0  # alone: under the 99th percentile
+    before = normalised.copy()
+    out = clip_outliers(normalised, 100)
+    pd.testing.assert_frame_equal(normalised, before)
+    assert out.loc[virtual, blown].isna().all()
+    assert out.loc[normalised["Metadata_Source"] == "real", blown].notna().all()
+    assert out.loc[virtual[-1], edged] == 100.0
+    kept = features[1:]
+    untouched = before[kept].abs() <= 100
+    assert (out[kept][untouched] == before[kept][untouched]).sum().sum() == untouched.sum().sum()
+    pd.testing.assert_frame_equal(out[metadata_columns(out)], before[metadata_columns(before)])
+    assert out.attrs["outliers"] == {"real": {"dropped": [], "values_clipped": 0},
+                                     "virtual": {"dropped": [blown], "values_clipped": 1}}
+    assert "virtual: 1 feature(s) dropped" in outlier_summary(out)
+    selected = select_features_by_source(out, ["drop_na_columns"])
+    assert blown not in feature_columns(source_profiles(selected, "virtual"))
+    assert blown in feature_columns(source_profiles(selected, "real"))
+    for off in (None, 0):
+        assert clip_outliers(normalised, off) is normalised
+    with pytest.raises(ValueError, match="limit"):
+        clip_outliers(normalised, -1)
 
 
 def test_select_features_drops_planted_features():
