@@ -71,6 +71,7 @@ from brightpaint.segment.weights import load_cellpose_model
 from brightpaint.stain.data import StainSite, TrainingSet
 from brightpaint.stain.files import load_stain_model, save_stain_model
 from brightpaint.stain.predict import predict_normalised, predict_virtual
+from brightpaint.stain.reference import sephace_field
 from brightpaint.stain.settings import StainSettings
 from brightpaint.stain.train import fit_stain_model, train_stain_model
 
@@ -190,28 +191,6 @@ def summary(table: pd.DataFrame) -> dict:
 def pooled(rows: pd.DataFrame, prefix: str) -> float:
     return pooled_ap([{k: row[prefix + k] for k in ("tp50", "n_true", "n_predicted")}
                       for row in rows.to_dict("records")])
-
-
-def sephace_field(folder: Path, field: str, half_width: int) -> tuple[np.ndarray, np.ndarray]:
-    """One real field at half resolution: brightfield planes (focus +- 10 um, or with half_width 2
-    also +- 25 um) scaled by the focus plane's mean and SD, and DAPI by its median and 99.5th
-    percentile."""
-    def stage_z(path: Path) -> float:
-        return float(path.stem.split("-Z")[1])
-
-    planes = sorted((folder / "tiff").glob(f"{field}_fine_*.tif"), key=stage_z)
-    if half_width == 2:
-        wide = sorted((folder / "tiff").glob(f"{field}_init_*.tif"), key=stage_z)
-        planes = [wide[0], *planes, wide[-1]]
-    elif half_width != 1:
-        raise ValueError(f"the real fields have focus +- 1 or +- 2 planes, not +- {half_width}")
-    stack = np.stack([tifffile.imread(p).astype(np.float32)[:1024, :1344] for p in planes])
-    focus = stack[half_width]
-    dapi = tifffile.imread(folder / "tiff" / f"{field}_fl.tif").astype(np.float32)[:1024, :1344]
-    median, high = np.quantile(dapi, [0.5, 0.995])
-    # 40x: halve it, so that a 128 px training patch holds whole nuclei (as at 20x)
-    inputs = ndimage.zoom((stack - focus.mean()) / focus.std(), (1, 0.5, 0.5), order=1)
-    return inputs.astype(np.float32), ndimage.zoom((dapi - median) / (high - median), 0.5, order=1)
 
 
 def real_study(folder: Path, variants: list[str], budget: dict, segmenter: Segmenter,

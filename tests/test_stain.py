@@ -46,6 +46,7 @@ from brightpaint.stain.data import (
 from brightpaint.stain.evaluate import evaluate_plate
 from brightpaint.stain.files import load_card, load_stain_model, save_stain_model
 from brightpaint.stain.predict import predict_normalised, predict_sites, predict_virtual
+from brightpaint.stain.reference import sephace_field
 from brightpaint.stain.settings import StainError, StainSettings
 from brightpaint.stain.train import train_stain_model
 from brightpaint.workflow import ConfigError, Screen
@@ -136,17 +137,8 @@ def test_tiled_prediction_of_a_site_equals_whole_image_inference(demo):
 
 
 def sephace_site(folder: Path, field: str) -> StainSite:
-    planes = sorted((folder / "tiff").glob(f"{field}_fine_*.tif"), key=lambda p: float(p.stem.split("-Z")[1]))
-    stack = np.stack([tifffile.imread(p).astype(np.float32) for p in planes])[:, :1024, :1344]
-    centre = stack[1]
-    inputs = (stack - centre.mean()) / centre.std()
-    dapi = tifffile.imread(folder / "tiff" / f"{field}_fl.tif").astype(np.float32)[:1024, :1344]
-    median, high = np.quantile(dapi, [0.5, 0.995])
-    # 1344 x 1024 at 40x: halve it, so that a 128 px patch holds whole nuclei (as at 20x)
-    zoom = (1, 0.5, 0.5)
-    return StainSite(field, "A01", 1, ndimage.zoom(inputs, zoom, order=1),
-                     ndimage.zoom(((dapi - median) / (high - median))[None], zoom, order=1),
-                     np.ones(1, np.float32))
+    inputs, dapi = sephace_field(folder, field)
+    return StainSite(field, "A01", 1, inputs, dapi[None], np.ones(1, np.float32))
 
 
 def test_real_brightfield_to_dapi_beats_trivial_baselines():
