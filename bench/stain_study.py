@@ -71,7 +71,7 @@ from brightpaint.segment.weights import load_cellpose_model
 from brightpaint.stain.data import StainSite, TrainingSet
 from brightpaint.stain.files import load_stain_model, save_stain_model
 from brightpaint.stain.predict import predict_normalised, predict_virtual
-from brightpaint.stain.reference import sephace_field
+from brightpaint.stain.reference import SEPHACE_FIELDS, sephace_field
 from brightpaint.stain.settings import StainSettings
 from brightpaint.stain.train import fit_stain_model, train_stain_model
 
@@ -197,7 +197,7 @@ def real_study(folder: Path, variants: list[str], budget: dict, segmenter: Segme
                threads: int) -> dict:
     """Each variant trained on one real field and scored on the other (both ways)."""
     out = {}
-    fields = ("Set1", "Set2")
+    fields = SEPHACE_FIELDS
     nuclei_real = {}
     for name in variants:
         if name == "per_channel":  # one stain: the default

@@ -489,7 +489,10 @@ def clip_outliers(profiles: pd.DataFrame, limit: float | None = OUTLIER_LIMIT) -
     """Normalised profiles with their heavy tails tamed, per stain source (`Metadata_Source`; the
     whole table without it): a feature whose |value| exceeds `limit` in more than 1 % of the rows
     (99th percentile) is set to NaN there (drop_na_columns removes it), every other value is
-    clipped to [-limit, limit]. None or 0: the table unchanged.
+    clipped to [-limit, limit]. None or 0: the table unchanged. On a table of fewer than 100 rows the
+    99th percentile lies between the two largest values, so one row far over the limit can drop a
+    feature there (a plate's own profiles); the screen's profiles, over every plate, are the ones
+    that 1 % describes.
 
     Why: a feature that hardly varies in the reference wells (a granularity scale of a smooth
     stain, a count that is nearly always 0) gets a MAD near 0 and normalised values of 1e3-1e4,
