@@ -81,9 +81,10 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=lambda item: order[tier_of(item)])
         return
     # unit, then workflow, then acceptance tests (file order kept within a tier): a failing fast test
-    # shows in minutes, before the demo run (fixture `demo_run`) starts
+    # shows in minutes, before the demo run (fixture `demo_run`) starts. The SLURM test comes last: its
+    # reruns go on in the background while the demo's other checks run (slurm_demo_rerun).
     order = {"unit": 0, "workflow": 1, "acceptance": 2}
-    items.sort(key=lambda item: order[tier_of(item)])
+    items.sort(key=lambda item: (order[tier_of(item)], item.path.name == "test_slurm.py"))
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -210,6 +211,39 @@ def slurm_tiny_rerun(slurm_cluster, tiny_run, tmp_path_factory):
     rerun.stop()
 
 
+# The SLURM test's second rerun: the finished demo run's plate P4 from its profiles (the plate's closing
+# group job, its report and the screen-level jobs).
+SLURM_DEMO_PLATE = "P4"
+SLURM_DEMO_FORCED = f"results/plates/{SLURM_DEMO_PLATE}/profiles/wells.parquet"
+SLURM_DEMO_SCREEN_OUTPUTS = ("results/screen/match/summary.parquet",
+                             "results/screen/profiles/consensus.parquet", "results/index.html")
+SLURM_DEMO_RERUN = pytest.StashKey[SlurmRerun]()
+
+
+def start_slurm_demo_rerun(cluster, demo: Path, tmp_path_factory) -> SlurmRerun:
+    return SlurmRerun(cluster, REPO / "Snakefile", REPO / "slurm", demo,
+                      tmp_path_factory.mktemp("slurm_demo"),
+                      ["--configfile", str(DEMO_CONFIG), "--forcerun", SLURM_DEMO_FORCED], timeout=900,
+                      watch=SLURM_DEMO_SCREEN_OUTPUTS)
+
+
+@pytest.fixture(scope="session")
+def slurm_demo_rerun(slurm_cluster, demo_run, tmp_path_factory, request):
+    """A copy of the finished demo run whose plate P4 reruns from its profiles through `--profile
+    slurm`. `demo_run` starts it as soon as the demo is done when the session holds the SLURM test: its
+    ~4 stages mostly wait for SLURM's status checks (~2 min), which the demo's other checks fill (the
+    SLURM test comes last, see pytest_collection_modifyitems)."""
+    rerun = request.config.stash.get(SLURM_DEMO_RERUN, None)
+    if rerun is None:
+        rerun = start_slurm_demo_rerun(slurm_cluster, demo_run, tmp_path_factory)
+    yield rerun
+    rerun.stop()
+
+
+def wants_slurm_test(request) -> bool:
+    return not unavailable() and any(item.path.name == "test_slurm.py" for item in request.session.items)
+
+
 def write_demo_screen(workdir: Path) -> Path:
     """The demo screen as config/demo.yaml describes it, written under `workdir` (what `make demo`
     does first); returns its sheet."""
@@ -230,19 +264,30 @@ def demo_run(tmp_path_factory, request) -> Path:
     10 epochs took 775 s instead of 484 s; with the tiers in Linux's idle scheduling class
     (SCHED_IDLE: only CPU time nothing else wants) an epoch took ~160 s instead of ~39 s. A synthetic
     idle-class busy loop does not slow it (bench/cores.py), so the cause lies in what the tiers do
-    (not found; shared caches and memory are a guess). The one exception is the SLURM test's tiny
-    rerun (`slurm_tiny_rerun`), which mostly waits."""
+    (not found; shared caches and memory are a guess). The exceptions are the SLURM test's reruns,
+    which mostly wait: the tiny one (`slurm_tiny_rerun`) beside the demo run, the demo's own
+    (`slurm_demo_rerun`, started here when the run is done) beside the demo's other checks."""
+    slurm_test = wants_slurm_test(request)
     reuse = os.environ.get("BRIGHTPAINT_DEMO_RUN")
     if reuse:
-        return Path(reuse)
-    workdir = tmp_path_factory.mktemp("demo_run")
-    if not unavailable() and any(item.path.name == "test_slurm.py" for item in request.session.items):
-        try:
-            request.getfixturevalue("slurm_tiny_rerun")  # runs beside the demo (see there)
+        workdir = Path(reuse)
+    else:
+        workdir = tmp_path_factory.mktemp("demo_run")
+        if slurm_test:
+            try:
+                request.getfixturevalue("slurm_tiny_rerun")  # runs beside the demo (see there)
+            except (Exception, pytest.skip.Exception):
+                pass  # the SLURM test asks for it again and reports what went wrong
+        write_demo_screen(workdir)
+        result = snakemake(workdir, "--cores", "2", "--configfile", str(DEMO_CONFIG), timeout=5000)
+        if result.returncode != 0:
+            pytest.fail("the demo run failed:\n" + result.stdout[-4000:] + result.stderr[-4000:])
+    if slurm_test:
+        try:  # runs beside the demo's other checks (see slurm_demo_rerun)
+            cluster = request.getfixturevalue("slurm_cluster")
+            rerun = start_slurm_demo_rerun(cluster, workdir, tmp_path_factory)
+            request.config.stash[SLURM_DEMO_RERUN] = rerun
+            request.addfinalizer(rerun.stop)
         except (Exception, pytest.skip.Exception):
-            pass  # the SLURM test asks for it again and reports what went wrong
-    write_demo_screen(workdir)
-    result = snakemake(workdir, "--cores", "2", "--configfile", str(DEMO_CONFIG), timeout=5000)
-    if result.returncode != 0:
-        pytest.fail("the demo run failed:\n" + result.stdout[-4000:] + result.stderr[-4000:])
+            pass  # slurm_demo_rerun starts it again and reports what went wrong
     return workdir

@@ -19,15 +19,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import DEMO_CONFIG, REPO, SLURM_TINY_PLATE
-from local_slurm import SlurmRerun, snapshot
+from conftest import DEMO_CONFIG, SLURM_DEMO_PLATE, SLURM_TINY_PLATE
+from local_slurm import snapshot
 
 TINY_PLATE = SLURM_TINY_PLATE
-PLATE = "P4"
 # forcing the plate's profiles reruns its closing steps, its report and the screen's outputs
-PROFILES_OUTPUT = f"results/plates/{PLATE}/profiles/wells.parquet"
-SCREEN_OUTPUTS = ["results/screen/match/summary.parquet", "results/screen/profiles/consensus.parquet",
-                  "results/index.html"]
+PLATE = SLURM_DEMO_PLATE
 PLATE_RULES = ("validate_plate", "ingest_shard", "assemble_plate", "illumination", "focus_shard",
                "focus_plate", "stain_shard", "stain_plate", "segment_calibrate", "segment_shard",
                "segment_plate", "segment_evaluate", "features_shard")
@@ -50,19 +47,16 @@ def volatile_dropped(table: pd.DataFrame) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def slurm_reruns(slurm_cluster, slurm_tiny_rerun, demo_run, tmp_path_factory):
-    """The tiny rerun (started beside the demo run, see conftest) and the demo's P4 rerun from its
-    profiles, both through `--profile slurm`, waited for; then the cluster is stopped."""
-    demo = SlurmRerun(slurm_cluster, REPO / "Snakefile", REPO / "slurm", demo_run,
-                      tmp_path_factory.mktemp("slurm_demo"),
-                      ["--configfile", str(DEMO_CONFIG), "--forcerun", PROFILES_OUTPUT], timeout=900,
-                      watch=tuple(SCREEN_OUTPUTS))
-    reruns = {"tiny": slurm_tiny_rerun, "demo": demo}
+def slurm_reruns(slurm_cluster, slurm_tiny_rerun, slurm_demo_rerun):
+    """The tiny rerun (started beside the demo run) and the demo's P4 rerun from its profiles
+    (started when the demo run ended), both through `--profile slurm` (see conftest), waited for;
+    then the cluster is stopped."""
+    reruns = {"tiny": slurm_tiny_rerun, "demo": slurm_demo_rerun}
     results = {name: rerun.wait() for name, rerun in reruns.items()}
     log = (slurm_cluster.folder / "slurmctld.log").read_text(errors="replace")
     slurm_cluster.stop()
     return {"runs": {name: (rerun.run, rerun.plates, rerun.models) for name, rerun in reruns.items()},
-            "results": results, "screen_before": demo.mtimes_before, "slurmctld_log": log}
+            "results": results, "screen_before": slurm_demo_rerun.mtimes_before, "slurmctld_log": log}
 
 
 def through_slurm(reruns, name: str) -> set[str]:
