@@ -88,6 +88,29 @@ DIAMETER_STEPS = 2.0 ** np.arange(-1, 2.5, 0.5)
 FOREGROUND_TOLERANCE = 0.05
 
 
+# The estimate's sample, in pixels: every scale's Cellpose run sees up to 4x as many (at the smallest
+# assumed diameter), so without a bound the estimate's cost grows with the sites. A real screen's 8 sample
+# sites of 1080^2 would take ~6 CPU-min per estimate and model (4 per plate), of 2048^2 ~20. Beyond it,
+# `estimate_sample` crops sites around their centres to ESTIMATE_CROP px and takes fewer of them.
+ESTIMATE_PIXELS = 2 ** 20
+ESTIMATE_CROP = 512
+
+
+def estimate_sample(inputs: np.ndarray, max_pixels: int = ESTIMATE_PIXELS,
+                    crop: int = ESTIMATE_CROP) -> np.ndarray:
+    """The sample inputs (N, 2, Y, X) the diameter estimate runs on: all of them when they hold at
+    most `max_pixels` pixels, else the first sites (the sample is random already), each cut to its
+    central `crop` x `crop` px (less where the site is smaller), as many as `max_pixels` allows and at
+    least one."""
+    count, _, height, width = inputs.shape
+    if count * height * width <= max_pixels:
+        return inputs
+    rows, columns = min(height, crop), min(width, crop)
+    top, left = (height - rows) // 2, (width - columns) // 2
+    keep = max(1, min(count, max_pixels // (rows * columns)))
+    return inputs[:keep, :, top:top + rows, left:left + columns]
+
+
 def image_foreground(inputs: np.ndarray) -> np.ndarray:
     """(N, Y, X) bool: where each input's channel to segment (N, 2, Y, X, scaled) lies above its Otsu
     threshold after a 1 px Gaussian blur (which keeps single noisy pixels out); nothing where the
@@ -107,7 +130,8 @@ def foreground_dice(labels: np.ndarray, foreground: np.ndarray) -> float:
     return 2.0 * int((objects & foreground).sum()) / total if total else 0.0
 
 
-def estimate_diameter(model, inputs: np.ndarray, settings: SegmentSettings, min_size: int) -> float:
+def estimate_diameter(model, inputs: np.ndarray, settings: SegmentSettings, min_size: int,
+                      max_pixels: int = ESTIMATE_PIXELS) -> float:
     """Median object diameter (px) in sample inputs (N, 2, Y, X, scaled). Cellpose runs assuming
     diameters from half to four times the network's own (half-octave steps), and two checks pick
     the answer among them:
@@ -122,8 +146,9 @@ def estimate_diameter(model, inputs: np.ndarray, settings: SegmentSettings, min_
     Self-agreement alone is not enough: on real 40x DAPI (nuclei ~46 px) the nuclei network found
     fragments of about the size it assumed at every scale from 17 px up, and a walk from its own scale
     stopped at 16 px, where its objects matched the foreground with a Dice of 0.47 (0.93 at 48 px).
-    So every scale is run. Falls back to the network's diameter when nothing is
-    found at any scale."""
+    So every scale is run, on at most `max_pixels` pixels of the sample (`estimate_sample`). Falls
+    back to the network's diameter when nothing is found at any scale."""
+    inputs = estimate_sample(np.asarray(inputs, np.float32), max_pixels)
     foreground = image_foreground(inputs)
     runs = []  # (Dice, |log(found / assumed)|, found)
     for step in DIAMETER_STEPS:
