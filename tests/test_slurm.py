@@ -23,7 +23,7 @@ from conftest import DEMO_CONFIG, SLURM_DEMO_PLATE, SLURM_TINY_PLATE
 from local_slurm import snapshot
 
 TINY_PLATE = SLURM_TINY_PLATE
-# forcing the plate's profiles reruns its closing steps, its report and the screen's outputs
+# the demo plate rerun from its profiles: its closing steps, its report and the screen's outputs rerun
 PLATE = SLURM_DEMO_PLATE
 PLATE_RULES = ("validate_plate", "ingest_shard", "assemble_plate", "illumination", "focus_shard",
                "focus_plate", "stain_shard", "stain_plate", "segment_calibrate", "segment_shard",

@@ -99,16 +99,17 @@ ESTIMATE_CROP = 512
 def estimate_sample(inputs: np.ndarray, max_pixels: int = ESTIMATE_PIXELS,
                     crop: int = ESTIMATE_CROP) -> np.ndarray:
     """The sample inputs (N, 2, Y, X) the diameter estimate runs on: all of them when they hold at
-    most `max_pixels` pixels, else the first sites (the sample is random already), each cut to its
-    central `crop` x `crop` px (less where the site is smaller), as many as `max_pixels` allows and at
-    least one."""
+    most `max_pixels` pixels, else as many sites as `max_pixels` allows (at least one), spread evenly
+    over the sample (a plate's sample comes in plate order: not only its first wells), each cut to
+    its central `crop` x `crop` px (less where the site is smaller)."""
     count, _, height, width = inputs.shape
     if count * height * width <= max_pixels:
         return inputs
     rows, columns = min(height, crop), min(width, crop)
     top, left = (height - rows) // 2, (width - columns) // 2
     keep = max(1, min(count, max_pixels // (rows * columns)))
-    return inputs[:keep, :, top:top + rows, left:left + columns]
+    chosen = np.unique(np.linspace(0, count - 1, keep).round().astype(int))
+    return inputs[chosen, :, top:top + rows, left:left + columns]
 
 
 def image_foreground(inputs: np.ndarray) -> np.ndarray:
